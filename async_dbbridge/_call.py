@@ -1,0 +1,142 @@
+"""db_call and db_sync_to_async: the async entry points onto the bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar, overload
+
+from asgiref.sync import SyncToAsync
+
+from ._executor import DBExecutor
+from ._install import executor_for_loop
+
+__all__ = ("db_call", "db_sync_to_async")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _check_sync_callable(fn: object, what: str) -> None:
+    if inspect.iscoroutine(fn) or inspect.isawaitable(fn):
+        raise TypeError(
+            f"{what} takes a sync function, not the coroutine {fn!r}; "
+            "await the coroutine directly instead"
+        )
+    if not callable(fn):
+        raise TypeError(f"{what} takes a callable, not {fn!r}")
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)
+    ):
+        raise TypeError(
+            f"{what} takes a sync function, but {fn!r} is a coroutine function; "
+            "call and await it directly instead"
+        )
+
+
+def _running_loop(what: str) -> asyncio.AbstractEventLoop:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            f"{what} must be awaited in a running event loop; from sync code call the "
+            "function directly, or use DBExecutor.submit()"
+        ) from None
+
+
+async def db_call(fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    """Run a sync function that uses the Django ORM on the bridge, and await it.
+
+    These two lines are equivalent, except that the second never leaks the
+    thread's database connection::
+
+        await asyncio.to_thread(fn, *args, **kwargs)
+        await db_call(fn, *args, **kwargs)
+
+    The call runs on the executor installed on the running loop with
+    :func:`install_default_executor` (or set as its default), else on the
+    process-wide bridge built from ``settings.ASYNC_DBBRIDGE``. Its connections
+    are prepared and cleaned up like a request's (see :class:`Policy`).
+    Context variables are copied into the call, as ``asyncio.to_thread`` does.
+
+    **Cancellation:** a call that has not started when the awaiting task is
+    cancelled never runs. A call that is already running cannot be interrupted:
+    it finishes in its thread and its connections are cleaned up, but its result
+    is dropped, and the awaiting task sees :exc:`asyncio.CancelledError` at once,
+    without waiting for it.
+
+    Args:
+        fn: A sync callable.
+        *args: Positional arguments for ``fn``.
+        **kwargs: Keyword arguments for ``fn``.
+
+    Returns:
+        What ``fn`` returned.
+
+    Raises:
+        TypeError: ``fn`` is a coroutine function or a coroutine.
+        RuntimeError: There is no running event loop, or the executor is shut down.
+        Exception: Whatever ``fn`` raised, unchanged.
+    """
+    _check_sync_callable(fn, "db_call()")
+    loop = _running_loop("db_call()")
+    return await executor_for_loop(loop)._submit_to_loop(loop, fn, args, kwargs)
+
+
+@overload
+def db_sync_to_async(
+    fn: Callable[_P, _R], /, *, executor: DBExecutor | None = None
+) -> Callable[_P, Coroutine[Any, Any, _R]]: ...
+
+
+@overload
+def db_sync_to_async(
+    fn: None = None, /, *, executor: DBExecutor | None = None
+) -> Callable[[Callable[_P, _R]], Callable[_P, Coroutine[Any, Any, _R]]]: ...
+
+
+def db_sync_to_async(
+    fn: Callable[_P, _R] | None = None, /, *, executor: DBExecutor | None = None
+) -> (
+    Callable[_P, Coroutine[Any, Any, _R]]
+    | Callable[[Callable[_P, _R]], Callable[_P, Coroutine[Any, Any, _R]]]
+):
+    """asgiref's ``sync_to_async`` on the bridge: the same semantics, no leaks.
+
+    These are equivalent, except that the second cleans up the connection::
+
+        await sync_to_async(fn, thread_sensitive=False)(*args)
+        await db_sync_to_async(fn)(*args)
+
+    Works as a function and as a decorator (``@db_sync_to_async`` or
+    ``@db_sync_to_async(executor=...)``), on functions and methods. Context
+    variables travel both ways, as with asgiref: values the function sets are
+    visible to the caller afterwards. It is asgiref's own ``SyncToAsync`` with
+    its public ``executor=`` argument; the executor is looked up when called
+    (the loop's installed bridge, else the process-wide one) unless given.
+
+    Raises:
+        TypeError: ``fn`` is a coroutine function or a coroutine.
+    """
+
+    def decorate(func: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]:
+        _check_sync_callable(func, "db_sync_to_async()")
+
+        if executor is not None:
+            return SyncToAsync(func, thread_sensitive=False, executor=executor)
+
+        @functools.wraps(func)
+        async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            loop = _running_loop("db_sync_to_async()")
+            bridged: Callable[_P, Awaitable[_R]] = SyncToAsync(
+                func, thread_sensitive=False, executor=executor_for_loop(loop)
+            )
+            return await bridged(*args, **kwargs)
+
+        return call
+
+    if fn is None:
+        return decorate
+    return decorate(fn)

@@ -1,0 +1,323 @@
+"""What "clean up this thread's Django connections" means.
+
+This module is the mechanism shared by every place that owns a thread: executor
+workers, request lanes and the thread helpers. It knows nothing about threads
+or pools; every function acts on the calling thread's connections, because
+Django only lets the thread that opened a connection close it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from django.db import connections
+from django.db import Error as DjangoDatabaseError
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+__all__ = (
+    "Policy",
+    "TransactionLeftOpenWarning",
+    "close_connections",
+    "initialized_connections",
+)
+
+logger = logging.getLogger("async_dbbridge")
+
+PolicyKind = Literal["request", "close", "max_age"]
+_POLICY_KINDS: Final = ("request", "close", "max_age")
+
+
+class TransactionLeftOpenWarning(RuntimeWarning):
+    """A call returned with an atomic block open or autocommit turned off.
+
+    Its work was rolled back and the connection closed, so that the next call on
+    the same thread does not run inside somebody else's transaction.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """When a bridge thread closes its connections after a call.
+
+    * ``Policy.request()`` (the default) — exactly what Django does around an
+      HTTP request: honour each alias's ``CONN_MAX_AGE`` and
+      ``CONN_HEALTH_CHECKS``. With ``CONN_MAX_AGE=0`` the connection is closed
+      after every call; with ``CONN_MAX_AGE=60`` it is reused for 60 seconds.
+    * ``Policy.always_close()`` — close after every call, whatever the settings.
+    * ``Policy.max_age(seconds)`` — give the bridge's own threads long-lived
+      connections with a lifetime of their own (``None``: until the thread
+      retires), ignoring ``CONN_MAX_AGE``. Health checks still follow
+      ``CONN_HEALTH_CHECKS``.
+    """
+
+    kind: PolicyKind = "request"
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _POLICY_KINDS:
+            raise ValueError(
+                f"unknown policy kind {self.kind!r}; expected one of {', '.join(_POLICY_KINDS)}"
+            )
+        if self.kind == "max_age":
+            if self.seconds is not None and (
+                isinstance(self.seconds, bool)
+                or not isinstance(self.seconds, int | float)
+                or self.seconds < 0
+            ):
+                raise ValueError(
+                    f"Policy.max_age() takes a number of seconds >= 0 or None, "
+                    f"not {self.seconds!r}"
+                )
+        elif self.seconds is not None:
+            raise ValueError(f"policy {self.kind!r} takes no seconds")
+
+    @classmethod
+    def request(cls) -> Policy:
+        return cls("request")
+
+    @classmethod
+    def always_close(cls) -> Policy:
+        return cls("close")
+
+    @classmethod
+    def max_age(cls, seconds: float | None) -> Policy:
+        return cls("max_age", seconds)
+
+    @classmethod
+    def coerce(cls, value: Policy | str) -> Policy:
+        """Accept a ``Policy`` or the name of one that takes no argument."""
+        if isinstance(value, Policy):
+            return value
+        if value == "request":
+            return cls.request()
+        if value == "close":
+            return cls.always_close()
+        raise ValueError(
+            f"policy must be a Policy, 'request' or 'close', not {value!r} "
+            "(use Policy.max_age(seconds) for per-worker lifetimes)"
+        )
+
+    def connection_deadline(self, now: float) -> float | None:
+        """The ``close_at`` a new connection gets under a ``max_age`` policy."""
+        return None if self.seconds is None else now + self.seconds
+
+
+def initialized_connections(aliases: Iterable[str] | None = None) -> Iterator[BaseDatabaseWrapper]:
+    """The calling thread's connection wrappers that exist (opened or not).
+
+    Only initialized ones: touching ``connections[alias]`` would create a wrapper
+    for every alias on every thread just to find out that there is nothing to do.
+    """
+    if aliases is None:
+        yield from connections.all(initialized_only=True)
+        return
+    for alias in aliases:
+        if hasattr(connections._connections, alias):
+            yield connections[alias]
+
+
+def is_open(conn: BaseDatabaseWrapper) -> bool:
+    return conn.connection is not None and not conn.closed_in_transaction
+
+
+def in_transaction(conn: BaseDatabaseWrapper) -> bool:
+    """True if ``conn`` is inside an atomic block or has autocommit turned off.
+
+    ``get_autocommit()`` would connect to find out; the attribute does not.
+    """
+    if conn.in_atomic_block:
+        return True
+    return conn.connection is not None and conn.autocommit != conn.settings_dict["AUTOCOMMIT"]
+
+
+def prepare_connections(aliases: Iterable[str] | None = None) -> None:
+    """Before a call: what ``request_started`` does.
+
+    Closes connections past their lifetime or broken by an earlier error, and
+    re-arms the health check so the call's first query verifies the connection
+    when ``CONN_HEALTH_CHECKS`` is on.
+    """
+    for conn in initialized_connections(aliases):
+        if conn.connection is not None and not conn.in_atomic_block:
+            conn.close_if_unusable_or_obsolete()
+
+
+def close_connections(
+    aliases: Iterable[str] | None = None, *, only_obsolete: bool = False
+) -> None:
+    """Close the calling thread's connections, never inside an atomic block.
+
+    With ``only_obsolete`` this is Django's ``close_old_connections()`` (honour
+    ``CONN_MAX_AGE`` and health), otherwise an unconditional close. A connection
+    in a caller's atomic block is left alone: closing it there would not close
+    it but mark the transaction broken, and the caller's next query would fail.
+    """
+    errors: list[BaseException] = []
+    for conn in initialized_connections(aliases):
+        if conn.in_atomic_block:
+            continue
+        try:
+            if only_obsolete:
+                conn.close_if_unusable_or_obsolete()
+            else:
+                conn.close()
+        except DjangoDatabaseError as exc:
+            # The connection is unusable anyway; make sure Django forgets it so
+            # the next query reconnects, and keep closing the other aliases.
+            _forget(conn)
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def _forget(conn: BaseDatabaseWrapper) -> None:
+    conn.connection = None
+    conn.closed_in_transaction = False
+    conn.in_atomic_block = False
+    conn.savepoint_ids = []
+    conn.atomic_blocks = []
+    conn.needs_rollback = False
+
+
+def discard_transaction(conn: BaseDatabaseWrapper) -> None:
+    """Roll back and close a connection that was left inside a transaction.
+
+    ``rollback()`` and ``close()`` both refuse or misbehave inside an atomic
+    block, so this works on the raw DB-API connection and then resets Django's
+    transaction bookkeeping, as ``connect()`` would.
+    """
+    raw = conn.connection
+    try:
+        if raw is not None and not conn.closed_in_transaction:
+            try:
+                raw.rollback()
+            finally:
+                raw.close()
+    except Exception:
+        # The server discards uncommitted work when the session ends; a failed
+        # rollback on a broken connection changes nothing about that.
+        logger.debug("rollback of a leftover transaction failed", exc_info=True)
+    finally:
+        conn.run_on_commit = []
+        _forget(conn)
+
+
+def is_database_error(exc: BaseException, conns: Iterable[BaseDatabaseWrapper]) -> bool:
+    """Django's wrapped errors, or a driver error raised through a raw connection."""
+    if isinstance(exc, DjangoDatabaseError):
+        return True
+    return any(isinstance(exc, conn.Database.Error) for conn in conns)
+
+
+def describe(fn: Callable[..., object]) -> str:
+    """``module.qualname`` of a callable, for messages that must name it."""
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    return f"{module}.{name}" if module else name
+
+
+def cleanup_after_call(
+    policy: Policy,
+    *,
+    error: BaseException | None,
+    fn: Callable[..., object],
+    aliases: Iterable[str] | None = None,
+) -> None:
+    """After a call on a thread the bridge owns: apply ``policy``.
+
+    Order matters: first rescue connections left in a transaction (roll back,
+    close, warn), then close everything after a database error (Django's own
+    ``close_if_unusable_or_obsolete`` misses connections killed server-side, so
+    it is not trusted after an error), then apply the policy.
+    """
+    conns = list(initialized_connections(aliases))
+    if not conns:
+        return
+    leftovers = [conn.alias for conn in conns if in_transaction(conn)]
+    for conn in conns:
+        if conn.alias in leftovers:
+            discard_transaction(conn)
+    database_error = error is not None and is_database_error(error, conns)
+    cleanup_error: BaseException | None = None
+    for conn in conns:
+        if conn.connection is None:
+            continue
+        try:
+            if database_error or policy.kind == "close":
+                conn.close()
+            else:
+                conn.close_if_unusable_or_obsolete()
+        except Exception as exc:
+            _forget(conn)
+            cleanup_error = cleanup_error or exc
+    if leftovers:
+        message = (
+            f"{describe(fn)} returned inside a transaction on database "
+            f"{', '.join(repr(a) for a in leftovers)}: its uncommitted work was rolled back "
+            "and the connection closed. Use 'with transaction.atomic():' so the "
+            "transaction ends inside the call."
+        )
+        logger.warning(message)
+        warnings.warn(message, TransactionLeftOpenWarning, stacklevel=2)
+    if cleanup_error is not None:
+        raise cleanup_error
+
+
+def close_all_for_exit(aliases: Iterable[str] | None = None) -> None:
+    """Close every connection of a thread that is about to end.
+
+    Exit is final: transactions still open are rolled back, errors are logged
+    and never stop the remaining aliases from being closed.
+    """
+    for conn in initialized_connections(aliases):
+        try:
+            if in_transaction(conn):
+                discard_transaction(conn)
+            else:
+                conn.close()
+        except Exception:
+            logger.warning("closing %r on thread exit failed", conn.alias, exc_info=True)
+            _forget(conn)
+
+
+def discard_inherited(conn: BaseDatabaseWrapper) -> None:
+    """Make a connection inherited through ``fork()`` unusable without network I/O.
+
+    The socket is shared with the parent: a clean close would send Terminate /
+    COM_QUIT and end the *parent's* session. Point the descriptor at /dev/null
+    instead, so that whatever the driver writes when it is finally freed goes
+    nowhere, and let Django open a fresh connection on next use.
+    """
+    raw = conn.connection
+    if raw is not None:
+        fileno = getattr(raw, "fileno", None)
+        fd: Any = None
+        if callable(fileno):
+            try:
+                fd = fileno()
+            except Exception:
+                fd = None
+        elif hasattr(raw, "pgconn"):  # psycopg 3 exposes the socket on pgconn
+            fd = getattr(raw.pgconn, "socket", None)
+        if isinstance(fd, int) and fd >= 0:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(devnull, fd)
+            finally:
+                os.close(devnull)
+        _INHERITED.append(raw)
+    conn.run_on_commit = []
+    _forget(conn)
+
+
+# Raw connections inherited by a forked child are kept alive here: their
+# finalizers would otherwise run at an unpredictable time, and a driver that
+# does not check the pid would try to say goodbye on the (now /dev/null) fd.
+_INHERITED: list[Any] = []

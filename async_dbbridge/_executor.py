@@ -1,0 +1,581 @@
+"""DBExecutor: a thread pool that owns the lifecycle of its threads' connections."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextvars
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.thread import BrokenThreadPool
+from dataclasses import asdict, dataclass, field
+from queue import Empty, SimpleQueue
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
+
+from django.db.backends.signals import connection_created
+
+from ._connections import (
+    Policy,
+    cleanup_after_call,
+    close_all_for_exit,
+    describe,
+    prepare_connections,
+)
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+__all__ = ("DBExecutor", "ExecutorStats")
+
+logger = logging.getLogger("async_dbbridge")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+#: How long an idle worker waits for work before it retires and closes its
+#: connections. Long enough that a steady trickle of calls keeps connections warm,
+#: short enough that a burst's extra threads and sessions go away by themselves.
+DEFAULT_IDLE_TIMEOUT: Final = 60.0
+
+# Every live executor, so fork and interpreter exit can reach them.
+_executors: weakref.WeakSet[DBExecutor] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class ExecutorStats:
+    """A snapshot of a :class:`DBExecutor`. Counts only; never settings or credentials."""
+
+    max_workers: int
+    workers: int
+    busy: int
+    idle: int
+    queued: int
+    calls: int
+    errors: int
+    connections_open: dict[str, int]
+    connections_opened: dict[str, int]
+    connections_closed: dict[str, int]
+    lanes: int = 0
+    lanes_in_use: int = 0
+    policy: str = "request"
+    shutdown: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def open_connections(self) -> int:
+        """All connections this executor's threads hold open, over every alias."""
+        return sum(self.connections_open.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        return asdict(self)
+
+
+class _Worker(threading.Thread):
+    """A pool thread and the bookkeeping only it writes (so none of it needs a lock)."""
+
+    def __init__(self, executor: DBExecutor, name: str) -> None:
+        # Daemon: an idle worker blocks on the queue forever, and a non-daemon
+        # thread would hang interpreter exit; the atexit hook closes connections.
+        super().__init__(name=name, daemon=True)
+        # A weak reference: a worker must not keep an abandoned executor alive.
+        self.executor_ref = weakref.ref(executor)
+        self.policy = executor._policy
+        self.busy = False
+        self.calls = 0
+        self.errors = 0
+        self.opened: Counter[str] = Counter()
+        # The thread's wrappers, captured when they connect: stats() reads their
+        # state from other threads, and after fork() the child must find the
+        # wrappers of threads that no longer exist to discard their sockets.
+        self.wrappers: dict[str, BaseDatabaseWrapper] = {}
+
+    def run(self) -> None:
+        executor = self.executor_ref()
+        if executor is not None:
+            executor._work(self)
+
+    def open_aliases(self) -> list[str]:
+        return [alias for alias, conn in self.wrappers.items() if conn.connection is not None]
+
+
+def _on_connection_created(
+    sender: object, connection: BaseDatabaseWrapper, **kwargs: object
+) -> None:
+    worker = threading.current_thread()
+    if not isinstance(worker, _Worker):
+        return
+    worker.opened[connection.alias] += 1
+    worker.wrappers[connection.alias] = connection
+    if worker.policy.kind == "max_age":
+        # Django set close_at from CONN_MAX_AGE just before sending the signal;
+        # replacing it lets Django's own close_if_unusable_or_obsolete() enforce
+        # the per-worker lifetime, with no bookkeeping of our own.
+        connection.close_at = worker.policy.connection_deadline(time.monotonic())
+
+
+connection_created.connect(_on_connection_created, dispatch_uid="async_dbbridge.worker")
+
+
+class _WorkItem:
+    """A call for the pool's :class:`concurrent.futures.Future` API."""
+
+    __slots__ = ("args", "fn", "future", "kwargs")
+
+    def __init__(
+        self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any
+    ) -> None:
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+
+    def run(self, executor: DBExecutor, worker: _Worker) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = executor._run_call(worker, self.fn, self.args, self.kwargs)
+        except BaseException as exc:
+            self.future.set_exception(exc)
+            # Break a reference cycle with the exception (as CPython's pool does).
+            del exc
+        else:
+            self.future.set_result(result)
+        finally:
+            # Drop the call's references before the worker waits again, so
+            # nothing it passed in stays alive for as long as the thread idles.
+            del self.fn, self.args, self.kwargs
+
+    def cancel(self) -> None:
+        self.future.cancel()
+
+
+def _deliver(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    # Runs on the loop. The awaiting task may have been cancelled meanwhile;
+    # its result is then dropped, which is the documented contract.
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class _LoopItem:
+    """A call awaited on an event loop.
+
+    Skips ``concurrent.futures.Future`` and ``wrap_future``: the worker hands the
+    outcome straight to the loop, which is what makes ``db_call`` cheaper than
+    ``run_in_executor``.
+    """
+
+    __slots__ = ("args", "context", "fn", "future", "kwargs", "loop")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+        context: contextvars.Context,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Any,
+    ) -> None:
+        self.loop = loop
+        self.future = future
+        self.context = context
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+
+    def run(self, executor: DBExecutor, worker: _Worker) -> None:
+        # A plain read of the future's state from this thread: a call cancelled
+        # before it started never runs. (If the cancellation lands a moment
+        # later the call runs to completion and its result is dropped.)
+        if self.future.cancelled():
+            return
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = executor._run_call(worker, self.fn, self.args, self.kwargs, self.context)
+        except BaseException as exc:
+            error = exc
+        finally:
+            del self.fn, self.args, self.kwargs, self.context
+        try:
+            self.loop.call_soon_threadsafe(_deliver, self.future, result, error)
+        except RuntimeError:
+            # The loop was closed while the call ran: nobody is left to tell.
+            pass
+        finally:
+            del self.future, self.loop, result, error
+
+    def cancel(self) -> None:
+        future, loop = self.future, self.loop
+        try:
+            loop.call_soon_threadsafe(future.cancel)
+        except RuntimeError:
+            pass
+
+
+_Item = _WorkItem | _LoopItem
+
+
+class DBExecutor(ThreadPoolExecutor):
+    """A thread pool whose threads never leak a Django database connection.
+
+    A drop-in :class:`~concurrent.futures.ThreadPoolExecutor` (so asyncio accepts
+    it as the default executor): every call submitted to it — through
+    ``submit``, ``map``, ``loop.run_in_executor``, ``asyncio.to_thread`` once
+    installed as the default, or :func:`db_call` — runs inside a wrapper that
+    treats the call like a request:
+
+    * before the call, connections past their lifetime or broken by an earlier
+      error are closed and health checks are re-armed (``request_started``);
+    * after the call, the :class:`Policy` decides: honour ``CONN_MAX_AGE``
+      (default), always close, or a lifetime of the pool's own;
+    * a call that raised a database error has its connections closed
+      unconditionally; a call that left a transaction open is rolled back, its
+      connection closed and a :class:`TransactionLeftOpenWarning` names it.
+
+    Workers close every connection they opened when they exit: on
+    :meth:`shutdown`, when idle longer than ``idle_timeout``, and at interpreter
+    exit. So open connections never exceed ``max_workers`` × aliases used, and
+    ``shutdown(wait=True)`` returns with none left.
+
+    Args:
+        max_workers: The most threads (and so connections per alias). Defaults
+            to the standard library's ``min(32, os.cpu_count() + 4)``.
+        thread_name_prefix: Names the worker threads (``dbbridge-0``, ...).
+        initializer: Called with ``initargs`` at the start of every worker. If
+            it raises, the pool is broken, as in the standard library.
+        policy: A :class:`Policy`, or ``"request"`` / ``"close"``.
+        idle_timeout: Seconds a worker waits for work before it retires and
+            closes its connections; ``None`` keeps workers until shutdown.
+        databases: Aliases the per-call cleanup looks at; ``None`` (default)
+            means every alias the thread has used. Workers close every alias
+            when they exit, whatever this says.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        thread_name_prefix: str = "dbbridge",
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        policy: Policy | str = "request",
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        databases: Iterable[str] | None = None,
+    ) -> None:
+        if max_workers is None:
+            max_workers = min(32, (os.cpu_count() or 1) + 4)
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers <= 0:
+            raise ValueError(f"max_workers must be a positive integer, not {max_workers!r}")
+        if idle_timeout is not None and (
+            isinstance(idle_timeout, bool)
+            or not isinstance(idle_timeout, int | float)
+            or idle_timeout <= 0
+        ):
+            raise ValueError(
+                f"idle_timeout must be a number of seconds > 0 or None, not {idle_timeout!r}"
+            )
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, not {initializer!r}")
+        # Only the public arguments: the base class's own worker machinery
+        # (which changed in Python 3.14) is never started, because submit() and
+        # shutdown() are ours.
+        super().__init__(max_workers, thread_name_prefix)
+        self._policy = Policy.coerce(policy)
+        self._idle_timeout = float(idle_timeout) if idle_timeout is not None else None
+        self._databases = _validate_aliases(databases)
+        self._user_initializer = initializer
+        self._user_initargs = initargs
+        self._prefix = thread_name_prefix or "dbbridge"
+        self._reset_state()
+        _executors.add(self)
+
+    def _reset_state(self) -> None:
+        self._queue: SimpleQueue[_Item | None] = SimpleQueue()
+        self._state_lock = threading.Lock()
+        self._workers: set[_Worker] = set()
+        # Waiting workers minus queued calls. Negative: a backlog. Submit takes
+        # one; a worker gives one back each time it goes back to waiting, and
+        # may retire only while the count is positive, so a queued call is never
+        # left without a thread to run it.
+        self._idle_slots = 0
+        self._closing = False
+        self._broken_reason: str | None = None
+        self._counter = itertools.count()
+        self._retired_calls = 0
+        self._retired_errors = 0
+        self._retired_opened: Counter[str] = Counter()
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def max_workers(self) -> int:
+        return self._max_workers
+
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        """Schedule ``fn(*args, **kwargs)``; its connections are cleaned up after it."""
+        future: Future[_T] = Future()
+        self._enqueue(_WorkItem(future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting calls; workers finish the queue, close their connections, exit.
+
+        With ``wait=True`` this returns once every worker has closed its
+        connections. ``cancel_futures=True`` cancels calls that have not started.
+        Called from one of the pool's own threads, it does not wait for that
+        thread (which would wait for itself).
+        """
+        with self._state_lock:
+            self._closing = True
+            if cancel_futures:
+                self._drain_queue()
+            workers = list(self._workers)
+            # One stop marker per worker, behind the queued calls so they still run.
+            for _ in workers:
+                self._queue.put(None)
+        if wait:
+            current = threading.current_thread()
+            for worker in workers:
+                if worker is not current:
+                    worker.join()
+
+    def stats(self) -> ExecutorStats:
+        """A snapshot of the pool: threads, queue, calls and connections per alias."""
+        with self._state_lock:
+            workers = list(self._workers)
+            opened = Counter(self._retired_opened)
+            calls, errors = self._retired_calls, self._retired_errors
+            closing = self._closing
+        open_now: Counter[str] = Counter()
+        busy = 0
+        for worker in workers:
+            busy += worker.busy
+            calls += worker.calls
+            errors += worker.errors
+            opened.update(worker.opened)
+            open_now.update(worker.open_aliases())
+        aliases = sorted(set(opened) | set(open_now))
+        queued = max(0, self._queue.qsize() - (len(workers) if closing else 0))
+        return ExecutorStats(
+            max_workers=self._max_workers,
+            workers=len(workers),
+            busy=busy,
+            idle=len(workers) - busy,
+            queued=queued,
+            calls=calls,
+            errors=errors,
+            connections_open={a: open_now[a] for a in aliases},
+            connections_opened={a: opened[a] for a in aliases},
+            connections_closed={a: opened[a] - open_now[a] for a in aliases},
+            policy=self._policy.kind,
+            shutdown=closing,
+        )
+
+    # -- used by db_call ----------------------------------------------------
+
+    def _submit_to_loop(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fn: Callable[..., _T],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> asyncio.Future[_T]:
+        future: asyncio.Future[_T] = loop.create_future()
+        self._enqueue(_LoopItem(loop, future, contextvars.copy_context(), fn, args, kwargs))
+        return future
+
+    # -- internals ----------------------------------------------------------
+
+    def _enqueue(self, item: _Item) -> None:
+        with self._state_lock:
+            if self._broken_reason is not None:
+                raise BrokenThreadPool(self._broken_reason)
+            if self._closing:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            self._queue.put(item)
+            self._idle_slots -= 1
+            if self._idle_slots < 0 and len(self._workers) < self._max_workers:
+                self._idle_slots += 1
+                self._start_worker()
+
+    def _start_worker(self) -> None:
+        worker = _Worker(self, f"{self._prefix}-{next(self._counter)}")
+        self._workers.add(worker)
+        worker.start()
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except Empty:
+                return
+            if item is not None:
+                item.cancel()
+                self._idle_slots += 1
+
+    def _run_call(
+        self,
+        worker: _Worker,
+        fn: Callable[..., _T],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        context: contextvars.Context | None = None,
+    ) -> _T:
+        """The per-call wrapper: prepare like ``request_started``, run, clean up."""
+        aliases = self._databases
+        worker.calls += 1
+        prepare_connections(aliases)
+        try:
+            if context is None:
+                result = fn(*args, **kwargs)
+            else:
+                result = context.run(fn, *args, **kwargs)
+        except BaseException as exc:
+            worker.errors += 1
+            try:
+                cleanup_after_call(self._policy, error=exc, fn=fn, aliases=aliases)
+            except Exception:
+                # Never let a cleanup problem replace the caller's exception.
+                logger.warning("connection cleanup after a failed call raised", exc_info=True)
+            raise
+        try:
+            cleanup_after_call(self._policy, error=None, fn=fn, aliases=aliases)
+        except Exception as exc:
+            # The call's own work succeeded (and in autocommit it is committed):
+            # reporting failure now would invite a retry of work that is done.
+            # The connection is already forgotten, so the next call reconnects.
+            if isinstance(exc, Warning):
+                raise
+            logger.warning("connection cleanup after %s raised", describe(fn), exc_info=True)
+        return result
+
+    def _work(self, worker: _Worker) -> None:
+        try:
+            if self._user_initializer is not None:
+                try:
+                    self._user_initializer(*self._user_initargs)
+                except BaseException:
+                    logger.critical("DBExecutor worker initializer failed", exc_info=True)
+                    self._break("A thread initializer failed, the thread pool is not usable anymore")
+                    return
+            self._serve(worker)
+        finally:
+            close_all_for_exit()
+            with self._state_lock:
+                self._workers.discard(worker)
+                self._retired_calls += worker.calls
+                self._retired_errors += worker.errors
+                self._retired_opened.update(worker.opened)
+                worker.calls = worker.errors = 0
+                worker.opened.clear()
+
+    def _serve(self, worker: _Worker) -> None:
+        queue, timeout = self._queue, self._idle_timeout
+        while True:
+            try:
+                item = queue.get(timeout=timeout)
+            except Empty:
+                with self._state_lock:
+                    if self._idle_slots > 0 and not self._closing:
+                        self._idle_slots -= 1
+                        return  # retire: more threads wait than there is work
+                continue
+            if item is None:
+                return
+            worker.busy = True
+            try:
+                item.run(self, worker)
+            finally:
+                worker.busy = False
+            del item
+            with self._state_lock:
+                self._idle_slots += 1
+
+    def _break(self, reason: str) -> None:
+        with self._state_lock:
+            self._broken_reason = reason
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except Empty:
+                    break
+                if isinstance(item, _WorkItem):
+                    if item.future.set_running_or_notify_cancel():
+                        item.future.set_exception(BrokenThreadPool(reason))
+                elif isinstance(item, _LoopItem):
+                    item_future, loop = item.future, item.loop
+                    try:
+                        loop.call_soon_threadsafe(
+                            _deliver, item_future, None, BrokenThreadPool(reason)
+                        )
+                    except RuntimeError:
+                        pass
+
+    def __repr__(self) -> str:
+        state = "shutdown" if self._closing else "running"
+        return (
+            f"<{type(self).__name__} {state} max_workers={self._max_workers} "
+            f"workers={len(self._workers)} policy={self._policy.kind}>"
+        )
+
+
+def _validate_aliases(databases: Iterable[str] | None) -> tuple[str, ...] | None:
+    if databases is None:
+        return None
+    if isinstance(databases, str):
+        raise TypeError(
+            f"databases must be an iterable of aliases such as ({databases!r},), not a string"
+        )
+    aliases = tuple(databases)
+    from django.conf import settings
+    from django.db import connections
+
+    if settings.configured:
+        known = set(connections.settings)
+        unknown = [alias for alias in aliases if alias not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown database alias(es) {', '.join(map(repr, unknown))}; "
+                f"DATABASES defines {', '.join(map(repr, sorted(known)))}"
+            )
+    return aliases
+
+
+def _reinit_after_fork() -> None:
+    """In a forked child: the parent's workers do not exist here; start afresh."""
+    from ._connections import discard_inherited
+
+    for executor in list(_executors):
+        for worker in list(executor._workers):
+            for conn in worker.wrappers.values():
+                discard_inherited(conn)
+        executor._reset_state()
+
+
+def _shutdown_all_at_exit() -> None:
+    for executor in list(_executors):
+        try:
+            executor.shutdown(wait=True)
+        except Exception:
+            logger.warning("shutting down %r at exit failed", executor, exc_info=True)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
+atexit.register(_shutdown_all_at_exit)

@@ -1,0 +1,136 @@
+"""The ``ASYNC_DBBRIDGE`` setting: validated once, with errors that name the key.
+
+.. code-block:: python
+
+    ASYNC_DBBRIDGE = {
+        "MAX_WORKERS": 8,          # threads (and connections per alias) per process
+        "POLICY": "request",       # "request" | "close" | "max_age"
+        "MAX_AGE": None,           # seconds, with POLICY="max_age" (None: until retired)
+        "IDLE_TIMEOUT": 60.0,      # seconds before an idle worker retires; None: never
+        "DATABASES": None,         # aliases cleaned per call; None: all
+        "THREAD_NAME_PREFIX": "dbbridge",
+    }
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from ._connections import Policy
+
+__all__ = ("BridgeSettings", "get_settings")
+
+SETTING_NAME: Final = "ASYNC_DBBRIDGE"
+
+#: Threads per process by default: the standard library's executor default,
+#: which is also a sane number of connections per process for most servers.
+DEFAULT_MAX_WORKERS: Final = min(32, (os.cpu_count() or 1) + 4)
+
+_KEYS: Final = frozenset(
+    {"MAX_WORKERS", "POLICY", "MAX_AGE", "IDLE_TIMEOUT", "DATABASES", "THREAD_NAME_PREFIX"}
+)
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    max_workers: int
+    policy: Policy
+    idle_timeout: float | None
+    databases: tuple[str, ...] | None
+    thread_name_prefix: str
+
+    def executor_kwargs(self) -> dict[str, Any]:
+        return {
+            "max_workers": self.max_workers,
+            "policy": self.policy,
+            "idle_timeout": self.idle_timeout,
+            "databases": self.databases,
+            "thread_name_prefix": self.thread_name_prefix,
+        }
+
+
+def _error(key: str, value: object, expected: str) -> ImproperlyConfigured:
+    return ImproperlyConfigured(
+        f"{SETTING_NAME}[{key!r}] is {value!r}; expected {expected}."
+    )
+
+
+def _number(key: str, value: object, *, allow_none: bool, positive: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _error(key, value, "a number of seconds" + (" or None" if allow_none else ""))
+    if value < 0 or (positive and value == 0):
+        raise _error(key, value, "a number " + ("> 0" if positive else ">= 0"))
+    return float(value)
+
+
+def parse_settings(raw: object) -> BridgeSettings:
+    """Validate a raw ``ASYNC_DBBRIDGE`` value; raise ``ImproperlyConfigured`` on error."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ImproperlyConfigured(f"{SETTING_NAME} must be a dict, not {type(raw).__name__}.")
+    unknown = sorted(set(map(str, raw)) - _KEYS)
+    if unknown:
+        raise ImproperlyConfigured(
+            f"{SETTING_NAME} has unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"accepted keys are {', '.join(sorted(_KEYS))}."
+        )
+
+    max_workers = raw.get("MAX_WORKERS", DEFAULT_MAX_WORKERS)
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers <= 0:
+        raise _error("MAX_WORKERS", max_workers, "a positive integer")
+
+    policy_name = raw.get("POLICY", "request")
+    max_age = raw.get("MAX_AGE")
+    if policy_name == "request":
+        policy = Policy.request()
+    elif policy_name == "close":
+        policy = Policy.always_close()
+    elif policy_name == "max_age":
+        policy = Policy.max_age(_number("MAX_AGE", max_age, allow_none=True, positive=False))
+    else:
+        raise _error("POLICY", policy_name, "'request', 'close' or 'max_age'")
+    if policy_name != "max_age" and max_age is not None:
+        raise _error("MAX_AGE", max_age, "None unless POLICY is 'max_age'")
+
+    idle_timeout = _number(
+        "IDLE_TIMEOUT", raw.get("IDLE_TIMEOUT", 60.0), allow_none=True, positive=True
+    )
+
+    databases = raw.get("DATABASES")
+    if databases is not None:
+        if isinstance(databases, str) or not all(isinstance(a, str) for a in databases):
+            raise _error("DATABASES", databases, "a list of database aliases or None")
+        unknown_aliases = [a for a in databases if a not in settings.DATABASES]
+        if unknown_aliases:
+            raise _error(
+                "DATABASES",
+                databases,
+                f"aliases defined in settings.DATABASES ({', '.join(sorted(settings.DATABASES))})",
+            )
+        databases = tuple(databases)
+
+    prefix = raw.get("THREAD_NAME_PREFIX", "dbbridge")
+    if not isinstance(prefix, str) or not prefix:
+        raise _error("THREAD_NAME_PREFIX", prefix, "a non-empty string")
+
+    return BridgeSettings(
+        max_workers=max_workers,
+        policy=policy,
+        idle_timeout=idle_timeout,
+        databases=databases,
+        thread_name_prefix=prefix,
+    )
+
+
+def get_settings() -> BridgeSettings:
+    """The current ``ASYNC_DBBRIDGE`` setting, validated."""
+    return parse_settings(getattr(settings, SETTING_NAME, None))

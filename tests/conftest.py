@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from django.db import connections
+
+from async_dbbridge import reset_bridge_executor
+from async_dbbridge.testing import wait_for_server_sessions
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests about server-side sessions (kill, processlist) do not apply to SQLite.
+
+    They are deselected there, not skipped: a skip would hide a server that is down.
+    """
+    from django.conf import settings
+
+    if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+        kept = [item for item in items if item.get_closest_marker("requires_server") is None]
+        deselected = [item for item in items if item.get_closest_marker("requires_server")]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = kept
+
+
+SetSetting = Callable[..., None]
+
+
+@pytest.fixture
+def db_settings() -> Iterator[SetSetting]:
+    """Change per-alias database settings (CONN_MAX_AGE, ...) for one test.
+
+    Every thread's wrapper shares the alias's settings dict, so a change is seen
+    by worker threads at their next connect.
+    """
+    saved: list[tuple[str, str, object]] = []
+
+    def set_setting(aliases: tuple[str, ...] = ("default", "other"), **values: object) -> None:
+        for alias in aliases:
+            settings_dict = connections.settings[alias]
+            for key, value in values.items():
+                saved.append((alias, key, settings_dict[key]))
+                settings_dict[key] = value
+
+    yield set_setting
+    for alias, key, value in reversed(saved):
+        connections.settings[alias][key] = value
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_bridge() -> Iterator[None]:
+    """Each test starts and ends without the process-wide bridge's threads."""
+    yield
+    reset_bridge_executor(wait=True)
+
+
+@pytest.fixture
+def main_thread_closed() -> Iterator[None]:
+    """Start from zero server sessions: the test thread's own connections are
+    closed, and sessions of earlier tests that the server is still tearing down
+    are waited out, so a baseline taken next is exact."""
+    connections.close_all()
+    for alias in connections:
+        wait_for_server_sessions(alias, 0)
+    yield
+    connections.close_all()
+
+
+def bridge_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("dbbridge")]

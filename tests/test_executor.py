@@ -1,0 +1,477 @@
+"""DBExecutor: connection lifecycle, bounds, policies, stats — against the real database."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import threading
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.thread import BrokenThreadPool
+from typing import Any
+from unittest import mock
+
+import pytest
+from django.db import connection, connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Count
+
+from async_dbbridge import DBExecutor, Policy, TransactionLeftOpenWarning, db_call
+from async_dbbridge.testing import (
+    open_connection_aliases,
+    server_session_count,
+    wait_for_server_sessions,
+)
+from tests.conftest import SetSetting, bridge_threads
+from tests.testapp.models import Item
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True, databases=["default", "other"]),
+    pytest.mark.usefixtures("main_thread_closed"),
+]
+
+
+def aggregate_and_insert(n: int) -> int:
+    total = Item.objects.aggregate(n=Count("id"))["n"]
+    Item.objects.create(name=f"item-{n}", value=n)
+    return int(total)
+
+
+def backend_id(alias: str = "default") -> int:
+    conn = connections[alias]
+    with conn.cursor() as cursor:
+        if conn.vendor == "postgresql":
+            cursor.execute("SELECT pg_backend_pid()")
+        elif conn.vendor == "mysql":
+            cursor.execute("SELECT CONNECTION_ID()")
+        else:
+            return id(conn.connection)
+        return int(cursor.fetchone()[0])
+
+
+@pytest.fixture
+def gc_disabled() -> Iterator[None]:
+    """Stranded wrappers sit in reference cycles; only the cyclic GC frees them.
+
+    Whether a collection happens to run mid-test would decide how much of a
+    leak is visible; with it off, the test sees what a long-running process
+    accumulates between full collections — and the bridge must not rely on it.
+    """
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+@pytest.mark.usefixtures("gc_disabled")
+@pytest.mark.parametrize("max_age", [0, 60])
+def test_classic_leak_plain_pool_strands_sessions_dbexecutor_leaves_none(
+    db_settings: SetSetting, max_age: int
+) -> None:
+    db_settings(CONN_MAX_AGE=max_age)
+    baseline = server_session_count()
+
+    # Control: the standard library pool strands one session per thread. Ten
+    # rounds are enough to see it and stay under MariaDB's max_connections.
+    for round_ in range(10):
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            list(pool.map(aggregate_and_insert, range(round_ * 3, round_ * 3 + 3)))
+    stranded = server_session_count() - baseline
+    assert stranded >= 10, f"the control pool should strand sessions, saw {stranded}"
+    with warnings.catch_warnings():
+        # The drivers rightly complain that the stranded connections were never closed.
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    wait_for_server_sessions("default", baseline)
+
+    for round_ in range(100):
+        with DBExecutor(max_workers=20) as executor:
+            results = list(executor.map(aggregate_and_insert, range(round_ * 3, round_ * 3 + 3)))
+            assert len(results) == 3
+            opened = executor.stats().connections_opened["default"]
+        assert opened >= 1  # the connections really were opened
+        assert executor.stats().open_connections == 0
+    wait_for_server_sessions("default", baseline)
+    assert Item.objects.count() == 30 + 300
+
+
+async def test_bounded_sessions_under_load_with_persistent_connections(
+    db_settings: SetSetting,
+) -> None:
+    db_settings(CONN_MAX_AGE=60)
+    baseline = await asyncio.to_thread(server_session_count)
+    executor = DBExecutor(max_workers=8)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, server_session_count() - baseline)
+            stop.wait(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    gate = asyncio.Semaphore(64)
+
+    async def one(i: int) -> int:
+        async with gate:
+            return await executor._submit_to_loop(
+                asyncio.get_running_loop(), Item.objects.count, (), {}
+            )
+
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(1000)))
+    finally:
+        stop.set()
+        await asyncio.to_thread(sampler.join)
+    assert results == [0] * 1000
+    stats = executor.stats()
+    assert stats.calls == 1000
+    assert 1 <= stats.connections_opened["default"] <= 8
+    assert 1 <= peak <= 8
+    # stats() agrees with the server: the workers hold their connections...
+    assert stats.open_connections == await asyncio.to_thread(server_session_count) - baseline
+    await asyncio.to_thread(executor.shutdown, True)
+    # ... until shutdown, which returns with none left.
+    assert executor.stats().open_connections == 0
+    await asyncio.to_thread(wait_for_server_sessions, "default", baseline)
+
+
+async def test_conn_max_age_zero_closes_after_every_call(db_settings: SetSetting) -> None:
+    db_settings(CONN_MAX_AGE=0)
+    baseline = await asyncio.to_thread(server_session_count)
+    executor = DBExecutor(max_workers=8)
+    gate = asyncio.Semaphore(64)
+    seen: list[bool] = []
+
+    def query() -> int:
+        count = Item.objects.count()
+        seen.append(connection.connection is not None)  # opened for this call
+        return count
+
+    async def one() -> int:
+        async with gate:
+            return await executor._submit_to_loop(asyncio.get_running_loop(), query, (), {})
+
+    with executor:
+        await asyncio.gather(*(one() for _ in range(200)))
+        stats = executor.stats()
+        assert all(seen) and len(seen) == 200
+        assert stats.connections_opened["default"] == 200
+        assert stats.open_connections == 0
+        # Closed without a shutdown: the workers are still there.
+        assert stats.workers >= 1
+        await asyncio.to_thread(wait_for_server_sessions, "default", baseline)
+
+
+def test_policy_always_close_ignores_conn_max_age(db_settings: SetSetting) -> None:
+    db_settings(CONN_MAX_AGE=60)
+    with DBExecutor(max_workers=2, policy="close") as executor:
+        for i in range(5):
+            executor.submit(aggregate_and_insert, i).result()
+        stats = executor.stats()
+        assert stats.connections_opened["default"] == 5
+        assert stats.open_connections == 0
+
+
+def test_policy_max_age_gives_workers_their_own_lifetime(db_settings: SetSetting) -> None:
+    # CONN_MAX_AGE=0 would close after every call; the pool's own age keeps it.
+    db_settings(CONN_MAX_AGE=0)
+    baseline = server_session_count()
+    with DBExecutor(max_workers=1, policy=Policy.max_age(3600)) as executor:
+        ids = {executor.submit(backend_id).result() for _ in range(5)}
+        assert len(ids) == 1
+        assert executor.stats().connections_open == {"default": 1}
+        assert server_session_count() == baseline + 1
+    wait_for_server_sessions("default", baseline)
+    # A lifetime of 0 expires at once: every call gets a new connection.
+    with DBExecutor(max_workers=1, policy=Policy.max_age(0)) as executor:
+        for _ in range(3):
+            executor.submit(backend_id).result()
+        assert executor.stats().connections_opened["default"] == 3
+        assert executor.stats().open_connections == 0
+
+
+def test_idle_worker_retires_and_closes_its_connection(db_settings: SetSetting) -> None:
+    db_settings(CONN_MAX_AGE=60)
+    baseline = server_session_count()
+    executor = DBExecutor(max_workers=2, idle_timeout=0.2)
+    try:
+        executor.submit(aggregate_and_insert, 1).result()
+        assert server_session_count() == baseline + 1  # opened, kept for reuse
+        wait_for_server_sessions("default", baseline, timeout=10)
+        # Bounded polling for the thread itself to be gone.
+        for _ in range(500):
+            if executor.stats().workers == 0:
+                break
+            threading.Event().wait(0.01)
+        stats = executor.stats()
+        assert stats.workers == 0
+        assert stats.open_connections == 0
+        assert stats.connections_opened == {"default": 1}
+        # The pool still works: a new worker starts on demand.
+        assert executor.submit(aggregate_and_insert, 2).result() == 1
+    finally:
+        executor.shutdown()
+    wait_for_server_sessions("default", baseline)
+
+
+def test_two_aliases_in_one_call_are_both_cleaned_up(db_settings: SetSetting) -> None:
+    db_settings(CONN_MAX_AGE=60)
+    baselines = {alias: server_session_count(alias) for alias in ("default", "other")}
+
+    def use_both() -> list[str]:
+        Item.objects.count()
+        Item.objects.using("other").count()
+        return open_connection_aliases()
+
+    executor = DBExecutor(max_workers=1)
+    with executor:
+        assert sorted(executor.submit(use_both).result()) == ["default", "other"]
+        assert executor.stats().connections_open == {"default": 1, "other": 1}
+        for alias in baselines:
+            assert server_session_count(alias) == baselines[alias] + 1
+    for alias in baselines:
+        wait_for_server_sessions(alias, baselines[alias])
+
+    db_settings(CONN_MAX_AGE=0)
+    with DBExecutor(max_workers=1) as executor:
+        executor.submit(use_both).result()
+        assert executor.stats().connections_open == {"default": 0, "other": 0}
+
+
+class Boom(Exception):
+    pass
+
+
+def test_exceptions_propagate_unchanged_and_the_connection_is_closed(
+    db_settings: SetSetting,
+) -> None:
+    db_settings(CONN_MAX_AGE=60)
+    error = Boom("from fn")
+
+    def fail() -> None:
+        Item.objects.count()
+        raise error
+
+    with DBExecutor(max_workers=1) as executor:
+        with pytest.raises(Boom) as info:
+            executor.submit(fail).result()
+        assert info.value is error
+        stats = executor.stats()
+        assert stats.errors == 1
+        # Not a database error: the persistent connection is kept.
+        assert stats.connections_open == {"default": 1}
+
+
+def test_database_error_closes_the_connection_unconditionally(db_settings: SetSetting) -> None:
+    from django.db import DatabaseError
+
+    db_settings(CONN_MAX_AGE=60)
+
+    def bad_sql() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT * FROM no_such_table_dbbridge")
+
+    with DBExecutor(max_workers=1) as executor:
+        executor.submit(Item.objects.count).result()
+        assert executor.stats().connections_open == {"default": 1}
+        with pytest.raises(DatabaseError):
+            executor.submit(bad_sql).result()
+        assert executor.stats().connections_open == {"default": 0}
+        assert executor.submit(Item.objects.count).result() == 0
+
+
+def test_cleanup_error_never_hides_the_callers_exception(
+    db_settings: SetSetting, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.db import OperationalError
+
+    db_settings(CONN_MAX_AGE=0)
+    error = Boom("the real problem")
+
+    def fail() -> None:
+        Item.objects.count()
+        raise error
+
+    wrapper_class = type(connections["default"])
+    real_close = wrapper_class._close
+
+    def broken_close(self: BaseDatabaseWrapper) -> None:
+        real_close(self)  # really close it, then report a failure
+        raise OperationalError("injected close failure")
+
+    with DBExecutor(max_workers=1) as executor:
+        with mock.patch.object(wrapper_class, "_close", broken_close):
+            with caplog.at_level(logging.WARNING, logger="async_dbbridge"):
+                with pytest.raises(Boom) as info:
+                    executor.submit(fail).result()
+                assert info.value is error
+                # A successful call keeps its result even if cleanup fails.
+                assert executor.submit(Item.objects.count).result() == 0
+        assert "cleanup" in caplog.text
+        assert executor.stats().open_connections == 0
+        # The forgotten connection is replaced on next use.
+        assert executor.submit(Item.objects.count).result() == 0
+
+
+def test_call_that_leaves_a_transaction_open_is_rolled_back_and_warned(
+    db_settings: SetSetting,
+) -> None:
+    db_settings(CONN_MAX_AGE=60)
+
+    def leave_atomic_open() -> None:
+        transaction.atomic().__enter__()
+        Item.objects.create(name="uncommitted")
+
+    def autocommit_off() -> None:
+        transaction.set_autocommit(False)
+        Item.objects.create(name="uncommitted-too")
+
+    with DBExecutor(max_workers=1) as executor:
+        for fn in (leave_atomic_open, autocommit_off):
+            with pytest.warns(TransactionLeftOpenWarning, match=fn.__qualname__):
+                executor.submit(fn).result()
+            assert executor.stats().connections_open == {"default": 0}
+            # The next call on the same thread is not inside that transaction.
+            assert executor.submit(lambda: connection.in_atomic_block).result() is False
+            assert executor.submit(Item.objects.count).result() == 0
+    assert Item.objects.count() == 0
+
+
+def test_atomic_block_inside_a_call_commits(db_settings: SetSetting) -> None:
+    db_settings(CONN_MAX_AGE=60)
+
+    def write() -> int:
+        with transaction.atomic():
+            Item.objects.create(name="a")
+            Item.objects.create(name="b")
+        return Item.objects.count()
+
+    with DBExecutor(max_workers=2) as executor:
+        assert executor.submit(write).result() == 2
+    assert Item.objects.count() == 2
+
+
+def test_initializer_runs_per_worker_and_a_failing_one_breaks_the_pool() -> None:
+    names: list[str] = []
+    with DBExecutor(max_workers=1, initializer=lambda: names.append("init")) as executor:
+        executor.submit(Item.objects.count).result()
+    assert names == ["init"]
+
+    def bad_init() -> None:
+        raise Boom("init failed")
+
+    executor = DBExecutor(max_workers=1, initializer=bad_init)
+    future = executor.submit(Item.objects.count)
+    with pytest.raises(BrokenThreadPool):
+        future.result(timeout=10)
+    with pytest.raises(BrokenThreadPool):
+        executor.submit(Item.objects.count)
+    executor.shutdown()
+
+
+def test_shutdown_runs_queued_calls_or_cancels_them() -> None:
+    release = threading.Event()
+    executor = DBExecutor(max_workers=1)
+    first = executor.submit(release.wait, 10)
+    queued = executor.submit(Item.objects.count)
+    executor.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    assert first.result(timeout=10) is True
+    assert queued.cancelled()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(Item.objects.count)
+
+    executor = DBExecutor(max_workers=1)
+    futures = [executor.submit(Item.objects.count) for _ in range(5)]
+    executor.shutdown(wait=True)
+    assert [f.result() for f in futures] == [0] * 5
+
+
+def test_shutdown_from_inside_a_worker_does_not_deadlock() -> None:
+    executor = DBExecutor(max_workers=1)
+    assert executor.submit(executor.shutdown, True).result(timeout=10) is None
+    for _ in range(500):
+        if executor.stats().workers == 0:
+            break
+        threading.Event().wait(0.01)
+    assert executor.stats().workers == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "8"])
+def test_bad_max_workers(bad: Any) -> None:
+    with pytest.raises(ValueError, match="max_workers"):
+        DBExecutor(max_workers=bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"idle_timeout": 0}, ValueError, "idle_timeout"),
+        ({"idle_timeout": -1}, ValueError, "idle_timeout"),
+        ({"policy": "sometimes"}, ValueError, "policy"),
+        ({"databases": "default"}, TypeError, "not a string"),
+        ({"databases": ["nope"]}, ValueError, "'nope'"),
+        ({"initializer": 3}, TypeError, "initializer"),
+    ],
+)
+def test_bad_arguments_name_the_problem(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        DBExecutor(**kwargs)
+
+
+def test_policy_validation() -> None:
+    with pytest.raises(ValueError, match="seconds"):
+        Policy.max_age(-1)
+    with pytest.raises(ValueError, match="takes no seconds"):
+        Policy("close", 3)
+    assert Policy.coerce("close") == Policy.always_close()
+
+
+def test_workers_stay_within_max_workers_and_leave_no_threads() -> None:
+    release = threading.Event()
+    executor = DBExecutor(max_workers=3)
+    futures = [executor.submit(release.wait, 10) for _ in range(10)]
+    assert len(bridge_threads()) <= 3
+    stats = executor.stats()
+    assert stats.workers == 3
+    assert stats.busy == 3 or stats.busy <= 3
+    assert stats.queued >= 1
+    release.set()
+    assert all(f.result(timeout=10) for f in futures)
+    executor.shutdown(wait=True)
+    assert bridge_threads() == []
+
+
+def test_stats_has_counts_only_never_settings() -> None:
+    with DBExecutor(max_workers=1) as executor:
+        executor.submit(Item.objects.count).result()
+        data = executor.stats().as_dict()
+    text = repr(data)
+    assert data["calls"] == 1
+    for secret in ("PASSWORD", "HOST", "USER", "NAME"):
+        assert secret not in text
+    assert set(data) >= {
+        "workers", "busy", "idle", "queued", "calls", "errors",
+        "connections_open", "connections_opened", "connections_closed", "lanes_in_use",
+    }  # fmt: skip
+
+
+async def test_db_call_uses_the_installed_default_executor() -> None:
+    from async_dbbridge import install_default_executor
+
+    executor = install_default_executor(DBExecutor(max_workers=2, thread_name_prefix="mine"))
+    try:
+        name = await db_call(lambda: threading.current_thread().name)
+        assert name.startswith("mine-")
+    finally:
+        await asyncio.to_thread(executor.shutdown, True)
