@@ -316,6 +316,8 @@ class DBExecutor(ThreadPoolExecutor):
         self._retired_calls = 0
         self._retired_errors = 0
         self._retired_opened: Counter[str] = Counter()
+        # Set by the ASGI wrapper's lane set: () -> (lanes alive, lanes in use).
+        self.lane_counts: Callable[[], tuple[int, int]] | None = None
 
     # -- public API ---------------------------------------------------------
 
@@ -370,6 +372,7 @@ class DBExecutor(ThreadPoolExecutor):
             errors += worker.errors
             opened.update(worker.opened)
             open_now.update(worker.open_aliases())
+        lanes, lanes_in_use = self.lane_counts() if self.lane_counts is not None else (0, 0)
         aliases = sorted(set(opened) | set(open_now))
         queued = max(0, self._queue.qsize() - (len(workers) if closing else 0))
         return ExecutorStats(
@@ -383,6 +386,8 @@ class DBExecutor(ThreadPoolExecutor):
             connections_open={a: open_now[a] for a in aliases},
             connections_opened={a: opened[a] for a in aliases},
             connections_closed={a: opened[a] - open_now[a] for a in aliases},
+            lanes=lanes,
+            lanes_in_use=lanes_in_use,
             policy=self._policy.kind,
             shutdown=closing,
         )
