@@ -27,9 +27,8 @@ def _check_sync_callable(fn: object, what: str) -> None:
         )
     if not callable(fn):
         raise TypeError(f"{what} takes a callable, not {fn!r}")
-    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)
-    ):
+    # A callable object whose __call__ is async counts too (as in asgiref).
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
         raise TypeError(
             f"{what} takes a sync function, but {fn!r} is a coroutine function; "
             "call and await it directly instead"

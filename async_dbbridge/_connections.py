@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from django.db import connections
 from django.db import Error as DjangoDatabaseError
+from django.db import connections
+
+from ._validation import is_number
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -66,14 +68,9 @@ class Policy:
                 f"unknown policy kind {self.kind!r}; expected one of {', '.join(_POLICY_KINDS)}"
             )
         if self.kind == "max_age":
-            if self.seconds is not None and (
-                isinstance(self.seconds, bool)
-                or not isinstance(self.seconds, int | float)
-                or self.seconds < 0
-            ):
+            if self.seconds is not None and not (is_number(self.seconds) and self.seconds >= 0):
                 raise ValueError(
-                    f"Policy.max_age() takes a number of seconds >= 0 or None, "
-                    f"not {self.seconds!r}"
+                    f"Policy.max_age() takes a number of seconds >= 0 or None, not {self.seconds!r}"
                 )
         elif self.seconds is not None:
             raise ValueError(f"policy {self.kind!r} takes no seconds")
@@ -115,12 +112,11 @@ def initialized_connections(aliases: Iterable[str] | None = None) -> Iterator[Ba
     Only initialized ones: touching ``connections[alias]`` would create a wrapper
     for every alias on every thread just to find out that there is nothing to do.
     """
+    conns = connections.all(initialized_only=True)
     if aliases is None:
-        yield from connections.all(initialized_only=True)
-        return
-    for alias in aliases:
-        if hasattr(connections._connections, alias):
-            yield connections[alias]
+        return iter(conns)
+    wanted = set(aliases)
+    return (conn for conn in conns if conn.alias in wanted)
 
 
 def is_open(conn: BaseDatabaseWrapper) -> bool:
@@ -149,9 +145,7 @@ def prepare_connections(aliases: Iterable[str] | None = None) -> None:
             conn.close_if_unusable_or_obsolete()
 
 
-def close_connections(
-    aliases: Iterable[str] | None = None, *, only_obsolete: bool = False
-) -> None:
+def close_connections(aliases: Iterable[str] | None = None, *, only_obsolete: bool = False) -> None:
     """Close the calling thread's connections, never inside an atomic block.
 
     With ``only_obsolete`` this is Django's ``close_old_connections()`` (honour
@@ -213,7 +207,7 @@ def is_database_error(exc: BaseException, conns: Iterable[BaseDatabaseWrapper]) 
     """Django's wrapped errors, or a driver error raised through a raw connection."""
     if isinstance(exc, DjangoDatabaseError):
         return True
-    return any(isinstance(exc, conn.Database.Error) for conn in conns)
+    return any(isinstance(exc, getattr(conn, "Database").Error) for conn in conns)  # noqa: B009
 
 
 def describe(fn: Callable[..., object]) -> str:
@@ -310,6 +304,10 @@ def discard_inherited(conn: BaseDatabaseWrapper) -> None:
             devnull = os.open(os.devnull, os.O_RDWR)
             try:
                 os.dup2(devnull, fd)
+            except OSError:
+                # Not an open descriptor (the driver had already lost its
+                # socket): there is nothing shared left to protect.
+                pass
             finally:
                 os.close(devnull)
         _INHERITED.append(raw)
@@ -317,7 +315,8 @@ def discard_inherited(conn: BaseDatabaseWrapper) -> None:
     _forget(conn)
 
 
-# Raw connections inherited by a forked child are kept alive here: their
-# finalizers would otherwise run at an unpredictable time, and a driver that
-# does not check the pid would try to say goodbye on the (now /dev/null) fd.
+# Raw connections (and Django's psycopg pools) inherited by a forked child are
+# kept alive here for good: a driver that does not check the pid says goodbye
+# when the object is freed, and while the object lives its descriptor number
+# (now /dev/null) cannot be reused by a new socket that the goodbye would hit.
 _INHERITED: list[Any] = []

@@ -28,6 +28,7 @@ from ._connections import (
     describe,
     prepare_connections,
 )
+from ._validation import is_number, is_positive_int
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -125,9 +126,15 @@ connection_created.connect(_on_connection_created, dispatch_uid="async_dbbridge.
 
 
 class _WorkItem:
-    """A call for the pool's :class:`concurrent.futures.Future` API."""
+    """A call for the pool's :class:`concurrent.futures.Future` API.
 
-    __slots__ = ("args", "fn", "future", "kwargs")
+    ``execute`` runs the call and keeps its outcome; ``deliver`` hands it over.
+    They are separate so the worker can declare itself free in between: a
+    caller woken by the result that submits again at once then finds this
+    worker available instead of starting another thread (and connection).
+    """
+
+    __slots__ = ("args", "error", "fn", "future", "kwargs", "result")
 
     def __init__(
         self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any
@@ -136,22 +143,29 @@ class _WorkItem:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
+        self.result: Any = None
+        self.error: BaseException | None = None
 
-    def run(self, executor: DBExecutor, worker: _Worker) -> None:
+    def execute(self, executor: DBExecutor, worker: _Worker) -> bool:
         if not self.future.set_running_or_notify_cancel():
-            return
+            return False
         try:
-            result = executor._run_call(worker, self.fn, self.args, self.kwargs)
+            self.result = executor._run_call(worker, self.fn, self.args, self.kwargs)
         except BaseException as exc:
-            self.future.set_exception(exc)
-            # Break a reference cycle with the exception (as CPython's pool does).
-            del exc
-        else:
-            self.future.set_result(result)
+            self.error = exc
         finally:
             # Drop the call's references before the worker waits again, so
             # nothing it passed in stays alive for as long as the thread idles.
             del self.fn, self.args, self.kwargs
+        return True
+
+    def deliver(self) -> None:
+        if self.error is not None:
+            self.future.set_exception(self.error)
+        else:
+            self.future.set_result(self.result)
+        # Break a reference cycle with the exception (as CPython's pool does).
+        self.result = self.error = None
 
     def cancel(self) -> None:
         self.future.cancel()
@@ -176,7 +190,7 @@ class _LoopItem:
     ``run_in_executor``.
     """
 
-    __slots__ = ("args", "context", "fn", "future", "kwargs", "loop")
+    __slots__ = ("args", "context", "error", "fn", "future", "kwargs", "loop", "result")
 
     def __init__(
         self,
@@ -193,28 +207,30 @@ class _LoopItem:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
+        self.result: Any = None
+        self.error: BaseException | None = None
 
-    def run(self, executor: DBExecutor, worker: _Worker) -> None:
+    def execute(self, executor: DBExecutor, worker: _Worker) -> bool:
         # A plain read of the future's state from this thread: a call cancelled
         # before it started never runs. (If the cancellation lands a moment
         # later the call runs to completion and its result is dropped.)
         if self.future.cancelled():
-            return
-        result: Any = None
-        error: BaseException | None = None
+            return False
         try:
-            result = executor._run_call(worker, self.fn, self.args, self.kwargs, self.context)
+            self.result = executor._run_call(worker, self.fn, self.args, self.kwargs, self.context)
         except BaseException as exc:
-            error = exc
+            self.error = exc
         finally:
             del self.fn, self.args, self.kwargs, self.context
+        return True
+
+    def deliver(self) -> None:
         try:
-            self.loop.call_soon_threadsafe(_deliver, self.future, result, error)
+            self.loop.call_soon_threadsafe(_deliver, self.future, self.result, self.error)
         except RuntimeError:
             # The loop was closed while the call ran: nobody is left to tell.
             pass
-        finally:
-            del self.future, self.loop, result, error
+        self.result = self.error = None
 
     def cancel(self) -> None:
         future, loop = self.future, self.loop
@@ -246,7 +262,7 @@ class DBExecutor(ThreadPoolExecutor):
 
     Workers close every connection they opened when they exit: on
     :meth:`shutdown`, when idle longer than ``idle_timeout``, and at interpreter
-    exit. So open connections never exceed ``max_workers`` × aliases used, and
+    exit. So open connections never exceed ``max_workers`` times the aliases used, and
     ``shutdown(wait=True)`` returns with none left.
 
     Args:
@@ -276,13 +292,9 @@ class DBExecutor(ThreadPoolExecutor):
     ) -> None:
         if max_workers is None:
             max_workers = min(32, (os.cpu_count() or 1) + 4)
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers <= 0:
+        if not is_positive_int(max_workers):
             raise ValueError(f"max_workers must be a positive integer, not {max_workers!r}")
-        if idle_timeout is not None and (
-            isinstance(idle_timeout, bool)
-            or not isinstance(idle_timeout, int | float)
-            or idle_timeout <= 0
-        ):
+        if idle_timeout is not None and not (is_number(idle_timeout) and idle_timeout > 0):
             raise ValueError(
                 f"idle_timeout must be a number of seconds > 0 or None, not {idle_timeout!r}"
             )
@@ -447,10 +459,7 @@ class DBExecutor(ThreadPoolExecutor):
         worker.calls += 1
         prepare_connections(aliases)
         try:
-            if context is None:
-                result = fn(*args, **kwargs)
-            else:
-                result = context.run(fn, *args, **kwargs)
+            result = fn(*args, **kwargs) if context is None else context.run(fn, *args, **kwargs)
         except BaseException as exc:
             worker.errors += 1
             try:
@@ -477,7 +486,9 @@ class DBExecutor(ThreadPoolExecutor):
                     self._user_initializer(*self._user_initargs)
                 except BaseException:
                     logger.critical("DBExecutor worker initializer failed", exc_info=True)
-                    self._break("A thread initializer failed, the thread pool is not usable anymore")
+                    self._break(
+                        "A thread initializer failed, the thread pool is not usable anymore"
+                    )
                     return
             self._serve(worker)
         finally:
@@ -505,12 +516,15 @@ class DBExecutor(ThreadPoolExecutor):
                 return
             worker.busy = True
             try:
-                item.run(self, worker)
+                ran = item.execute(self, worker)
             finally:
                 worker.busy = False
+                # Free before the result is delivered (see _WorkItem).
+                with self._state_lock:
+                    self._idle_slots += 1
+            if ran:
+                item.deliver()
             del item
-            with self._state_lock:
-                self._idle_slots += 1
 
     def _break(self, reason: str) -> None:
         with self._state_lock:
@@ -563,14 +577,22 @@ def _validate_aliases(databases: Iterable[str] | None) -> tuple[str, ...] | None
 
 
 def _reinit_after_fork() -> None:
-    """In a forked child: the parent's workers do not exist here; start afresh."""
+    """In a forked child (called by ``_fork``): the parent's workers do not exist here.
+
+    Their connections are the parent's sessions: discarded without network I/O
+    (the workers' ``wrappers`` kept them alive through the fork). Every executor
+    then starts afresh with no threads and zeroed counters; its next call starts
+    a worker. One that was shut down or broken in the parent stays so.
+    """
     from ._connections import discard_inherited
 
     for executor in list(_executors):
         for worker in list(executor._workers):
             for conn in worker.wrappers.values():
                 discard_inherited(conn)
+        closing, broken = executor._closing, executor._broken_reason
         executor._reset_state()
+        executor._closing, executor._broken_reason = closing, broken
 
 
 def _shutdown_all_at_exit() -> None:
@@ -581,6 +603,8 @@ def _shutdown_all_at_exit() -> None:
             logger.warning("shutting down %r at exit failed", executor, exc_info=True)
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_after_fork)
+# Importing _fork registers the at-fork hooks: in a child it discards the
+# inherited connections of every thread, then calls _reinit_after_fork().
+from . import _fork  # noqa: E402, F401
+
 atexit.register(_shutdown_all_at_exit)

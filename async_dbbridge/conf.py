@@ -9,6 +9,11 @@
         "IDLE_TIMEOUT": 60.0,      # seconds before an idle worker retires; None: never
         "DATABASES": None,         # aliases cleaned per call; None: all
         "THREAD_NAME_PREFIX": "dbbridge",
+        # The ASGI wrapper (async_dbbridge.asgi):
+        "LANES": 8,                # request lanes; default MAX_WORKERS; 0: no lanes
+        "LANE_FULL": "temporary",  # all lanes busy: "temporary" thread | "wait" for one
+        "LANE_IDLE_TIMEOUT": 60.0, # seconds before an idle lane retires; default IDLE_TIMEOUT
+        "SHUTDOWN_TIMEOUT": 10.0,  # seconds lifespan shutdown waits for in-flight work
     }
 """
 
@@ -23,6 +28,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from ._connections import Policy
+from ._validation import is_number, is_positive_int
 
 __all__ = ("BridgeSettings", "get_settings")
 
@@ -33,8 +39,27 @@ SETTING_NAME: Final = "ASYNC_DBBRIDGE"
 DEFAULT_MAX_WORKERS: Final = min(32, (os.cpu_count() or 1) + 4)
 
 _KEYS: Final = frozenset(
-    {"MAX_WORKERS", "POLICY", "MAX_AGE", "IDLE_TIMEOUT", "DATABASES", "THREAD_NAME_PREFIX"}
+    {
+        "MAX_WORKERS",
+        "POLICY",
+        "MAX_AGE",
+        "IDLE_TIMEOUT",
+        "DATABASES",
+        "THREAD_NAME_PREFIX",
+        "LANES",
+        "LANE_FULL",
+        "LANE_IDLE_TIMEOUT",
+        "SHUTDOWN_TIMEOUT",
+    }
 )
+
+#: What a request does when every lane is busy. "temporary" is the default: a
+#: lane is held for a request's whole life (including a slow client reading a
+#: streaming response, or a long poll), so a strict bound lets a handful of
+#: long requests stall every other request; a temporary thread never stalls
+#: anything and still closes its connections when its request ends.
+LANE_FULL_CHOICES: Final = ("temporary", "wait")
+DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +69,12 @@ class BridgeSettings:
     idle_timeout: float | None
     databases: tuple[str, ...] | None
     thread_name_prefix: str
+    # The ASGI wrapper's settings; defaults so that code building this by hand
+    # keeps working (lanes=0: per-request threads, closed at request end).
+    lanes: int = 0
+    lane_full: str = "temporary"
+    lane_idle_timeout: float | None = 60.0
+    shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT
 
     def executor_kwargs(self) -> dict[str, Any]:
         return {
@@ -56,19 +87,18 @@ class BridgeSettings:
 
 
 def _error(key: str, value: object, expected: str) -> ImproperlyConfigured:
-    return ImproperlyConfigured(
-        f"{SETTING_NAME}[{key!r}] is {value!r}; expected {expected}."
-    )
+    return ImproperlyConfigured(f"{SETTING_NAME}[{key!r}] is {value!r}; expected {expected}.")
 
 
 def _number(key: str, value: object, *, allow_none: bool, positive: bool) -> float | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise _error(key, value, "a number of seconds" + (" or None" if allow_none else ""))
-    if value < 0 or (positive and value == 0):
+    number = float(value)  # type: ignore[arg-type]  # is_number() checked it
+    if number < 0 or (positive and number == 0):
         raise _error(key, value, "a number " + ("> 0" if positive else ">= 0"))
-    return float(value)
+    return number
 
 
 def parse_settings(raw: object) -> BridgeSettings:
@@ -85,7 +115,7 @@ def parse_settings(raw: object) -> BridgeSettings:
         )
 
     max_workers = raw.get("MAX_WORKERS", DEFAULT_MAX_WORKERS)
-    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers <= 0:
+    if not is_positive_int(max_workers):
         raise _error("MAX_WORKERS", max_workers, "a positive integer")
 
     policy_name = raw.get("POLICY", "request")
@@ -122,12 +152,39 @@ def parse_settings(raw: object) -> BridgeSettings:
     if not isinstance(prefix, str) or not prefix:
         raise _error("THREAD_NAME_PREFIX", prefix, "a non-empty string")
 
+    # A lane, like a bridge worker, is one thread holding one connection per
+    # alias, so the same budget sizes both by default.
+    lanes = raw.get("LANES", max_workers)
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 0:
+        raise _error("LANES", lanes, "an integer >= 0 (0 disables request lanes)")
+
+    lane_full = raw.get("LANE_FULL", "temporary")
+    if lane_full not in LANE_FULL_CHOICES:
+        raise _error("LANE_FULL", lane_full, "'temporary' or 'wait'")
+
+    lane_idle_timeout = _number(
+        "LANE_IDLE_TIMEOUT",
+        raw.get("LANE_IDLE_TIMEOUT", idle_timeout),
+        allow_none=True,
+        positive=True,
+    )
+    shutdown_timeout = _number(
+        "SHUTDOWN_TIMEOUT",
+        raw.get("SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT),
+        allow_none=True,
+        positive=False,
+    )
+
     return BridgeSettings(
         max_workers=max_workers,
         policy=policy,
         idle_timeout=idle_timeout,
         databases=databases,
         thread_name_prefix=prefix,
+        lanes=lanes,
+        lane_full=lane_full,
+        lane_idle_timeout=lane_idle_timeout,
+        shutdown_timeout=shutdown_timeout,
     )
 
 

@@ -26,8 +26,12 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.signals import connection_created
 
 if TYPE_CHECKING:
-    import pytest
     from django.db.backends.base.base import BaseDatabaseWrapper
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - pytest is needed only for the fixtures
+    pytest = None  # type: ignore[assignment]
 
 __all__ = (
     "open_connection_aliases",
@@ -55,9 +59,7 @@ connection_created.connect(_track, dispatch_uid="async_dbbridge.testing.track")
 def open_connection_aliases() -> list[str]:
     """Aliases with an open connection on the calling thread."""
     return [
-        conn.alias
-        for conn in connections.all(initialized_only=True)
-        if conn.connection is not None
+        conn.alias for conn in connections.all(initialized_only=True) if conn.connection is not None
     ]
 
 
@@ -155,7 +157,7 @@ def server_session_count(alias: str = DEFAULT_DB_ALIAS) -> int:
     conn = connections[alias]
     if conn.vendor == "sqlite":
         name = str(conn.settings_dict["NAME"])
-        if conn.is_in_memory_db() or not name:
+        if name == ":memory:" or "mode=memory" in name or not name:
             raise ValueError(
                 f"database {alias!r} is an in-memory SQLite database: its connections "
                 "cannot be observed; use a file for leak tests"
@@ -190,6 +192,7 @@ def wait_for_server_sessions(
     Raises:
         AssertionError: The count did not match in time; the message gives the last one.
     """
+
     def matches(n: int) -> bool:
         return expected(n) if callable(expected) else n == expected
 
@@ -201,8 +204,7 @@ def wait_for_server_sessions(
         if time.monotonic() >= deadline:
             wanted = expected if not callable(expected) else getattr(expected, "__name__", "?")
             raise AssertionError(
-                f"database {alias!r}: {count} server session(s) after {timeout}s, "
-                f"expected {wanted}"
+                f"database {alias!r}: {count} server session(s) after {timeout}s, expected {wanted}"
             )
         time.sleep(interval)
 
@@ -214,14 +216,9 @@ def close_monitor() -> None:
 
 # -- pytest plugin ------------------------------------------------------------
 
-try:
-    import pytest as _pytest
-except ImportError:  # pragma: no cover - pytest is optional at run time
-    _pytest = None  # type: ignore[assignment]
+if pytest is not None:
 
-if _pytest is not None:
-
-    @_pytest.fixture
+    @pytest.fixture
     def dbbridge_no_leaks(request: pytest.FixtureRequest) -> Iterator[Callable[[], None]]:
         """Fail the test if it leaves more server sessions than it found.
 
@@ -241,9 +238,12 @@ if _pytest is not None:
             checked = True
             reset_bridge_executor(wait=True)
             for alias in aliases:
-                wait_for_server_sessions(
-                    alias, lambda n, b=baseline[alias]: n <= b, timeout=10.0
-                )
+                limit = baseline[alias]
+
+                def at_most_baseline(n: int, limit: int = limit) -> bool:
+                    return n <= limit
+
+                wait_for_server_sessions(alias, at_most_baseline, timeout=10.0)
 
         yield check
         if not checked:

@@ -162,7 +162,8 @@ async def test_conn_max_age_zero_closes_after_every_call(db_settings: SetSetting
     with executor:
         await asyncio.gather(*(one() for _ in range(200)))
         stats = executor.stats()
-        assert all(seen) and len(seen) == 200
+        assert len(seen) == 200
+        assert all(seen)
         assert stats.connections_opened["default"] == 200
         assert stats.open_connections == 0
         # Closed without a shutdown: the workers are still there.
@@ -301,20 +302,22 @@ def test_cleanup_error_never_hides_the_callers_exception(
         raise error
 
     wrapper_class = type(connections["default"])
-    real_close = wrapper_class._close
+    real_close = wrapper_class._close  # type: ignore[attr-defined]  # every backend has one
 
     def broken_close(self: BaseDatabaseWrapper) -> None:
         real_close(self)  # really close it, then report a failure
         raise OperationalError("injected close failure")
 
     with DBExecutor(max_workers=1) as executor:
-        with mock.patch.object(wrapper_class, "_close", broken_close):
-            with caplog.at_level(logging.WARNING, logger="async_dbbridge"):
-                with pytest.raises(Boom) as info:
-                    executor.submit(fail).result()
-                assert info.value is error
-                # A successful call keeps its result even if cleanup fails.
-                assert executor.submit(Item.objects.count).result() == 0
+        with (
+            mock.patch.object(wrapper_class, "_close", broken_close),
+            caplog.at_level(logging.WARNING, logger="async_dbbridge"),
+        ):
+            with pytest.raises(Boom) as info:
+                executor.submit(fail).result()
+            assert info.value is error
+            # A successful call keeps its result even if cleanup fails.
+            assert executor.submit(Item.objects.count).result() == 0
         assert "cleanup" in caplog.text
         assert executor.stats().open_connections == 0
         # The forgotten connection is replaced on next use.

@@ -1,0 +1,58 @@
+"""ASYNC_DBBRIDGE settings: defaults, validation messages and the system check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.test import override_settings
+
+from async_dbbridge import Policy
+from async_dbbridge.checks import check_settings
+from async_dbbridge.conf import DEFAULT_MAX_WORKERS, parse_settings
+
+
+def test_defaults_work_with_nothing_configured() -> None:
+    parsed = parse_settings(None)
+    assert parsed.max_workers == DEFAULT_MAX_WORKERS
+    assert parsed.policy == Policy.request()
+    assert parsed.idle_timeout == 60.0
+    assert parsed.databases is None
+
+
+def test_max_age_policy() -> None:
+    assert parse_settings({"POLICY": "max_age", "MAX_AGE": 300}).policy == Policy.max_age(300)
+    assert parse_settings({"POLICY": "max_age"}).policy == Policy.max_age(None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ([], "must be a dict"),
+        ({"WORKERS": 3}, "unknown key.*'WORKERS'.*MAX_WORKERS"),
+        ({"MAX_WORKERS": 0}, r"\['MAX_WORKERS'\] is 0; expected a positive integer"),
+        ({"MAX_WORKERS": "8"}, r"\['MAX_WORKERS'\]"),
+        ({"POLICY": "never"}, r"\['POLICY'\] is 'never'; expected 'request', 'close' or 'max_age'"),
+        ({"POLICY": "max_age", "MAX_AGE": -1}, r"\['MAX_AGE'\]"),
+        ({"MAX_AGE": 30}, r"\['MAX_AGE'\] is 30; expected None unless POLICY is 'max_age'"),
+        ({"IDLE_TIMEOUT": 0}, r"\['IDLE_TIMEOUT'\]"),
+        ({"DATABASES": "default"}, r"\['DATABASES'\]"),
+        ({"DATABASES": ["nope"]}, r"\['DATABASES'\] is \['nope'\].*\(default, other\)"),
+        ({"THREAD_NAME_PREFIX": ""}, r"\['THREAD_NAME_PREFIX'\]"),
+    ],
+)
+def test_invalid_settings_name_the_key_and_the_accepted_values(raw: Any, match: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=match):
+        parse_settings(raw)
+
+
+def test_system_check_reports_invalid_settings() -> None:
+    with override_settings(ASYNC_DBBRIDGE={"POLICY": "never"}):
+        errors = check_settings()
+        assert [e.id for e in errors] == ["async_dbbridge.E001"]
+        with pytest.raises(SystemCheckError, match=r"async_dbbridge\.E001"):
+            call_command("check")
+    assert check_settings() == []
