@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.thread import BrokenThreadPool
@@ -44,6 +44,9 @@ _T = TypeVar("_T")
 #: connections. Long enough that a steady trickle of calls keeps connections warm,
 #: short enough that a burst's extra threads and sessions go away by themselves.
 DEFAULT_IDLE_TIMEOUT: Final = 60.0
+
+# Returned by DBExecutor._next_item when the worker is to stop.
+_STOP: Final = object()
 
 # Every live executor, so fork and interpreter exit can reach them.
 _executors: weakref.WeakSet[DBExecutor] = weakref.WeakSet()
@@ -89,6 +92,8 @@ class _Worker(threading.Thread):
         # A weak reference: a worker must not keep an abandoned executor alive.
         self.executor_ref = weakref.ref(executor)
         self.policy = executor._policy
+        # Work is handed to a worker directly (see DBExecutor._idle); None stops it.
+        self.inbox: SimpleQueue[_Item | None] = SimpleQueue()
         self.busy = False
         self.calls = 0
         self.errors = 0
@@ -170,6 +175,10 @@ class _WorkItem:
     def cancel(self) -> None:
         self.future.cancel()
 
+    def fail(self, error: BaseException) -> None:
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_exception(error)
+
 
 def _deliver(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     # Runs on the loop. The awaiting task may have been cancelled meanwhile;
@@ -238,6 +247,10 @@ class _LoopItem:
             loop.call_soon_threadsafe(future.cancel)
         except RuntimeError:
             pass
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.deliver()
 
 
 _Item = _WorkItem | _LoopItem
@@ -314,14 +327,16 @@ class DBExecutor(ThreadPoolExecutor):
         _executors.add(self)
 
     def _reset_state(self) -> None:
-        self._queue: SimpleQueue[_Item | None] = SimpleQueue()
         self._state_lock = threading.Lock()
         self._workers: set[_Worker] = set()
-        # Waiting workers minus queued calls. Negative: a backlog. Submit takes
-        # one; a worker gives one back each time it goes back to waiting, and
-        # may retire only while the count is positive, so a queued call is never
-        # left without a thread to run it.
-        self._idle_slots = 0
+        # Idle workers, the most recently idle last. A call goes to the top of
+        # this stack, so a light load is served by one hot thread (and one
+        # connection) while the threads at the bottom stay idle long enough to
+        # retire. A shared FIFO queue, as in the standard library, would wake
+        # them in turn and keep every connection of a past burst alive forever.
+        self._idle: list[_Worker] = []
+        # Calls waiting because every worker is busy and the pool is full.
+        self._backlog: deque[_Item] = deque()
         self._closing = False
         self._broken_reason: str | None = None
         self._counter = itertools.count()
@@ -358,11 +373,13 @@ class DBExecutor(ThreadPoolExecutor):
         with self._state_lock:
             self._closing = True
             if cancel_futures:
-                self._drain_queue()
+                while self._backlog:
+                    self._backlog.popleft().cancel()
+            # Idle workers stop now; busy ones stop once the backlog is done.
+            for worker in self._idle:
+                worker.inbox.put(None)
+            self._idle.clear()
             workers = list(self._workers)
-            # One stop marker per worker, behind the queued calls so they still run.
-            for _ in workers:
-                self._queue.put(None)
         if wait:
             current = threading.current_thread()
             for worker in workers:
@@ -386,7 +403,7 @@ class DBExecutor(ThreadPoolExecutor):
             open_now.update(worker.open_aliases())
         lanes, lanes_in_use = self.lane_counts() if self.lane_counts is not None else (0, 0)
         aliases = sorted(set(opened) | set(open_now))
-        queued = max(0, self._queue.qsize() - (len(workers) if closing else 0))
+        queued = len(self._backlog)
         return ExecutorStats(
             max_workers=self._max_workers,
             workers=len(workers),
@@ -425,26 +442,25 @@ class DBExecutor(ThreadPoolExecutor):
                 raise BrokenThreadPool(self._broken_reason)
             if self._closing:
                 raise RuntimeError("cannot schedule new calls after shutdown")
-            self._queue.put(item)
-            self._idle_slots -= 1
-            if self._idle_slots < 0 and len(self._workers) < self._max_workers:
-                self._idle_slots += 1
-                self._start_worker()
+            if self._idle:
+                self._idle.pop().inbox.put(item)
+            elif len(self._workers) < self._max_workers:
+                worker = _Worker(self, f"{self._prefix}-{next(self._counter)}")
+                worker.inbox.put(item)
+                self._workers.add(worker)
+                worker.start()
+            else:
+                self._backlog.append(item)
 
-    def _start_worker(self) -> None:
-        worker = _Worker(self, f"{self._prefix}-{next(self._counter)}")
-        self._workers.add(worker)
-        worker.start()
-
-    def _drain_queue(self) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except Empty:
-                return
-            if item is not None:
-                item.cancel()
-                self._idle_slots += 1
+    def _next_item(self, worker: _Worker) -> _Item | object | None:
+        """After a call: the next queued call, _STOP, or None (now idle)."""
+        with self._state_lock:
+            if self._backlog:
+                return self._backlog.popleft()
+            if self._closing or self._broken_reason is not None:
+                return _STOP
+            self._idle.append(worker)
+            return None
 
     def _run_call(
         self,
@@ -487,7 +503,8 @@ class DBExecutor(ThreadPoolExecutor):
                 except BaseException:
                     logger.critical("DBExecutor worker initializer failed", exc_info=True)
                     self._break(
-                        "A thread initializer failed, the thread pool is not usable anymore"
+                        "A thread initializer failed, the thread pool is not usable anymore",
+                        worker,
                     )
                     return
             self._serve(worker)
@@ -502,49 +519,56 @@ class DBExecutor(ThreadPoolExecutor):
                 worker.opened.clear()
 
     def _serve(self, worker: _Worker) -> None:
-        queue, timeout = self._queue, self._idle_timeout
-        while True:
-            try:
-                item = queue.get(timeout=timeout)
-            except Empty:
-                with self._state_lock:
-                    if self._idle_slots > 0 and not self._closing:
-                        self._idle_slots -= 1
-                        return  # retire: more threads wait than there is work
-                continue
-            if item is None:
-                return
+        inbox, timeout = worker.inbox, self._idle_timeout
+        item = inbox.get()  # a new worker is started with its first call
+        while item is not None:
             worker.busy = True
             try:
                 ran = item.execute(self, worker)
             finally:
                 worker.busy = False
-                # Free before the result is delivered (see _WorkItem).
-                with self._state_lock:
-                    self._idle_slots += 1
+                # Become available before delivering the result: a caller that
+                # submits again as soon as it wakes then reuses this thread and
+                # its connection instead of starting another.
+                following = self._next_item(worker)
             if ran:
                 item.deliver()
             del item
+            if following is _STOP:
+                return
+            if following is not None:
+                item = following  # type: ignore[assignment]  # an _Item
+                continue
+            try:
+                item = inbox.get(timeout=timeout)
+            except Empty:
+                with self._state_lock:
+                    if worker in self._idle:
+                        self._idle.remove(worker)
+                        return  # retire: idle for idle_timeout
+                # A call was handed over just as the wait timed out; it is in
+                # the inbox already (the hand-over happens under the lock).
+                item = inbox.get()
 
-    def _break(self, reason: str) -> None:
+    def _break(self, reason: str, worker: _Worker) -> None:
+        """A worker's initializer failed: fail every waiting call, stop idle workers."""
+        error = BrokenThreadPool(reason)
         with self._state_lock:
             self._broken_reason = reason
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except Empty:
-                    break
-                if isinstance(item, _WorkItem):
-                    if item.future.set_running_or_notify_cancel():
-                        item.future.set_exception(BrokenThreadPool(reason))
-                elif isinstance(item, _LoopItem):
-                    item_future, loop = item.future, item.loop
-                    try:
-                        loop.call_soon_threadsafe(
-                            _deliver, item_future, None, BrokenThreadPool(reason)
-                        )
-                    except RuntimeError:
-                        pass
+            pending: list[_Item] = list(self._backlog)
+            self._backlog.clear()
+            for idle in self._idle:
+                idle.inbox.put(None)
+            self._idle.clear()
+        while True:
+            try:
+                item = worker.inbox.get_nowait()
+            except Empty:
+                break
+            if item is not None:
+                pending.append(item)
+        for item in pending:
+            item.fail(error)
 
     def __repr__(self) -> str:
         state = "shutdown" if self._closing else "running"

@@ -21,6 +21,9 @@ def _database(name: str) -> dict[str, Any]:
             "NAME": path,
             "TEST": {"NAME": path.replace(".sqlite3", "-test.sqlite3")},
         }
+    # One test database per process: concurrent runs (several checkouts, or a
+    # developer and CI on one machine) must not drop each other's databases.
+    test = {"NAME": f"test_{name}_{os.getpid()}"}
     if BACKEND == "postgresql":
         return {
             "ENGINE": "django.db.backends.postgresql",
@@ -29,6 +32,7 @@ def _database(name: str) -> dict[str, Any]:
             "PASSWORD": os.environ.get("PGPASSWORD", ""),
             "HOST": os.environ.get("PGHOST", "127.0.0.1"),
             "PORT": os.environ.get("PGPORT", "5432"),
+            "TEST": test,
         }
     if BACKEND == "mysql":
         return {
@@ -39,7 +43,7 @@ def _database(name: str) -> dict[str, Any]:
             "HOST": os.environ.get("MYSQL_HOST", "127.0.0.1"),
             "PORT": os.environ.get("MYSQL_PORT", "3306"),
             "OPTIONS": {"charset": "utf8mb4"},
-            "TEST": {"CHARSET": "utf8mb4"},
+            "TEST": {**test, "CHARSET": "utf8mb4"},
         }
     raise RuntimeError(f"DB_BACKEND must be sqlite, postgresql or mysql, not {BACKEND!r}")
 
