@@ -478,3 +478,33 @@ async def test_db_call_uses_the_installed_default_executor() -> None:
         assert name.startswith("mine-")
     finally:
         await asyncio.to_thread(executor.shutdown, True)
+
+
+def test_light_load_reuses_one_hot_worker_and_the_burst_workers_retire(
+    db_settings: SetSetting,
+) -> None:
+    """Calls go to the most recently idle worker, so surplus ones can retire.
+
+    With a shared FIFO queue every idle worker would be woken in turn by a light
+    load, none would ever be idle for ``idle_timeout``, and a past burst's
+    connections would stay open forever.
+    """
+    db_settings(CONN_MAX_AGE=60)
+    executor = DBExecutor(max_workers=4, idle_timeout=0.3)
+    try:
+        barrier = threading.Barrier(4, timeout=10)
+        burst = [executor.submit(lambda: (barrier.wait(), backend_id())) for _ in range(4)]
+        assert len({f.result()[1] for f in burst}) == 4
+        assert executor.stats().connections_open == {"default": 4}
+        names = set()
+        for _ in range(5000):  # bounded: the light load until the pool shrinks
+            names.add(executor.submit(lambda: threading.current_thread().name).result())
+            stats = executor.stats()
+            if stats.workers == 1:
+                break
+            threading.Event().wait(0.002)
+        assert stats.workers == 1
+        assert stats.connections_open == {"default": 1}
+        assert len(names) == 1  # the light load never touched the other threads
+    finally:
+        executor.shutdown()
