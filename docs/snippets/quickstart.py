@@ -1,0 +1,18 @@
+# views.py — an async view whose ORM work runs on the bridge
+from django.http import HttpRequest, JsonResponse
+
+from async_dbbridge import db_call, db_sync_to_async
+from myapp.models import Item
+
+
+def top_items(limit: int) -> list[dict[str, object]]:
+    return list(Item.objects.order_by("-value").values("name", "value")[:limit])
+
+
+async def items(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"items": await db_call(top_items, 10)})
+
+
+@db_sync_to_async
+def add_item(name: str) -> int:
+    return Item.objects.create(name=name).pk
