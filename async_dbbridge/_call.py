@@ -6,7 +6,8 @@ import asyncio
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar, overload
+from types import FunctionType
+from typing import Any, Final, ParamSpec, TypeVar, overload
 
 from asgiref.sync import SyncToAsync
 
@@ -19,7 +20,19 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+_ASYNC_CODE_FLAGS: Final = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE
+
+
 def _check_sync_callable(fn: object, what: str) -> None:
+    # Fast path for the common case, a plain function: its code flags say it all
+    # (the markers are how asgiref/inspect flag sync functions as coroutine ones).
+    if (
+        type(fn) is FunctionType
+        and not fn.__code__.co_flags & _ASYNC_CODE_FLAGS
+        and not hasattr(fn, "_is_coroutine_marker")
+        and not hasattr(fn, "_is_coroutine")
+    ):
+        return
     if inspect.iscoroutine(fn) or inspect.isawaitable(fn):
         raise TypeError(
             f"{what} takes a sync function, not the coroutine {fn!r}; "
