@@ -1,0 +1,1 @@
+"""Benchmarks for async_dbbridge; run them as scripts (see README.md)."""
