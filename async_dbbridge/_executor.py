@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
+from django.db import connections
 from django.db.backends.signals import connection_created
 
 from ._connections import (
@@ -124,6 +125,11 @@ def _on_connection_created(
 ) -> None:
     worker = threading.current_thread()
     if not isinstance(worker, _Worker):
+        return
+    # Only the thread's own wrappers: code running on a worker may connect a
+    # private wrapper of its own (a monitoring connection, a raw second
+    # connection), which is not the worker's to count, expire or clean up.
+    if connection is not connections[connection.alias]:
         return
     worker.opened[connection.alias] += 1
     worker.wrappers[connection.alias] = connection

@@ -508,3 +508,26 @@ def test_light_load_reuses_one_hot_worker_and_the_burst_workers_retire(
         assert len(names) == 1  # the light load never touched the other threads
     finally:
         executor.shutdown()
+
+
+def test_a_private_wrapper_connected_on_a_worker_is_not_the_workers(
+    db_settings: SetSetting,
+) -> None:
+    """Code on a worker may connect a wrapper of its own; it is not the worker's."""
+    db_settings(CONN_MAX_AGE=60)
+
+    def private_connection() -> bool:
+        Item.objects.count()
+        private = connections.create_connection("default")
+        try:
+            private.ensure_connection()
+            return private.connection is not None
+        finally:
+            private.close()
+
+    with DBExecutor(max_workers=1) as executor:
+        assert executor.submit(private_connection).result()
+        stats = executor.stats()
+        assert stats.connections_opened == {"default": 1}
+        # The worker's own connection, still open under CONN_MAX_AGE=60.
+        assert stats.connections_open == {"default": 1}
