@@ -1,0 +1,1 @@
+"""The async_dbbridge demo project: a small shop served by uvicorn."""

@@ -1,0 +1,275 @@
+"""One endpoint per way to reach the database from an ASGI Django project.
+
+Each product endpoint returns the same rows and says which thread ran the
+query, so the difference between the paths is visible with curl:
+
+- ``/products/db-call``: ``await db_call(fn)`` runs ``fn`` on a bridge worker.
+- ``/products/sync-to-async``: a ``@db_sync_to_async`` function, same workers.
+- ``/products/sync``: a plain sync view; Django runs it on the request's
+  thread (a lane thread under the async_dbbridge ASGI wrapper).
+- ``/products/async-orm``: Django's async ORM (``async for``), which runs on
+  the same thread as a sync view would.
+
+``?delay=0.3`` (seconds, at most 2) holds the thread that long after the
+query, standing in for a slow query so the dashboard has something to show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connections, transaction
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods
+
+from async_dbbridge import db_call, db_sync_to_async, get_bridge_executor
+from async_dbbridge.asgi import DBBridgeASGIApp
+from async_dbbridge.testing import process_open_connections, server_session_count
+from shop.models import Order, Product
+
+__all__ = (
+    "dashboard",
+    "orders",
+    "products_async_orm",
+    "products_db_call",
+    "products_sync",
+    "products_sync_to_async",
+    "stats",
+)
+
+MAX_DELAY = 2.0
+PRODUCT_LIMIT = 20
+
+# server_session_count() blocks (a query on PostgreSQL/MySQL), so it runs off
+# the loop, on a thread of its own. Not on the bridge (nor asyncio.to_thread,
+# which the ASGI wrapper routes to the bridge): the dashboard would then always
+# see a busy worker of its own making. One thread: the dashboard polls once a second.
+_stats_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="demo-stats")
+
+
+def _delay(request: HttpRequest) -> float:
+    try:
+        delay = float(request.GET.get("delay", "0"))
+    except ValueError:
+        return 0.0
+    return max(0.0, min(delay, MAX_DELAY)) if math.isfinite(delay) else 0.0
+
+
+def _product_rows(delay: float = 0.0) -> list[dict[str, Any]]:
+    # Prices are Decimals: JsonResponse's encoder sends them as strings.
+    rows = [
+        {"id": p.pk, "name": p.name, "price": p.price, "stock": p.stock}
+        for p in Product.objects.all()[:PRODUCT_LIMIT]
+    ]
+    if delay:
+        time.sleep(delay)
+    return rows
+
+
+def _current_thread_name() -> str:
+    return threading.current_thread().name
+
+
+def _products_response(via: str, rows: list[dict[str, Any]], thread: str) -> JsonResponse:
+    return JsonResponse({"via": via, "thread": thread, "count": len(rows), "products": rows})
+
+
+# -- the four read paths --------------------------------------------------------
+
+
+async def products_db_call(request: HttpRequest) -> JsonResponse:
+    """``await db_call(fn, *args)``: the ORM code is an ordinary sync function."""
+
+    def query(delay: float) -> tuple[list[dict[str, Any]], str]:
+        return _product_rows(delay), _current_thread_name()
+
+    rows, thread = await db_call(query, _delay(request))
+    return _products_response("db_call", rows, thread)
+
+
+@db_sync_to_async
+def _products_on_bridge(delay: float) -> tuple[list[dict[str, Any]], str]:
+    return _product_rows(delay), _current_thread_name()
+
+
+async def products_sync_to_async(request: HttpRequest) -> JsonResponse:
+    """A function decorated with ``@db_sync_to_async``, awaited like a coroutine."""
+    rows, thread = await _products_on_bridge(_delay(request))
+    return _products_response("db_sync_to_async", rows, thread)
+
+
+def products_sync(request: HttpRequest) -> JsonResponse:
+    """A plain sync view: Django runs it in a thread; no bridge call in sight."""
+    return _products_response("sync view", _product_rows(_delay(request)), _current_thread_name())
+
+
+async def products_async_orm(request: HttpRequest) -> JsonResponse:
+    """Django's async ORM: each database round trip is a thread-sensitive sync_to_async."""
+    rows = [
+        {"id": p.pk, "name": p.name, "price": p.price, "stock": p.stock}
+        async for p in Product.objects.all()[:PRODUCT_LIMIT]
+    ]
+    # Thread-sensitive, like the async ORM's own calls: it runs on the thread
+    # that just ran the query, and stands in for a slow one.
+    thread = await sync_to_async(_current_thread_name)()
+    delay = _delay(request)
+    if delay:
+        await sync_to_async(time.sleep)(delay)
+    return _products_response("async ORM", rows, thread)
+
+
+# -- the write path -------------------------------------------------------------
+
+
+class _OrderError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _place_order(product_id: int, quantity: int) -> dict[str, Any]:
+    # The whole transaction runs inside one call on one worker thread: an
+    # atomic block must begin and end on the thread that owns the connection,
+    # so it never spans an await.
+    with transaction.atomic():
+        try:
+            # Row lock on PostgreSQL and MySQL, so concurrent orders cannot
+            # oversell; SQLite has no row locks (and ignores this), but with
+            # transaction_mode=IMMEDIATE its writers are serialized anyway.
+            product = Product.objects.select_for_update().get(pk=product_id)
+        except Product.DoesNotExist:
+            raise _OrderError(404, f"no product with id {product_id}") from None
+        if product.stock < quantity:
+            raise _OrderError(409, f"only {product.stock} {product.name!r} left")
+        product.stock -= quantity
+        product.save(update_fields=["stock"])
+        order = Order.objects.create(product=product, quantity=quantity)
+    return {
+        "id": order.pk,
+        "product": {"id": product.pk, "name": product.name},
+        "quantity": order.quantity,
+        "stock_left": product.stock,
+        "created_at": order.created_at,
+        "thread": _current_thread_name(),
+    }
+
+
+def _recent_orders() -> list[dict[str, Any]]:
+    return [
+        {
+            "id": o.pk,
+            "product": o.product.name,
+            "quantity": o.quantity,
+            "total": o.product.price * o.quantity,
+            "created_at": o.created_at,
+        }
+        for o in Order.objects.select_related("product")[:PRODUCT_LIMIT]
+    ]
+
+
+def _order_input(request: HttpRequest) -> tuple[int, int]:
+    if request.content_type == "application/json":
+        try:
+            data = json.loads(request.body or b"{}")
+        except ValueError as exc:
+            raise _OrderError(400, f"invalid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise _OrderError(400, 'expected a JSON object like {"product": 1, "quantity": 2}')
+    else:
+        data = request.POST
+    try:
+        product_id = int(data["product"])
+        quantity = int(data.get("quantity", 1))
+    except KeyError:
+        raise _OrderError(400, "missing 'product' (a product id)") from None
+    except (TypeError, ValueError):
+        raise _OrderError(400, "'product' and 'quantity' must be integers") from None
+    if quantity < 1:
+        raise _OrderError(400, "'quantity' must be at least 1")
+    return product_id, quantity
+
+
+@require_http_methods(["GET", "POST"])
+async def orders(request: HttpRequest) -> JsonResponse:
+    """``GET``: the latest orders. ``POST`` ``{"product": id, "quantity": n}``: place one.
+
+    The write is a ``db_call`` whose function holds the whole
+    ``transaction.atomic()`` block.
+    """
+    if request.method == "GET":
+        return JsonResponse({"orders": await db_call(_recent_orders)})
+    try:
+        product_id, quantity = _order_input(request)
+        order = await db_call(_place_order, product_id, quantity)
+    except _OrderError as exc:
+        return JsonResponse({"error": str(exc)}, status=exc.status)
+    return JsonResponse(order, status=201)
+
+
+# -- observing the pool ---------------------------------------------------------
+
+
+def _lane_stats() -> dict[str, Any] | None:
+    # The lanes belong to the ASGI application object uvicorn loaded; looked up,
+    # not imported, so that serving the project with another application (stock
+    # Django's, to compare) does not build a second one here.
+    module = sys.modules.get("demo_asgi.asgi")
+    app = getattr(module, "application", None)
+    lanes = app.lanes if isinstance(app, DBBridgeASGIApp) else None
+    return lanes.stats().as_dict() if lanes is not None else None
+
+
+def _collect_stats() -> dict[str, Any]:
+    aliases = list(settings.DATABASES)
+    return {
+        "bridge": get_bridge_executor().stats().as_dict(),
+        # Request lanes: the threads that run sync views and the async ORM.
+        "lanes": _lane_stats(),
+        "server_sessions": {alias: server_session_count(alias) for alias in aliases},
+        # Django connections open on any thread of this process: under stock
+        # Django's ASGI handler with CONN_MAX_AGE > 0 this grows with every
+        # request thread that touched the database.
+        "process_connections": {alias: process_open_connections(alias) for alias in aliases},
+        "vendors": {alias: connections[alias].vendor for alias in aliases},
+        "time": time.time(),
+    }
+
+
+@require_GET
+async def stats(request: HttpRequest) -> JsonResponse:
+    """The bridge's ``stats()`` and the server's own session count per database."""
+    loop = asyncio.get_running_loop()
+    return JsonResponse(await loop.run_in_executor(_stats_thread, _collect_stats))
+
+
+ENDPOINTS = (
+    ("products-db-call", "await db_call(fn)"),
+    ("products-sync-to-async", "@db_sync_to_async"),
+    ("products-sync", "sync view"),
+    ("products-async-orm", "async ORM (async for)"),
+    ("orders", "recent orders (POST to place one)"),
+    ("stats", "stats JSON"),
+)
+
+
+@require_GET
+async def dashboard(request: HttpRequest) -> HttpResponse:
+    """The pool, live: a page that polls ``/stats`` every second."""
+    context = {
+        "endpoints": [(reverse(name), label) for name, label in ENDPOINTS],
+        "stats_url": reverse("stats"),
+        "orders_url": reverse("orders"),
+        "max_delay": MAX_DELAY,
+    }
+    return render(request, "shop/dashboard.html", context)
