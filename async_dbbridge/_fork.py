@@ -1,0 +1,141 @@
+"""Fork safety: a forked child never touches the parent's database sessions.
+
+A child made by ``os.fork()`` — directly, through ``multiprocessing``'s "fork"
+start method, gunicorn ``--preload``, a prefork task pool — inherits every open
+socket of the parent, among them the database connections of *every* thread.
+Two processes talking on one socket corrupt both sessions, and a clean close in
+the child sends Terminate / COM_QUIT and ends the *parent's* session. So the
+child forgets them all without network I/O, and every :class:`DBExecutor`
+starts afresh with no threads (its first call in the child starts a worker).
+
+Two facts about CPython and the drivers shape this module (observed on CPython
+3.11 and 3.13; the 3.14 sources clear thread states after fork the same way):
+
+* Before any ``after_in_child`` hook runs, the interpreter has already cleared
+  the thread state of every thread but the forking one, and with it that
+  thread's ``threading.local`` storage — Django's per-thread connection
+  wrappers. A wrapper sits in reference cycles (with its ``ops``,
+  ``features``...), so the child's next full garbage collection frees it and
+  its driver connection. mysqlclient's finalizer does not check the pid: it
+  sends COM_QUIT on the shared socket and the parent's session dies. (psycopg's
+  does check, and sends nothing in a child.) Hence the ``before`` hook: in the
+  parent, it takes strong references to every wrapper with an open connection,
+  so they survive into the child until they have been discarded. Executor
+  workers also keep their wrappers (``_Worker.wrappers``).
+* A discarded connection must stay alive for the rest of the child's life: its
+  descriptor is pointed at ``/dev/null`` (so whatever the driver writes when it
+  is finally freed goes nowhere), and keeping the object means the descriptor
+  number is never reused for a new socket that such a late write could hit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+from django.db.backends.signals import connection_created
+
+from ._connections import _INHERITED, discard_inherited, initialized_connections
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+__all__ = ()
+
+logger = logging.getLogger("async_dbbridge")
+
+# Every wrapper that has connected, on any thread, weakly: found by the
+# before-fork hook, which has no other way to reach other threads' locals.
+_tracked: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
+_tracked_lock = threading.Lock()
+# Strong references taken just before fork() (see the module docstring).
+_held: list[BaseDatabaseWrapper] = []
+
+
+def _track(sender: object, connection: BaseDatabaseWrapper, **kwargs: object) -> None:
+    with _tracked_lock:
+        _tracked.add(connection)
+
+
+connection_created.connect(_track, dispatch_uid="async_dbbridge.fork")
+
+
+def _discard_pools() -> int:
+    """Forget Django's class-level psycopg pools (Django >= 5.1) and their connections.
+
+    The pool's threads do not exist in the child and its idle connections are
+    the parent's sessions; the next use builds a fresh pool here. Only looked
+    up if the PostgreSQL backend is already imported: importing it without
+    psycopg installed raises.
+    """
+    module = sys.modules.get("django.db.backends.postgresql.base")
+    wrapper_class = getattr(module, "DatabaseWrapper", None)
+    pools = getattr(wrapper_class, "_connection_pools", None)
+    if not isinstance(pools, dict) or not pools:
+        return 0
+    count = len(pools)
+    # Kept, never closed or freed: closing would join threads that do not exist
+    # here and close the idle connections, which are the parent's sessions.
+    # (psycopg never says goodbye from a process that did not open the
+    # connection, so keeping them is enough.) Connections checked out belong
+    # to wrappers and are discarded with them.
+    _INHERITED.extend(pools.values())
+    pools.clear()
+    return count
+
+
+def _before_fork() -> None:
+    global _held
+    with _tracked_lock:
+        _held = [conn for conn in _tracked if conn.connection is not None]
+
+
+def _after_fork_in_parent() -> None:
+    global _held
+    _held = []
+
+
+def _after_fork_in_child() -> None:
+    global _held, _tracked, _tracked_lock
+    # Another thread may have held the lock when fork() copied it.
+    _tracked_lock = threading.Lock()
+    held, _held = _held, []
+    _tracked = weakref.WeakSet()
+    discarded = 0
+    try:
+        # The forking thread's own wrappers survive the fork in its thread
+        # locals (and may predate the tracking); the other threads' are in held.
+        wrappers = {id(conn): conn for conn in held}
+        wrappers.update((id(conn), conn) for conn in initialized_connections())
+        for conn in wrappers.values():
+            if conn.connection is not None:
+                discarded += 1
+            discard_inherited(conn)
+        pooled = _discard_pools()
+        # Imported here: _executor imports this module.
+        from ._executor import _reinit_after_fork
+
+        _reinit_after_fork()
+    except Exception:
+        # An exception here would be printed and ignored by os.fork(); say
+        # what failed instead, through the library's logger.
+        logger.exception("discarding inherited database connections after fork() failed")
+        return
+    logger.debug(
+        "forked child %d: discarded %d inherited connection(s) and %d connection pool(s)",
+        os.getpid(),
+        discarded,
+        pooled,
+    )
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
