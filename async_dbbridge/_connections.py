@@ -253,11 +253,19 @@ def cleanup_after_call(
     conns = list(initialized_connections(aliases) if conns is None else conns)
     if not conns:
         return
-    leftovers = [conn.alias for conn in conns if in_transaction(conn)]
-    for conn in conns:
-        if conn.alias in leftovers:
-            discard_transaction(conn)
     database_error = error is not None and is_database_error(error, conns)
+    leftovers: list[str] = []
+    for conn in conns:
+        if not in_transaction(conn):
+            continue
+        # After a database error with only autocommit off, the likeliest story
+        # is that the connection died between COMMIT and Django turning
+        # autocommit back on: the work may well be committed, and the caller
+        # already has the error. Discard the connection without claiming a
+        # rollback. An atomic block still open is the caller's doing either way.
+        if conn.in_atomic_block or not database_error:
+            leftovers.append(conn.alias)
+        discard_transaction(conn)
     cleanup_error: BaseException | None = None
     for conn in conns:
         if conn.connection is None:

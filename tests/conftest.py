@@ -11,18 +11,26 @@ from async_dbbridge.testing import wait_for_server_sessions
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests about server-side sessions (kill, processlist) do not apply to SQLite.
+    """Tests that do not apply to this run's backend are deselected, not skipped.
 
-    They are deselected there, not skipped: a skip would hide a server that is down.
+    ``requires_server`` (kill a backend, read the processlist) does not apply to
+    SQLite; ``vendor("postgresql")`` applies to that vendor only. A skip would
+    look the same as a server that is down, which must fail loudly instead.
     """
-    from django.conf import settings
+    from django.db import connections
 
-    if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
-        kept = [item for item in items if item.get_closest_marker("requires_server") is None]
-        deselected = [item for item in items if item.get_closest_marker("requires_server")]
-        if deselected:
-            config.hook.pytest_deselected(items=deselected)
-            items[:] = kept
+    vendor = connections["default"].vendor
+
+    def applies(item: pytest.Item) -> bool:
+        if vendor == "sqlite" and item.get_closest_marker("requires_server"):
+            return False
+        marker = item.get_closest_marker("vendor")
+        return marker is None or vendor in marker.args
+
+    kept = [item for item in items if applies(item)]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if not applies(item)])
+        items[:] = kept
 
 
 SetSetting = Callable[..., None]

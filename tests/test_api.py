@@ -8,12 +8,15 @@ import async_dbbridge.testing
 
 def test_package_exports() -> None:
     assert async_dbbridge.__all__ == (
+        "ConnectionScope",
         "DBExecutor",
+        "DBThread",
         "ExecutorStats",
         "Policy",
         "TransactionLeftOpenWarning",
         "__version__",
         "db_call",
+        "db_connection_scope",
         "db_sync_to_async",
         "get_bridge_executor",
         "install_default_executor",
