@@ -12,6 +12,7 @@
         # The ASGI wrapper (async_dbbridge.asgi):
         "LANES": 8,                # request lanes; default MAX_WORKERS; 0: no lanes
         "LANE_FULL": "temporary",  # all lanes busy: "temporary" thread | "wait" for one
+        "LANE_WAIT_TIMEOUT": None, # with "wait": seconds before a temporary thread; None: never
         "LANE_IDLE_TIMEOUT": 60.0, # seconds before an idle lane retires; default IDLE_TIMEOUT
         "SHUTDOWN_TIMEOUT": 10.0,  # seconds lifespan shutdown waits for in-flight work
     }
@@ -48,6 +49,7 @@ _KEYS: Final = frozenset(
         "THREAD_NAME_PREFIX",
         "LANES",
         "LANE_FULL",
+        "LANE_WAIT_TIMEOUT",
         "LANE_IDLE_TIMEOUT",
         "SHUTDOWN_TIMEOUT",
     }
@@ -73,6 +75,7 @@ class BridgeSettings:
     # keeps working (lanes=0: per-request threads, closed at request end).
     lanes: int = 0
     lane_full: str = "temporary"
+    lane_wait_timeout: float | None = None
     lane_idle_timeout: float | None = 60.0
     shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT
 
@@ -162,6 +165,12 @@ def parse_settings(raw: object) -> BridgeSettings:
     if lane_full not in LANE_FULL_CHOICES:
         raise _error("LANE_FULL", lane_full, "'temporary' or 'wait'")
 
+    lane_wait_timeout = _number(
+        "LANE_WAIT_TIMEOUT", raw.get("LANE_WAIT_TIMEOUT"), allow_none=True, positive=True
+    )
+    if lane_wait_timeout is not None and lane_full != "wait":
+        raise _error("LANE_WAIT_TIMEOUT", lane_wait_timeout, "None unless LANE_FULL is 'wait'")
+
     lane_idle_timeout = _number(
         "LANE_IDLE_TIMEOUT",
         raw.get("LANE_IDLE_TIMEOUT", idle_timeout),
@@ -183,6 +192,7 @@ def parse_settings(raw: object) -> BridgeSettings:
         thread_name_prefix=prefix,
         lanes=lanes,
         lane_full=lane_full,
+        lane_wait_timeout=lane_wait_timeout,
         lane_idle_timeout=lane_idle_timeout,
         shutdown_timeout=shutdown_timeout,
     )

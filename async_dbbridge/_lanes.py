@@ -1,0 +1,715 @@
+"""Request lanes: long-lived threads that each serve one ASGI request's sync work at a time.
+
+Django's ``ASGIHandler`` runs every thread-sensitive call of a request (request
+signals, sync middleware and views, async ORM methods) on a thread made for
+that request, which dies at its end — stranding its connection when
+``CONN_MAX_AGE > 0``. A lane is a thread that outlives the request: the ASGI
+wrapper hands each request a :class:`RequestLane` as the executor of an outer
+``ThreadSensitiveContext(executor=...)`` (asgiref >= 3.13), so all of that work
+runs on one lane thread, whose connections the next request reuses, and
+Django's own ``request_started`` / ``request_finished`` handlers enforce
+``CONN_MAX_AGE`` and ``CONN_HEALTH_CHECKS`` on them exactly as under WSGI.
+
+Lanes deliberately do no per-call cleanup (unlike :class:`DBExecutor`): the
+calls of one request share its connections and possibly one transaction (an
+atomic block opened by one ``sync_to_async`` call and closed by a later one),
+and closing or rolling back between them would break it. Cleanup happens per
+*request*: when a lane is bound (``prepare_connections``, as ``request_started``)
+and when it is released (roll back a transaction the request left open, close
+connections past ``CONN_MAX_AGE``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import enum
+import inspect
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import asdict, dataclass
+from queue import Empty, SimpleQueue
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
+
+from asgiref.sync import ThreadSensitiveContext
+from django.db.backends.signals import connection_created
+
+from ._connections import (
+    close_all_for_exit,
+    close_connections,
+    discard_inherited,
+    discard_transaction,
+    in_transaction,
+    initialized_connections,
+    prepare_connections,
+)
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+__all__ = ("LANES_SUPPORTED", "LaneSet", "LaneStats", "RequestLane", "end_request_cleanup")
+
+logger = logging.getLogger("async_dbbridge")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+#: asgiref >= 3.13 lets an outer ``ThreadSensitiveContext`` bring its own
+#: executor; older versions have no public way to choose the request's thread,
+#: so the wrapper falls back to closing the per-request thread's connections.
+LANES_SUPPORTED: Final[bool] = (
+    "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
+)
+
+LaneFull = Literal["temporary", "wait"]
+
+# Every live lane set, so fork and interpreter exit can reach them.
+_lane_sets: weakref.WeakSet[LaneSet] = weakref.WeakSet()
+
+
+def end_request_cleanup(*, final: bool) -> list[str]:
+    """On the thread that served a request, once all of its sync work is done.
+
+    Rolls back and closes connections the request left inside a transaction
+    (returning their aliases, so the caller can warn on the event loop, where
+    the request ran). Then ``final`` (the thread ends with the request) closes
+    everything; otherwise connections past ``CONN_MAX_AGE`` or broken are closed
+    and the rest kept for the next request, as ``request_finished`` does.
+    """
+    leftovers: list[str] = []
+    for conn in initialized_connections():
+        if in_transaction(conn):
+            # request_finished may already have closed the raw connection (it
+            # refuses to inside an atomic block but still marks it closed); the
+            # wrapper's transaction state must be reset either way, or the
+            # next request would run inside the dead block.
+            discard_transaction(conn)
+            leftovers.append(conn.alias)
+    if final:
+        close_all_for_exit()
+    else:
+        close_connections(only_obsolete=True)
+    return leftovers
+
+
+class _Signal(enum.Enum):
+    PREPARE = "prepare"
+    STOP = "stop"
+
+
+class _Job:
+    """One thread-sensitive call of a request, for the Future API of ``run_in_executor``."""
+
+    __slots__ = ("args", "fn", "future", "kwargs")
+
+    def __init__(
+        self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any
+    ) -> None:
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.fn(*self.args, **self.kwargs)
+        except BaseException as exc:
+            self.future.set_exception(exc)
+            # Break a reference cycle with the exception (as CPython's pool does).
+            del exc
+        else:
+            self.future.set_result(result)
+        finally:
+            # Nothing the request passed in may stay alive while the lane idles.
+            del self.fn, self.args, self.kwargs
+
+
+class _Release:
+    """Queued behind a request's last call: clean up, then give the lane back."""
+
+    __slots__ = ("future", "request")
+
+    def __init__(self, request: RequestLane | None, future: Future[list[str]] | None) -> None:
+        self.request = request
+        self.future = future
+
+
+_Item = _Job | _Release | _Signal
+
+
+class _LaneThread(threading.Thread):
+    """A lane (or a temporary stand-in) and the bookkeeping only it writes."""
+
+    def __init__(self, lanes: LaneSet, name: str, *, temporary: bool) -> None:
+        # Daemon: an idle lane blocks on its queue, and a non-daemon thread
+        # would hang interpreter exit; the atexit hook closes connections.
+        super().__init__(name=name, daemon=True)
+        self.lanes = lanes
+        self.temporary = temporary
+        self.queue: SimpleQueue[_Item] = SimpleQueue()
+        # The request this lane serves; written under the lane set's lock.
+        self.request: RequestLane | None = None
+        self.opened: Counter[str] = Counter()
+        self.requests = 0
+        # Captured when they connect: stats() reads them from other threads,
+        # and a forked child must find them to discard the inherited sockets.
+        self.wrappers: dict[str, BaseDatabaseWrapper] = {}
+
+    def run(self) -> None:
+        try:
+            self.lanes._serve(self)
+        finally:
+            # A lane's connections can only be closed from the lane itself.
+            close_all_for_exit()
+            self.lanes._exited(self)
+            self.lanes._ended(self)
+
+    def open_aliases(self) -> list[str]:
+        return [alias for alias, conn in self.wrappers.items() if conn.connection is not None]
+
+
+def _on_connection_created(
+    sender: object, connection: BaseDatabaseWrapper, **kwargs: object
+) -> None:
+    thread = threading.current_thread()
+    if isinstance(thread, _LaneThread):
+        thread.opened[connection.alias] += 1
+        thread.wrappers[connection.alias] = connection
+
+
+connection_created.connect(_on_connection_created, dispatch_uid="async_dbbridge.lane")
+
+
+class RequestLane(Executor):
+    """The executor one request's ``ThreadSensitiveContext`` runs its sync work on.
+
+    It borrows a lane thread lazily, on the first call: a request that never
+    does thread-sensitive work takes no lane. Calls made before a lane is bound
+    (all lanes busy in ``"wait"`` mode) are kept in order and handed over when
+    one frees up; ``submit`` itself never blocks the event loop. Once bound,
+    every call runs on that one thread, one at a time, in submission order —
+    what ``ThreadSensitiveContext`` requires of its executor.
+    """
+
+    def __init__(self, lanes: LaneSet) -> None:
+        self._lanes = lanes
+        self._lock = threading.Lock()
+        self._thread: _LaneThread | None = None
+        self._pending: list[_Job] = []
+        self._requested = False
+        self._released = False
+
+    @property
+    def thread_name(self) -> str | None:
+        """The lane thread serving this request, if it has one yet."""
+        thread = self._thread
+        return thread.name if thread is not None else None
+
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        future: Future[_T] = Future()
+        job = _Job(future, fn, args, kwargs)
+        with self._lock:
+            if self._released:
+                raise RuntimeError("this request has ended; its lane takes no more calls")
+            if self._thread is not None:
+                self._thread.queue.put(job)
+                return future
+            self._pending.append(job)
+            if self._requested:
+                return future
+            self._requested = True
+        try:
+            self._lanes._borrow(self)
+        except BaseException:
+            # No thread could be started: fail this call (run_in_executor
+            # raises it to the awaiting request) and let the next one retry.
+            with self._lock:
+                self._thread = None
+                self._requested = False
+                self._pending.clear()
+            raise
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        # The lane set owns the threads; ThreadSensitiveContext never calls
+        # this for a caller-owned executor anyway.
+        return None
+
+    def release(self) -> Future[list[str]] | None:
+        """At request end: queue the cleanup behind the request's last call.
+
+        Returns a future for the aliases left in a transaction, done once the
+        lane has cleaned up and gone back to the set — or ``None`` if the
+        request never had a lane. The lane goes back even if nobody waits for
+        the future (a cancelled request), so a lane is never lost.
+        """
+        if self._requested and self._thread is None:
+            # Still waiting for a lane (or being handed one right now).
+            self._lanes._forget_waiter(self)
+        with self._lock:
+            if self._released:
+                return None
+            self._released = True
+            thread, pending = self._thread, self._pending
+            self._pending = []
+        for job in pending:
+            # Only calls of a request that gave up while waiting for a lane.
+            job.future.cancel()
+        if thread is None:
+            return None
+        future: Future[list[str]] = Future()
+        # Running from the start: a cancelled await on the wrapping asyncio
+        # future must not cancel this one, which the lane completes regardless.
+        future.set_running_or_notify_cancel()
+        thread.queue.put(_Release(self, future))
+        return future
+
+    def _bind(self, thread: _LaneThread) -> bool:
+        """Attach a lane; False if the request ended while it waited for one."""
+        with self._lock:
+            if self._released:
+                return False
+            self._thread = thread
+            # First what request_started does (close obsolete connections,
+            # re-arm health checks) — Django's own handler sends the signal
+            # too, but other ASGI apps do not.
+            thread.queue.put(_Signal.PREPARE)
+            for job in self._pending:
+                thread.queue.put(job)
+            self._pending.clear()
+            return True
+
+
+@dataclass(frozen=True)
+class LaneStats:
+    """A snapshot of a :class:`LaneSet`. Counts only."""
+
+    size: int
+    full: str
+    lanes: int
+    in_use: int
+    idle: int
+    temporary: int
+    waiting: int
+    requests: int
+    temporaries_started: int
+    waits_expired: int
+    connections_open: dict[str, int]
+    connections_opened: dict[str, int]
+    closing: bool
+
+    @property
+    def open_connections(self) -> int:
+        return sum(self.connections_open.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LaneSet:
+    """A bounded set of lane threads, shared by every request of an ASGI app.
+
+    Args:
+        size: The most lane threads (and so connections per alias) kept.
+        full: When every lane is busy: ``"temporary"`` runs the request on a
+            temporary thread whose connections are closed when it ends;
+            ``"wait"`` queues it until a lane frees up (a strict bound).
+        wait_timeout: With ``"wait"``: seconds a request waits for a lane
+            before it gets a temporary thread after all; ``None`` (default)
+            waits as long as it takes.
+        idle_timeout: Seconds an idle lane waits before it retires and closes
+            its connections; ``None`` keeps lanes until :meth:`close`.
+        thread_name_prefix: Lanes are named ``<prefix>-lane-N``.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        full: LaneFull = "temporary",
+        wait_timeout: float | None = None,
+        idle_timeout: float | None = 60.0,
+        thread_name_prefix: str = "dbbridge",
+    ) -> None:
+        checked: object = size  # typed int, but validated for callers without mypy
+        if isinstance(checked, bool) or not isinstance(checked, int) or checked <= 0:
+            raise ValueError(f"size must be a positive integer, not {size!r}")
+        if full not in ("temporary", "wait"):
+            raise ValueError(f"full must be 'temporary' or 'wait', not {full!r}")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be > 0 or None, not {idle_timeout!r}")
+        if wait_timeout is not None and (wait_timeout <= 0 or full != "wait"):
+            raise ValueError(
+                f"wait_timeout must be > 0 or None, and only with full='wait', not {wait_timeout!r}"
+            )
+        self._size = size
+        self._full: LaneFull = full
+        self._wait_timeout = wait_timeout
+        self._idle_timeout = idle_timeout
+        self._prefix = thread_name_prefix
+        self._reset_state()
+        _lane_sets.add(self)
+
+    def _reset_state(self) -> None:
+        self._lock = threading.Lock()
+        self._counter = itertools.count()
+        self._closing = False
+        self._alive: set[_LaneThread] = set()
+        self._in_use: set[_LaneThread] = set()
+        # LIFO: the most recently used lane (warm connection) is lent first,
+        # so under light load the others stay idle long enough to retire.
+        self._idle: list[_LaneThread] = []
+        self._temporaries: set[_LaneThread] = set()
+        # Every started thread until its very last step: what join() waits for.
+        self._running: set[_LaneThread] = set()
+        self._waiting: deque[RequestLane] = deque()
+        self._temporaries_started = 0
+        self._waits_expired = 0
+        self._retired_requests = 0
+        self._retired_opened: Counter[str] = Counter()
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def full(self) -> LaneFull:
+        return self._full
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def request_lane(self) -> RequestLane:
+        """A lazy lane for one request; call its ``release()`` when the request ends."""
+        return RequestLane(self)
+
+    def counts(self) -> tuple[int, int]:
+        """(lane threads alive, lanes serving a request); temporaries count in both."""
+        with self._lock:
+            temporaries = len(self._temporaries)
+            return len(self._alive) + temporaries, len(self._in_use) + temporaries
+
+    def stats(self) -> LaneStats:
+        with self._lock:
+            threads = list(self._alive | self._temporaries)
+            in_use, idle = len(self._in_use), len(self._idle)
+            temporary, waiting = len(self._temporaries), len(self._waiting)
+            requests, opened = self._retired_requests, Counter(self._retired_opened)
+            temporaries_started, closing = self._temporaries_started, self._closing
+            waits_expired = self._waits_expired
+        open_now: Counter[str] = Counter()
+        for thread in threads:
+            requests += thread.requests
+            opened.update(thread.opened)
+            open_now.update(thread.open_aliases())
+        aliases = sorted(set(opened) | set(open_now))
+        return LaneStats(
+            size=self._size,
+            full=self._full,
+            lanes=len(threads) - temporary,
+            in_use=in_use + temporary,
+            idle=idle,
+            temporary=temporary,
+            waiting=waiting,
+            requests=requests,
+            temporaries_started=temporaries_started,
+            waits_expired=waits_expired,
+            connections_open={a: open_now[a] for a in aliases},
+            connections_opened={a: opened[a] for a in aliases},
+            closing=closing,
+        )
+
+    def close(self) -> None:
+        """Stop lending lanes; idle lanes exit now, busy ones when their request ends.
+
+        Never blocks: call :meth:`join` (from a thread that is not the event
+        loop) to wait. Requests still waiting for a lane get temporary threads,
+        so they finish; requests that arrive later do too.
+        """
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            idle, self._idle = self._idle, []
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for thread in idle:
+            thread.queue.put(_Signal.STOP)
+        for request in waiting:
+            try:
+                self._lend_temporary(request)
+            except Exception:
+                # Its calls have been failed with the error; close() goes on.
+                logger.warning("no thread for a request waiting for a lane", exc_info=True)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for lanes and temporaries to exit (after :meth:`close`); True if all did."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                threads = list(self._running)
+            if not threads:
+                return True
+            for thread in threads:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                thread.join(remaining)
+                if thread.is_alive():
+                    return False
+
+    # -- used by RequestLane --------------------------------------------------
+
+    def _borrow(self, request: RequestLane) -> None:
+        # Called from the event loop by the request's first call: only takes a
+        # lock and a list element; starting a new thread is the one pause, the
+        # same one asyncio's own default executor makes.
+        start = False
+        with self._lock:
+            if self._closing:
+                thread = None
+            elif self._idle:
+                thread = self._idle.pop()
+                thread.request = request
+                self._in_use.add(thread)
+            elif len(self._alive) < self._size:
+                thread = self._new_thread(temporary=False)
+                thread.request = request
+                self._alive.add(thread)
+                self._in_use.add(thread)
+                start = True
+            elif self._full == "wait":
+                # The lane that frees up next hands itself over (in _finish);
+                # the request's calls wait in its pending list meanwhile,
+                # awaited by the event loop, not blocking it.
+                self._waiting.append(request)
+                if self._wait_timeout is not None:
+                    self._expire_wait_later(request, self._wait_timeout)
+                return
+            else:
+                thread = None
+        if thread is None:
+            self._lend_temporary(request)
+            return
+        if not request._bind(thread):
+            # Cannot happen from the event loop (binding and release both run
+            # there), but never strand a lane: give it straight back.
+            thread.queue.put(_Release(None, None))
+        if start:
+            self._start(thread)
+
+    def _lend_temporary(self, request: RequestLane) -> None:
+        with self._lock:
+            thread = self._new_thread(temporary=True)
+            thread.request = request
+            self._temporaries.add(thread)
+            self._temporaries_started += 1
+        if not request._bind(thread):
+            thread.queue.put(_Release(None, None))
+        self._start(thread)
+
+    def _start(self, thread: _LaneThread) -> None:
+        with self._lock:
+            self._running.add(thread)
+        try:
+            thread.start()
+        except BaseException as exc:
+            # "can't start new thread": forget it, so the set does not count
+            # a lane that will never serve, and fail the calls already handed
+            # to it, so nobody awaits them forever.
+            with self._lock:
+                for threads in (self._running, self._alive, self._in_use, self._temporaries):
+                    threads.discard(thread)
+            while True:
+                try:
+                    item = thread.queue.get_nowait()
+                except Empty:
+                    break
+                if isinstance(item, _Job) and item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(exc)
+            raise
+
+    def _expire_wait_later(self, request: RequestLane, timeout: float) -> None:
+        # A timer on the request's own loop (submit runs there), not a thread
+        # per waiting request. Never cancelled: when it fires it does nothing
+        # unless the request is still waiting.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # submit() called outside an event loop: wait without limit
+        loop.call_later(timeout, self._wait_expired, request)
+
+    def _wait_expired(self, request: RequestLane) -> None:
+        with self._lock:
+            try:
+                self._waiting.remove(request)
+            except ValueError:
+                return  # it got a lane, or ended
+            self._waits_expired += 1
+        try:
+            self._lend_temporary(request)
+        except Exception:
+            # Its calls have been failed with the error (see _start).
+            logger.warning("no thread for a request that waited too long", exc_info=True)
+
+    def _forget_waiter(self, request: RequestLane) -> None:
+        with self._lock:
+            try:
+                self._waiting.remove(request)
+            except ValueError:
+                pass
+
+    def _new_thread(self, *, temporary: bool) -> _LaneThread:
+        kind = "lane-tmp" if temporary else "lane"
+        return _LaneThread(
+            self, f"{self._prefix}-{kind}-{next(self._counter)}", temporary=temporary
+        )
+
+    # -- the lane threads -----------------------------------------------------
+
+    def _serve(self, thread: _LaneThread) -> None:
+        queue = thread.queue
+        while True:
+            # Only an idle pooled lane times out; one serving a request waits
+            # for as long as the request takes to send its next call.
+            idle = thread.request is None and not thread.temporary
+            try:
+                item = queue.get(timeout=self._idle_timeout if idle else None)
+            except Empty:
+                if self._retire(thread):
+                    return
+                continue  # lent out just as it timed out: serve the request
+            if isinstance(item, _Job):
+                item.run()
+            elif isinstance(item, _Release):
+                if self._finish(thread, item):
+                    return
+            elif item is _Signal.PREPARE:
+                try:
+                    prepare_connections()
+                except Exception:
+                    # Like a failed close in request_started: the connection
+                    # is forgotten and the request's first query reconnects.
+                    logger.warning("preparing a lane's connections failed", exc_info=True)
+            else:
+                return  # _Signal.STOP
+            del item
+
+    def _finish(self, thread: _LaneThread, release: _Release) -> bool:
+        """Request end, on the lane: clean up, hand the lane on. True: the thread exits."""
+        leftovers: list[str] = []
+        with self._lock:
+            final = thread.temporary or self._closing
+        if release.request is not None:
+            thread.requests += 1
+            try:
+                leftovers = end_request_cleanup(final=final)
+            except Exception:
+                # The response is long sent: report, and let the lane go on.
+                # The failed connection is already forgotten (close_connections),
+                # so the next request on this lane reconnects.
+                logger.warning("cleaning up a lane at request end failed", exc_info=True)
+        exiting = thread.temporary
+        if not thread.temporary:
+            exiting = self._hand_on(thread)
+        if exiting:
+            # Closed (and accounted as gone) before the request hears back, so
+            # "request done" means "its connections are closed" for
+            # temporaries and at shutdown.
+            close_all_for_exit()
+            self._exited(thread)
+        if release.future is not None:
+            release.future.set_result(leftovers)
+        return exiting
+
+    def _hand_on(self, thread: _LaneThread) -> bool:
+        """Give the lane to the next waiting request, or back to the idle set."""
+        while True:
+            with self._lock:
+                if self._closing:
+                    thread.request = None
+                    self._in_use.discard(thread)
+                    return True
+                if not self._waiting:
+                    thread.request = None
+                    self._in_use.discard(thread)
+                    self._idle.append(thread)
+                    return False
+                request = self._waiting.popleft()
+                thread.request = request
+            # Outside the lock: _bind takes the request's own lock, and the
+            # loop may be releasing that request right now (it gave up waiting).
+            if request._bind(thread):
+                return False
+
+    def _retire(self, thread: _LaneThread) -> bool:
+        with self._lock:
+            if thread in self._idle:
+                self._idle.remove(thread)
+                # No longer counted at once: a request arriving now may start
+                # a replacement instead of waiting for a lane that is leaving.
+                self._alive.discard(thread)
+                return True
+            return False
+
+    def _exited(self, thread: _LaneThread) -> None:
+        """The thread serves no more (idempotent: early from _finish, then from run)."""
+        with self._lock:
+            self._alive.discard(thread)
+            self._in_use.discard(thread)
+            self._temporaries.discard(thread)
+            if thread in self._idle:
+                self._idle.remove(thread)
+            self._retired_requests += thread.requests
+            self._retired_opened.update(thread.opened)
+            thread.requests = 0
+            thread.opened.clear()
+
+    def _ended(self, thread: _LaneThread) -> None:
+        with self._lock:
+            self._running.discard(thread)
+
+    def __repr__(self) -> str:
+        lanes, in_use = self.counts()
+        state = "closing" if self._closing else "open"
+        return (
+            f"<{type(self).__name__} {state} size={self._size} full={self._full} "
+            f"lanes={lanes} in_use={in_use}>"
+        )
+
+
+def _reinit_after_fork() -> None:
+    """In a forked child: the parent's lanes do not exist here; start afresh."""
+    for lanes in list(_lane_sets):
+        for thread in list(lanes._alive | lanes._temporaries):
+            for conn in thread.wrappers.values():
+                discard_inherited(conn)
+        lanes._reset_state()
+
+
+def _close_all_at_exit() -> None:
+    # Lanes are daemon threads, still alive when atexit hooks run: ask them
+    # to close their connections (idle ones at once) and give busy ones a
+    # moment; the process is ending, so the wait is bounded.
+    sets = list(_lane_sets)
+    for lanes in sets:
+        lanes.close()
+    deadline = time.monotonic() + 5.0
+    for lanes in sets:
+        if not lanes.join(max(0.0, deadline - time.monotonic())):
+            logger.warning("%r: lanes still busy at exit; their connections are dropped", lanes)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
+atexit.register(_close_all_at_exit)

@@ -1,0 +1,354 @@
+"""The ASGI wrapper: lifespan and request lanes around Django's ``ASGIHandler``.
+
+In ``asgi.py``, replace Django's ``get_asgi_application`` with this one::
+
+    from async_dbbridge.asgi import get_asgi_application
+
+    application = get_asgi_application()
+
+Each HTTP request then runs its sync work (request signals, sync middleware and
+views, async ORM calls) on a *lane*: a long-lived thread borrowed for the
+request, whose connections the next request reuses under ``CONN_MAX_AGE``. On
+lifespan startup the process-wide bridge becomes the loop's default executor;
+on shutdown every lane and bridge thread closes its connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import warnings
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
+
+from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
+
+from ._connections import TransactionLeftOpenWarning
+from ._executor import DBExecutor
+from ._install import install_default_executor
+from ._lanes import LANES_SUPPORTED, LaneSet, end_request_cleanup
+from .conf import DEFAULT_SHUTDOWN_TIMEOUT, get_settings
+
+__all__ = ("DBBridgeASGIApp", "get_asgi_application")
+
+logger = logging.getLogger("async_dbbridge")
+
+Scope = dict[str, Any]
+Message = Mapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: How the wrapper serves HTTP requests: on lanes, or (asgiref < 3.13, or
+#: ``LANES=0``) on asgiref's per-request thread, closed at request end.
+Mode = Literal["lanes", "per-request"]
+
+
+def get_asgi_application() -> DBBridgeASGIApp:
+    """Django's ``get_asgi_application()``, wrapped in :class:`DBBridgeASGIApp`.
+
+    Sets Django up exactly as Django's own function does (``django.setup(set_prefix=False)``,
+    the script prefix comes from each request's ``root_path``).
+    """
+    import django
+    from django.core.handlers.asgi import ASGIHandler
+
+    django.setup(set_prefix=False)
+    return DBBridgeASGIApp(ASGIHandler())
+
+
+class DBBridgeASGIApp:
+    """Wrap an ASGI application so its requests never strand a database connection.
+
+    These two are equivalent, except that the second reuses connections under
+    ``CONN_MAX_AGE`` and leaves none behind::
+
+        application = django.core.asgi.get_asgi_application()
+        application = DBBridgeASGIApp(django.core.asgi.get_asgi_application())
+
+    **HTTP:** each request runs inside ``ThreadSensitiveContext(executor=lane)``:
+    every thread-sensitive ``sync_to_async`` call it makes — Django's request
+    signals, sync middleware, sync views, ``aget()``/``acreate()``... — runs on
+    one lane thread, borrowed lazily on the request's first such call and given
+    back when the request has finished (after the response, streaming
+    included, and ``request_finished``). (Under Django that first call is the
+    ``request_started`` signal, whose ``close_old_connections`` receiver is
+    sync: every Django request takes a lane for its whole life.) A transaction
+    the request left open is rolled back and reported with
+    :class:`TransactionLeftOpenWarning`. ``db_call`` and the default executor
+    use the bridge, a separate pool, so they never wait for a lane.
+
+    **All lanes busy** (``LANE_FULL``): ``"temporary"`` (the default) serves the
+    request on a temporary thread whose connections are closed when it ends;
+    ``"wait"`` queues it until a lane is free — a strict bound on connections
+    (``LANES`` + ``MAX_WORKERS`` per alias), but a request holds its lane for
+    as long as it lasts, so a few long ones (streaming to slow clients, long
+    polls, one request waiting for another) can stall every other request.
+    The default never stalls and never strands a connection; choose
+    ``"wait"`` when requests are short and connections are scarce, and add
+    ``LANE_WAIT_TIMEOUT`` (seconds) to send a request that waited that long to
+    a temporary thread after all: bounded during bursts, never stalled for good.
+
+    **Lifespan:** answered here, not passed on (Django's handler rejects it).
+    Startup installs the process-wide bridge as the loop's default executor
+    and sets up the lanes; shutdown stops lending lanes, waits up to
+    ``SHUTDOWN_TIMEOUT`` seconds for in-flight work without blocking the loop,
+    and closes every lane's and bridge worker's connections. Without lifespan
+    (``--lifespan off``) the same setup happens on the first HTTP request of
+    each event loop; call :meth:`aclose` yourself to shut down.
+
+    **Other scopes** (``websocket``...) go to the wrapped app untouched.
+
+    With asgiref < 3.13 (no ``ThreadSensitiveContext(executor=...)``) or
+    ``LANES=0`` there are no lanes: each request keeps asgiref's own
+    per-request thread, and its connections are closed when the request ends.
+
+    Args:
+        app: The ASGI application to wrap, usually Django's ``ASGIHandler``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._lock = threading.Lock()
+        self._mode: Mode | None = None
+        self._lanes: LaneSet | None = None
+        self._shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT
+        # The executor this app installed on each loop it has served. Weak
+        # keys: a finished loop must not be kept alive by a long-lived app.
+        self._executors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DBExecutor] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def mode(self) -> Mode | None:
+        """``"lanes"``, ``"per-request"``, or ``None`` before the first start."""
+        return self._mode
+
+    @property
+    def lanes(self) -> LaneSet | None:
+        """The lane set serving requests (``stats()`` describes it), if any."""
+        return self._lanes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            loop = asyncio.get_running_loop()
+            if loop not in self._executors:
+                # No lifespan (or a loop it did not run on): set up now, once.
+                self._start(loop, fresh=False)
+            lanes = self._lanes
+            if lanes is None:
+                await self._serve_on_request_thread(scope, receive, send)
+            else:
+                await self._serve_in_lane(lanes, scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def aclose(self) -> None:
+        """Stop lending lanes, drain in-flight work, close every connection.
+
+        What lifespan shutdown does; call it yourself when the server runs
+        without lifespan. The lane set and the executor this app installed on
+        the running loop are shut down. Waiting happens in a dedicated thread,
+        bounded by ``SHUTDOWN_TIMEOUT``: past it a warning is logged and this
+        returns, and work still running closes its connections when it ends.
+        """
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            lanes = self._lanes
+            executor = self._executors.get(loop)
+            timeout = self._shutdown_timeout
+        # Refuse new work at once (on the loop, both calls only flip flags and
+        # queue stop markers); the joins happen below, off the loop.
+        if lanes is not None:
+            lanes.close()
+        if executor is not None:
+            executor.shutdown(wait=False)
+        if lanes is None and executor is None:
+            return
+        done: asyncio.Future[bool] = loop.create_future()
+
+        def drain() -> None:
+            drained = True
+            error: BaseException | None = None
+            try:
+                if lanes is not None:
+                    drained = lanes.join(timeout)
+                if executor is not None:
+                    executor.shutdown(wait=True)
+            except BaseException as exc:
+                error = exc
+            try:
+                loop.call_soon_threadsafe(_settle, done, drained, error)
+            except RuntimeError:
+                pass  # the loop is gone (we timed out and it ended): nobody waits
+
+        # A dedicated thread, not the loop's default executor: that executor
+        # is one of the things being shut down, and a join there would wait
+        # for itself.
+        threading.Thread(target=drain, name="dbbridge-shutdown", daemon=True).start()
+        try:
+            drained = await asyncio.wait_for(asyncio.shield(done), timeout)
+        except asyncio.TimeoutError:
+            drained = False
+        if not drained:
+            logger.warning(
+                "async_dbbridge: in-flight work still running after SHUTDOWN_TIMEOUT=%ss "
+                "(lanes: %r, executor: %r); its connections close when it ends",
+                timeout,
+                lanes,
+                executor,
+            )
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def _start(self, loop: asyncio.AbstractEventLoop, *, fresh: bool) -> None:
+        settings = get_settings()
+        with self._lock:
+            if fresh or self._mode is None:
+                old = self._lanes
+                lanes_wanted = settings.lanes
+                if lanes_wanted and not LANES_SUPPORTED:
+                    logger.warning(
+                        "async_dbbridge: request lanes need asgiref >= 3.13 "
+                        "(ThreadSensitiveContext(executor=...)); requests run on "
+                        "per-request threads whose connections close at request end"
+                    )
+                    lanes_wanted = 0
+                if lanes_wanted:
+                    self._lanes = LaneSet(
+                        lanes_wanted,
+                        full="wait" if settings.lane_full == "wait" else "temporary",
+                        wait_timeout=settings.lane_wait_timeout,
+                        idle_timeout=settings.lane_idle_timeout,
+                        thread_name_prefix=settings.thread_name_prefix,
+                    )
+                    self._mode = "lanes"
+                else:
+                    self._lanes = None
+                    self._mode = "per-request"
+                self._shutdown_timeout = settings.shutdown_timeout
+                if old is not None:
+                    # A second startup (a reused app): the old set must not
+                    # keep threads and connections nobody will lend again.
+                    old.close()
+            lanes = self._lanes
+            executor = install_default_executor(loop=loop)
+            # stats() on the bridge reports the lanes.
+            executor.lane_counts = lanes.counts if lanes is not None else None
+            self._executors[loop] = executor
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "lifespan.startup":
+                try:
+                    self._start(loop, fresh=True)
+                except Exception as exc:
+                    logger.exception("async_dbbridge: lifespan startup failed")
+                    await send(
+                        {"type": "lifespan.startup.failed", "message": f"async_dbbridge: {exc}"}
+                    )
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif kind == "lifespan.shutdown":
+                try:
+                    await self.aclose()
+                except Exception as exc:
+                    logger.exception("async_dbbridge: lifespan shutdown failed")
+                    await send(
+                        {"type": "lifespan.shutdown.failed", "message": f"async_dbbridge: {exc}"}
+                    )
+                    return
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- requests -------------------------------------------------------------
+
+    async def _serve_in_lane(
+        self, lanes: LaneSet, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        request_lane = lanes.request_lane()
+        leftovers: list[str] = []
+        try:
+            # Entered around the whole app call, so Django's own inner
+            # ThreadSensitiveContext() finds this one and adds none, and the
+            # response (streaming content included) and request_finished run
+            # inside it.
+            async with ThreadSensitiveContext(executor=request_lane):
+                await self.app(scope, receive, send)
+        finally:
+            # The app has returned: every sync call of the request is done or
+            # queued on the lane, and the release is queued behind them — the
+            # lane cleans up only after the request's last call.
+            released = request_lane.release()
+            if released is not None:
+                leftovers = await asyncio.wrap_future(released)
+                if leftovers:
+                    logger.warning(_leftover_message(scope, leftovers))
+        if leftovers:
+            # Warned here, on the loop, where the request ran (and not when the
+            # app raised: the warning must not replace its exception).
+            warnings.warn(
+                _leftover_message(scope, leftovers), TransactionLeftOpenWarning, stacklevel=2
+            )
+
+    async def _serve_on_request_thread(self, scope: Scope, receive: Receive, send: Send) -> None:
+        context = ThreadSensitiveContext()
+        leftovers: list[str] = []
+        async with context:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                if _has_own_thread(context):
+                    # Thread-sensitive, inside the same context: runs on the
+                    # request's own thread, the only one that may close its
+                    # connections — and that dies when the context exits.
+                    leftovers = await sync_to_async(end_request_cleanup)(final=True)
+                    if leftovers:
+                        logger.warning(_leftover_message(scope, leftovers))
+        if leftovers:
+            warnings.warn(
+                _leftover_message(scope, leftovers), TransactionLeftOpenWarning, stacklevel=2
+            )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} mode={self._mode} app={self.app!r}>"
+
+
+def _has_own_thread(context: ThreadSensitiveContext) -> bool:
+    """Did this request's context create a thread (so there is one to clean)?
+
+    No token: an enclosing context owns the thread, and cleans it. Not in
+    asgiref's map: the request made no thread-sensitive call, so no thread
+    exists, and asking for one just to close nothing would create it.
+    """
+    executors: Mapping[object, object] = getattr(SyncToAsync, "context_to_thread_executor", {})
+    return getattr(context, "token", None) is not None and context in executors
+
+
+def _settle(future: asyncio.Future[bool], drained: bool, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(drained)
+
+
+def _leftover_message(scope: Scope, aliases: list[str]) -> str:
+    request = f"{scope.get('method', '?')} {scope.get('path', '?')}"
+    return (
+        f"request {request} ended inside a transaction on database "
+        f"{', '.join(repr(a) for a in aliases)}: its uncommitted work was rolled back "
+        "and the connection closed. Use 'with transaction.atomic():' so the "
+        "transaction ends inside the view."
+    )

@@ -1,0 +1,283 @@
+"""End to end: a real uvicorn serving the wrapped Django app, a burst of real HTTP requests.
+
+uvicorn runs in a thread of the test process (no signal handlers off the main
+thread; poll ``started``, set ``should_exit``, join — the httpx test pattern),
+so the test can read the lane set's and the bridge's stats while it serves,
+and sample the server's session count in another thread during the burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from django.core.handlers.asgi import ASGIHandler
+from django.db import connections
+from pytest_django.fixtures import Settings
+
+from async_dbbridge import ExecutorStats, get_bridge_executor, reset_bridge_executor
+from async_dbbridge._lanes import LANES_SUPPORTED, LaneStats
+from async_dbbridge.asgi import ASGIApp, DBBridgeASGIApp
+from async_dbbridge.testing import server_session_count, wait_for_server_sessions
+from tests.conftest import SetSetting
+from tests.e2e_project.settings import OVERRIDES
+from tests.testapp.models import Item
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True, databases=["default", "other"]),
+    pytest.mark.usefixtures("main_thread_closed"),
+    pytest.mark.timeout(30),
+]
+
+requires_lanes = pytest.mark.skipif(
+    not LANES_SUPPORTED, reason="request lanes need asgiref >= 3.13"
+)
+
+PATHS = ("/sync-query/", "/async-orm/", "/db-call/", "/atomic-write/", "/combo/")
+REQUESTS = 300
+CONCURRENCY = 32
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on a free port of 127.0.0.1, in a thread."""
+
+    def __init__(self, app: ASGIApp, *, lifespan: str = "on") -> None:
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            lifespan=lifespan,  # type: ignore[arg-type]
+            log_level="warning",
+            access_log=False,
+            ws="none",  # no websockets import (its deprecation warnings are errors here)
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn")
+        self.port = 0
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise AssertionError("uvicorn did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+        assert not self.thread.is_alive(), "uvicorn did not exit"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class SessionSampler(threading.Thread):
+    """Samples the server's session count until stopped (the count is the ground truth)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="session-sampler", daemon=True)
+        self.samples: list[int] = []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            self.samples.append(server_session_count())
+            self.stopped.wait(0.005)
+
+    def stop(self) -> int:
+        self.stopped.set()
+        self.join(10)
+        return max(self.samples, default=0)
+
+
+async def burst(url: str, n: int = REQUESTS, concurrency: int = CONCURRENCY) -> Counter[int]:
+    """``n`` GETs across the views, at most ``concurrency`` in flight."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(
+        base_url=url, limits=limits, timeout=20, trust_env=False
+    ) as client:
+
+        async def one(i: int) -> int:
+            async with gate:
+                response = await client.get(PATHS[i % len(PATHS)])
+                return response.status_code
+
+        return Counter(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def get(url: str) -> Any:
+    with httpx.Client(base_url=url, timeout=10, trust_env=False) as client:
+        response = client.get("/default-executor/")
+        response.raise_for_status()
+        return response.json()
+
+
+@pytest.fixture
+def project(settings: Settings, db_settings: SetSetting) -> Settings:
+    for key, value in OVERRIDES.items():
+        setattr(settings, key, value)
+    db_settings(CONN_MAX_AGE=60)
+    Item.objects.bulk_create(Item(name=f"seed-{i}", value=i) for i in range(10))
+    # The test's own connection is closed: every session seen is the server's.
+    connections.close_all()
+    return settings
+
+
+def lane_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if "-lane-" in t.name]
+
+
+@dataclass
+class BurstResult:
+    statuses: Counter[int]
+    peak_sessions: int
+    lanes: LaneStats | None
+    bridge: ExecutorStats
+    # Connections opened by lanes, temporaries and bridge workers together.
+    opened: int
+
+
+def serve_burst(app: DBBridgeASGIApp, *, requests: int = REQUESTS) -> BurstResult:
+    """Serve a burst through uvicorn (lifespan on), sampling sessions meanwhile."""
+    sampler = SessionSampler()
+    with ServerThread(app) as server:
+        # The lifespan startup made the bridge the loop's default executor.
+        assert get(server.url)["thread"].startswith("dbbridge-")
+        sampler.start()
+        try:
+            statuses = asyncio.run(burst(server.url, n=requests))
+        finally:
+            peak = sampler.stop()
+        lanes, bridge = app.lanes, get_bridge_executor()
+    # Read after the server exited: a response goes out before its request's
+    # request_finished and lane release, and only the shutdown waits for those.
+    lane_stats = lanes.stats() if lanes is not None else None
+    bridge_stats = bridge.stats()
+    opened = bridge_stats.connections_opened.get("default", 0)
+    if lane_stats is not None:
+        opened += lane_stats.connections_opened.get("default", 0)
+    return BurstResult(statuses, peak, lane_stats, bridge_stats, opened)
+
+
+@requires_lanes
+def test_burst_with_waiting_lanes_stays_within_the_bound(project: Settings) -> None:
+    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 4, "LANES": 4, "LANE_FULL": "wait"}
+    app = DBBridgeASGIApp(ASGIHandler())
+    result = serve_burst(app)
+    assert result.statuses == {200: REQUESTS}
+    # The strict bound: lanes + bridge workers, whatever the concurrency.
+    assert 1 <= result.peak_sessions <= 4 + 4
+    # Reused: a handful of connects for hundreds of requests.
+    assert result.opened <= 4 + 4, result
+    assert result.lanes is not None
+    assert result.lanes.requests == REQUESTS + 1
+    assert result.lanes.temporaries_started == 0
+    # Lifespan shutdown closed everything before uvicorn returned.
+    assert lane_threads() == []
+    wait_for_server_sessions("default", 0)
+
+
+@requires_lanes
+def test_burst_with_temporary_overflow_closes_every_connection(project: Settings) -> None:
+    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 2, "LANES": 2}  # LANE_FULL: "temporary"
+    app = DBBridgeASGIApp(ASGIHandler())
+    result = serve_burst(app)
+    assert result.statuses == {200: REQUESTS}
+    # Not a strict bound in this mode: connections follow the concurrency.
+    # (A client sends its next request as soon as it has a response, while the
+    # server still runs request_finished for the last one: up to twice the
+    # client's concurrency can be in the server at once.)
+    assert 1 <= result.peak_sessions <= 2 + 2 + 2 * CONCURRENCY
+    assert result.lanes is not None
+    # Lanes and workers reuse theirs; each temporary thread opened one and closed it.
+    assert result.opened <= 2 + 2 + result.lanes.temporaries_started, result
+    assert result.lanes.requests == REQUESTS + 1
+    assert lane_threads() == []
+    wait_for_server_sessions("default", 0)
+
+
+def test_burst_without_lanes_closes_per_request_connections(project: Settings) -> None:
+    """LANES=0 (and asgiref < 3.13): no reuse, but nothing is stranded either."""
+    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 2, "LANES": 0}
+    app = DBBridgeASGIApp(ASGIHandler())
+    result = serve_burst(app, requests=100)
+    assert result.statuses == {200: 100}
+    assert app.mode == "per-request"
+    assert 1 <= result.peak_sessions <= 2 + 2 * CONCURRENCY  # as with temporaries
+    wait_for_server_sessions("default", 0)
+
+
+@requires_lanes
+def test_without_lifespan_the_first_request_sets_up_and_aclose_cleans_up(
+    project: Settings,
+) -> None:
+    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 4, "LANES": 4, "LANE_FULL": "wait"}
+    app = DBBridgeASGIApp(ASGIHandler())
+    with ServerThread(app, lifespan="off") as server:
+        assert get(server.url)["thread"].startswith("dbbridge-")
+        statuses = asyncio.run(burst(server.url, n=100))
+        assert get_bridge_executor().stats().lanes >= 1
+        lanes = app.lanes
+        assert lanes is not None
+        opened = lanes.stats().connections_opened["default"]
+    assert statuses == {200: 100}
+    assert 1 <= opened <= 4
+    # The loop's end shut the bridge down (it was the loop's default
+    # executor); the lanes outlive the server until aclose() (or idle
+    # retirement, or interpreter exit).
+    assert lanes.counts()[0] >= 1
+    asyncio.run(app.aclose())
+    assert lane_threads() == []
+    wait_for_server_sessions("default", 0)
+
+
+@pytest.fixture
+def gc_disabled() -> Iterator[None]:
+    """Stranded wrappers sit in reference cycles: only the cyclic GC frees them."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+@pytest.mark.usefixtures("gc_disabled")
+def test_control_stock_django_strands_connections(project: Settings) -> None:
+    """The same burst through Django alone leaves sessions behind: the test can see leaks."""
+    with ServerThread(ASGIHandler(), lifespan="off") as server:
+        # Small: every request strands a session (on a shared server, where
+        # a real burst ends in "too many clients" — the bug this library fixes).
+        statuses = asyncio.run(burst(server.url, n=10, concurrency=2))
+    assert statuses == {200: 10}
+    # The db_call view's bridge workers legitimately keep theirs (CONN_MAX_AGE):
+    # shut the bridge down, and what is left is stranded by Django's dead
+    # per-request threads.
+    reset_bridge_executor(wait=True)
+    assert server_session_count() > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    wait_for_server_sessions("default", 0)
