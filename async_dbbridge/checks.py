@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from django.core import checks
@@ -9,7 +10,12 @@ from django.core.exceptions import ImproperlyConfigured
 
 from .conf import SETTING_NAME, parse_settings
 
-__all__ = ("check_settings",)
+__all__ = (
+    "check_connection_budget",
+    "check_in_memory_sqlite",
+    "check_settings",
+    "connection_budget",
+)
 
 
 @checks.register()
@@ -35,3 +41,111 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             )
         ]
     return []
+
+
+def _is_in_memory_sqlite(settings_dict: Mapping[str, Any]) -> bool:
+    name = str(settings_dict.get("NAME") or "")
+    return name == ":memory:" or "mode=memory" in name or not name
+
+
+@checks.register()
+def check_in_memory_sqlite(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """W002: an in-memory SQLite database, where connection cleanup cannot be observed."""
+    from django.conf import settings
+
+    return [
+        checks.Warning(
+            f"DATABASES[{alias!r}] is an in-memory SQLite database: Django ignores close() on "
+            "it, so connection cleanup can neither happen nor be tested, and every thread "
+            "sees its own empty database.",
+            hint="Use a file (NAME = BASE_DIR / 'db.sqlite3', and TEST = {'NAME': ...} for tests).",
+            id="async_dbbridge.W002",
+        )
+        for alias in in_memory_sqlite_aliases(settings.DATABASES)
+    ]
+
+
+def in_memory_sqlite_aliases(databases: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Aliases of a ``DATABASES`` setting that are in-memory SQLite databases."""
+    return [
+        alias
+        for alias, settings_dict in databases.items()
+        if str(settings_dict.get("ENGINE", "")).endswith("sqlite3")
+        and _is_in_memory_sqlite(settings_dict)
+    ]
+
+
+def connection_budget() -> int:
+    """Connections per alias one process may open: bridge workers plus lanes.
+
+    Lanes count only when they can exist (asgiref >= 3.13). With
+    ``LANE_FULL = "temporary"`` a burst beyond the lanes opens more, briefly.
+    """
+    from django.conf import settings
+
+    from ._lanes import LANES_SUPPORTED
+
+    parsed = parse_settings(getattr(settings, SETTING_NAME, None))
+    return parsed.max_workers + (parsed.lanes if LANES_SUPPORTED else 0)
+
+
+def _server_limits(alias: str) -> tuple[int, int] | None:
+    """(max_connections, reserved for superusers) of the server behind ``alias``."""
+    from django.db import connections
+
+    conn = connections[alias]
+    with conn.cursor() as cursor:
+        if conn.vendor == "postgresql":
+            cursor.execute(
+                "SELECT current_setting('max_connections')::int, "
+                "current_setting('superuser_reserved_connections')::int"
+            )
+        elif conn.vendor == "mysql":
+            cursor.execute("SELECT @@max_connections, 1")
+        else:
+            return None
+        row = cursor.fetchone()
+    return int(row[0]), int(row[1])
+
+
+@checks.register(checks.Tags.database)
+def check_connection_budget(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """E002 / W003: the per-process connection budget against the server's max_connections.
+
+    A database check: it runs with ``manage.py check --database <alias>`` (and
+    before ``migrate``), since it has to ask the server.
+    """
+    try:
+        budget = connection_budget()
+    except ImproperlyConfigured:
+        return []  # E001 reports it
+    messages: list[checks.CheckMessage] = []
+    for alias in databases or ():
+        limits = _server_limits(alias)
+        if limits is None:
+            continue
+        max_connections, reserved = limits
+        usable = max_connections - reserved
+        where = f"database {alias!r} (max_connections = {max_connections}, {reserved} reserved)"
+        if budget > usable:
+            messages.append(
+                checks.Error(
+                    f"One process may open {budget} connections ({SETTING_NAME} MAX_WORKERS + "
+                    f"LANES) to {where}: more than the server accepts.",
+                    hint="Lower MAX_WORKERS / LANES, or raise max_connections.",
+                    id="async_dbbridge.E002",
+                )
+            )
+        elif 2 * budget > usable:
+            messages.append(
+                checks.Warning(
+                    f"One process may open {budget} connections ({SETTING_NAME} MAX_WORKERS + "
+                    f"LANES) to {where}: a second process (uvicorn --workers 2) would not fit.",
+                    hint="processes x (MAX_WORKERS + LANES) must stay below max_connections; "
+                    "see the deployment and sizing docs.",
+                    id="async_dbbridge.W003",
+                )
+            )
+    return messages
