@@ -54,7 +54,7 @@ matrix:
 
 docs:
 	@if [ ! -f mkdocs.yml ]; then echo "docs: no mkdocs.yml yet, nothing to build"; exit 0; fi; \
-	scripts/bootstrap.sh dev && $(VENV)/bin/mkdocs build --strict
+	scripts/bootstrap.sh dev && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench:
 	@scripts/bootstrap.sh dev --bench

@@ -129,10 +129,14 @@ async def test_db_call_runs_on_the_bridge_and_copies_context() -> None:
         return request_id.get()
 
     assert await db_call(read_context) == "req-1"
+    # Django 6.1's MySQL backend may open (and close) a temporary connection to
+    # read the server's version first: compare counts, don't assume one.
+    opened = get_bridge_executor().stats().connections_opened["default"]
     assert await db_call(Item.objects.filter(name="req-1").count) == 1
     stats = get_bridge_executor().stats()
     assert stats.calls == 2
-    assert stats.connections_opened["default"] == 1  # reused
+    assert stats.connections_opened["default"] == opened  # reused
+    assert stats.connections_open == {"default": 1}
 
 
 async def test_db_call_passes_args_and_kwargs() -> None:
@@ -258,6 +262,7 @@ class Repository:
 @pytest.mark.usefixtures("persistent")
 async def test_db_sync_to_async_decorator_function_and_method_forms() -> None:
     assert await create_item("a") > 0
+    opened = get_bridge_executor().stats().connections_opened["default"]  # see above
     assert await db_sync_to_async(Item.objects.count)() == 1
     assert await Repository("repo-").create("b") == "repo-b"
     pinned = DBExecutor(max_workers=1, thread_name_prefix="pinned")
@@ -270,7 +275,7 @@ async def test_db_sync_to_async_decorator_function_and_method_forms() -> None:
         assert (await where()).startswith("pinned-")
     finally:
         await asyncio.to_thread(pinned.shutdown, True)
-    assert get_bridge_executor().stats().connections_opened["default"] == 1
+    assert get_bridge_executor().stats().connections_opened["default"] == opened  # reused
 
 
 async def test_db_sync_to_async_propagates_context_both_ways(db_settings: SetSetting) -> None:
