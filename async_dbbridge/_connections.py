@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from django.db import Error as DjangoDatabaseError
 from django.db import connections
+from django.db.backends.signals import connection_created
 
 from ._validation import is_number
 
@@ -104,6 +107,34 @@ class Policy:
     def connection_deadline(self, now: float) -> float | None:
         """The ``close_at`` a new connection gets under a ``max_age`` policy."""
         return None if self.seconds is None else now + self.seconds
+
+
+# Every wrapper that has connected in this process, on any thread, weakly: the
+# only way to reach other threads' thread-local connections (for fork, and for
+# process-wide counts). A wrapper that is garbage has had its connection freed.
+_connected: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
+_connected_lock = threading.Lock()
+
+
+def _remember(sender: object, connection: BaseDatabaseWrapper, **kwargs: object) -> None:
+    with _connected_lock:
+        _connected.add(connection)
+
+
+connection_created.connect(_remember, dispatch_uid="async_dbbridge.connected")
+
+
+def open_wrappers() -> list[BaseDatabaseWrapper]:
+    """Every wrapper in the process, on any thread, that holds an open connection."""
+    with _connected_lock:
+        return [conn for conn in _connected if conn.connection is not None]
+
+
+def forget_wrappers() -> None:
+    """In a forked child: start tracking afresh (another thread may have held the lock)."""
+    global _connected, _connected_lock
+    _connected_lock = threading.Lock()
+    _connected = weakref.WeakSet()
 
 
 def initialized_connections(aliases: Iterable[str] | None = None) -> Iterator[BaseDatabaseWrapper]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextvars
+import functools
 import itertools
 import logging
 import os
@@ -17,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.thread import BrokenThreadPool
 from dataclasses import asdict, dataclass, field
 from queue import Empty, SimpleQueue
-from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
 from django.db import connections
 from django.db.backends.signals import connection_created
@@ -53,8 +54,24 @@ _STOP: Final = object()
 _executors: weakref.WeakSet[DBExecutor] = weakref.WeakSet()
 
 
+class ConnectionCounts:
+    """What every stats snapshot has: connections open per alias, and a JSON form."""
+
+    connections_open: dict[str, int]
+
+    @property
+    def open_connections(self) -> int:
+        """All connections held open, over every alias."""
+        return sum(self.connections_open.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        fields: dict[str, Any] = asdict(cast(Any, self))  # subclasses are dataclasses
+        return fields
+
+
 @dataclass(frozen=True)
-class ExecutorStats:
+class ExecutorStats(ConnectionCounts):
     """A snapshot of a :class:`DBExecutor`. Counts only; never settings or credentials."""
 
     max_workers: int
@@ -73,41 +90,28 @@ class ExecutorStats:
     shutdown: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def open_connections(self) -> int:
-        """All connections this executor's threads hold open, over every alias."""
-        return sum(self.connections_open.values())
 
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable copy."""
-        return asdict(self)
+class OwnerThread(threading.Thread):
+    """A thread the bridge owns (a pool worker or a request lane), and its connections.
 
+    Everything here is written only by the thread itself, so none of it needs a
+    lock; other threads (stats(), a forked child) only read it.
+    """
 
-class _Worker(threading.Thread):
-    """A pool thread and the bookkeeping only it writes (so none of it needs a lock)."""
-
-    def __init__(self, executor: DBExecutor, name: str) -> None:
-        # Daemon: an idle worker blocks on the queue forever, and a non-daemon
-        # thread would hang interpreter exit; the atexit hook closes connections.
+    def __init__(self, name: str) -> None:
+        # Daemon: an idle owner thread blocks on its queue, and a non-daemon
+        # thread would hang interpreter exit; atexit hooks close connections.
         super().__init__(name=name, daemon=True)
-        # A weak reference: a worker must not keep an abandoned executor alive.
-        self.executor_ref = weakref.ref(executor)
-        self.policy = executor._policy
-        # Work is handed to a worker directly (see DBExecutor._idle); None stops it.
-        self.inbox: SimpleQueue[_Item | None] = SimpleQueue()
-        self.busy = False
-        self.calls = 0
-        self.errors = 0
         self.opened: Counter[str] = Counter()
         # The thread's wrappers, captured when they connect: stats() reads their
         # state from other threads, and after fork() the child must find the
         # wrappers of threads that no longer exist to discard their sockets.
         self.wrappers: dict[str, BaseDatabaseWrapper] = {}
 
-    def run(self) -> None:
-        executor = self.executor_ref()
-        if executor is not None:
-            executor._work(self)
+    def connected(self, connection: BaseDatabaseWrapper) -> None:
+        """Called on this thread when one of its own wrappers has connected."""
+        self.opened[connection.alias] += 1
+        self.wrappers[connection.alias] = connection
 
     def open_aliases(self) -> list[str]:
         return [alias for alias, conn in self.wrappers.items() if conn.connection is not None]
@@ -120,27 +124,62 @@ class _Worker(threading.Thread):
         return [conn for alias, conn in self.wrappers.items() if alias in aliases]
 
 
+class _Worker(OwnerThread):
+    """A pool thread."""
+
+    def __init__(self, executor: DBExecutor, name: str) -> None:
+        super().__init__(name)
+        # A weak reference: a worker must not keep an abandoned executor alive.
+        self.executor_ref = weakref.ref(executor)
+        self.policy = executor._policy
+        # Work is handed to a worker directly (see DBExecutor._idle); None stops it.
+        self.inbox: SimpleQueue[_Item | None] = SimpleQueue()
+        self.busy = False
+        self.calls = 0
+        self.errors = 0
+
+    def run(self) -> None:
+        executor = self.executor_ref()
+        if executor is not None:
+            executor._work(self)
+
+    def connected(self, connection: BaseDatabaseWrapper) -> None:
+        super().connected(connection)
+        if self.policy.kind == "max_age":
+            # Django set close_at from CONN_MAX_AGE just before sending the
+            # signal; replacing it lets Django's own close_if_unusable_or_obsolete()
+            # enforce the per-worker lifetime, with no bookkeeping of our own.
+            connection.close_at = self.policy.connection_deadline(time.monotonic())
+
+
 def _on_connection_created(
     sender: object, connection: BaseDatabaseWrapper, **kwargs: object
 ) -> None:
-    worker = threading.current_thread()
-    if not isinstance(worker, _Worker):
-        return
-    # Only the thread's own wrappers: code running on a worker may connect a
-    # private wrapper of its own (a monitoring connection, a raw second
-    # connection), which is not the worker's to count, expire or clean up.
-    if connection is not connections[connection.alias]:
-        return
-    worker.opened[connection.alias] += 1
-    worker.wrappers[connection.alias] = connection
-    if worker.policy.kind == "max_age":
-        # Django set close_at from CONN_MAX_AGE just before sending the signal;
-        # replacing it lets Django's own close_if_unusable_or_obsolete() enforce
-        # the per-worker lifetime, with no bookkeeping of our own.
-        connection.close_at = worker.policy.connection_deadline(time.monotonic())
+    thread = threading.current_thread()
+    # Only the thread's own wrappers: code running on it may connect a private
+    # wrapper of its own (a monitoring connection, a raw second connection),
+    # which is not the thread's to count, expire or clean up.
+    if isinstance(thread, OwnerThread) and connection is connections[connection.alias]:
+        thread.connected(connection)
 
 
-connection_created.connect(_on_connection_created, dispatch_uid="async_dbbridge.worker")
+connection_created.connect(_on_connection_created, dispatch_uid="async_dbbridge.owner")
+
+
+# Runs one call: the executor's per-call wrapper, or a plain call on a lane.
+_Runner = Callable[
+    [Callable[..., Any], tuple[Any, ...], Mapping[str, Any], "contextvars.Context | None"], Any
+]
+
+
+def run_plain(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    context: contextvars.Context | None,
+) -> Any:
+    """A runner without per-call cleanup (request lanes clean up per request)."""
+    return fn(*args, **kwargs) if context is None else context.run(fn, *args, **kwargs)
 
 
 class _WorkItem:
@@ -164,11 +203,11 @@ class _WorkItem:
         self.result: Any = None
         self.error: BaseException | None = None
 
-    def execute(self, executor: DBExecutor, worker: _Worker) -> bool:
+    def execute(self, run: _Runner) -> bool:
         if not self.future.set_running_or_notify_cancel():
             return False
         try:
-            self.result = executor._run_call(worker, self.fn, self.args, self.kwargs)
+            self.result = run(self.fn, self.args, self.kwargs, None)
         except BaseException as exc:
             self.error = exc
         finally:
@@ -232,14 +271,14 @@ class _LoopItem:
         self.result: Any = None
         self.error: BaseException | None = None
 
-    def execute(self, executor: DBExecutor, worker: _Worker) -> bool:
+    def execute(self, run: _Runner) -> bool:
         # A plain read of the future's state from this thread: a call cancelled
         # before it started never runs. (If the cancellation lands a moment
         # later the call runs to completion and its result is dropped.)
         if self.future.cancelled():
             return False
         try:
-            self.result = executor._run_call(worker, self.fn, self.args, self.kwargs, self.context)
+            self.result = run(self.fn, self.args, self.kwargs, self.context)
         except BaseException as exc:
             self.error = exc
         finally:
@@ -535,11 +574,12 @@ class DBExecutor(ThreadPoolExecutor):
 
     def _serve(self, worker: _Worker) -> None:
         inbox, timeout = worker.inbox, self._idle_timeout
+        run: _Runner = functools.partial(self._run_call, worker)
         item = inbox.get()  # a new worker is started with its first call
         while item is not None:
             worker.busy = True
             try:
-                ran = item.execute(self, worker)
+                ran = item.execute(run)
             finally:
                 worker.busy = False
                 # Become available before delivering the result: a caller that

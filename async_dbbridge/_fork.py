@@ -33,13 +33,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
-import weakref
 from typing import TYPE_CHECKING
 
-from django.db.backends.signals import connection_created
-
-from ._connections import _INHERITED, discard_inherited, initialized_connections
+from ._connections import (
+    _INHERITED,
+    discard_inherited,
+    forget_wrappers,
+    initialized_connections,
+    open_wrappers,
+)
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -48,20 +50,8 @@ __all__ = ()
 
 logger = logging.getLogger("async_dbbridge")
 
-# Every wrapper that has connected, on any thread, weakly: found by the
-# before-fork hook, which has no other way to reach other threads' locals.
-_tracked: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
-_tracked_lock = threading.Lock()
 # Strong references taken just before fork() (see the module docstring).
 _held: list[BaseDatabaseWrapper] = []
-
-
-def _track(sender: object, connection: BaseDatabaseWrapper, **kwargs: object) -> None:
-    with _tracked_lock:
-        _tracked.add(connection)
-
-
-connection_created.connect(_track, dispatch_uid="async_dbbridge.fork")
 
 
 def _discard_pools() -> int:
@@ -90,8 +80,7 @@ def _discard_pools() -> int:
 
 def _before_fork() -> None:
     global _held
-    with _tracked_lock:
-        _held = [conn for conn in _tracked if conn.connection is not None]
+    _held = open_wrappers()
 
 
 def _after_fork_in_parent() -> None:
@@ -100,11 +89,9 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _held, _tracked, _tracked_lock
-    # Another thread may have held the lock when fork() copied it.
-    _tracked_lock = threading.Lock()
+    global _held
+    forget_wrappers()
     held, _held = _held, []
-    _tracked = weakref.WeakSet()
     discarded = 0
     try:
         # The forking thread's own wrappers survive the fork in its thread

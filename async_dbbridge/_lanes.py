@@ -34,12 +34,11 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from queue import Empty, SimpleQueue
-from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar
 
 from asgiref.sync import ThreadSensitiveContext
-from django.db.backends.signals import connection_created
 
 from ._connections import (
     close_all_for_exit,
@@ -50,9 +49,10 @@ from ._connections import (
     initialized_connections,
     prepare_connections,
 )
+from ._executor import ConnectionCounts, OwnerThread, _WorkItem, run_plain
 
 if TYPE_CHECKING:
-    from django.db.backends.base.base import BaseDatabaseWrapper
+    pass
 
 __all__ = ("LANES_SUPPORTED", "LaneSet", "LaneStats", "RequestLane", "end_request_cleanup")
 
@@ -104,35 +104,6 @@ class _Signal(enum.Enum):
     STOP = "stop"
 
 
-class _Job:
-    """One thread-sensitive call of a request, for the Future API of ``run_in_executor``."""
-
-    __slots__ = ("args", "fn", "future", "kwargs")
-
-    def __init__(
-        self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any
-    ) -> None:
-        self.future = future
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-
-    def run(self) -> None:
-        if not self.future.set_running_or_notify_cancel():
-            return
-        try:
-            result = self.fn(*self.args, **self.kwargs)
-        except BaseException as exc:
-            self.future.set_exception(exc)
-            # Break a reference cycle with the exception (as CPython's pool does).
-            del exc
-        else:
-            self.future.set_result(result)
-        finally:
-            # Nothing the request passed in may stay alive while the lane idles.
-            del self.fn, self.args, self.kwargs
-
-
 class _Release:
     """Queued behind a request's last call: clean up, then give the lane back."""
 
@@ -143,26 +114,20 @@ class _Release:
         self.future = future
 
 
-_Item = _Job | _Release | _Signal
+_Item = _WorkItem | _Release | _Signal
 
 
-class _LaneThread(threading.Thread):
+class _LaneThread(OwnerThread):
     """A lane (or a temporary stand-in) and the bookkeeping only it writes."""
 
     def __init__(self, lanes: LaneSet, name: str, *, temporary: bool) -> None:
-        # Daemon: an idle lane blocks on its queue, and a non-daemon thread
-        # would hang interpreter exit; the atexit hook closes connections.
-        super().__init__(name=name, daemon=True)
+        super().__init__(name)
         self.lanes = lanes
         self.temporary = temporary
         self.queue: SimpleQueue[_Item] = SimpleQueue()
         # The request this lane serves; written under the lane set's lock.
         self.request: RequestLane | None = None
-        self.opened: Counter[str] = Counter()
         self.requests = 0
-        # Captured when they connect: stats() reads them from other threads,
-        # and a forked child must find them to discard the inherited sockets.
-        self.wrappers: dict[str, BaseDatabaseWrapper] = {}
 
     def run(self) -> None:
         try:
@@ -172,21 +137,6 @@ class _LaneThread(threading.Thread):
             close_all_for_exit()
             self.lanes._exited(self)
             self.lanes._ended(self)
-
-    def open_aliases(self) -> list[str]:
-        return [alias for alias, conn in self.wrappers.items() if conn.connection is not None]
-
-
-def _on_connection_created(
-    sender: object, connection: BaseDatabaseWrapper, **kwargs: object
-) -> None:
-    thread = threading.current_thread()
-    if isinstance(thread, _LaneThread):
-        thread.opened[connection.alias] += 1
-        thread.wrappers[connection.alias] = connection
-
-
-connection_created.connect(_on_connection_created, dispatch_uid="async_dbbridge.lane")
 
 
 class RequestLane(Executor):
@@ -204,7 +154,7 @@ class RequestLane(Executor):
         self._lanes = lanes
         self._lock = threading.Lock()
         self._thread: _LaneThread | None = None
-        self._pending: list[_Job] = []
+        self._pending: list[_WorkItem] = []
         self._requested = False
         self._released = False
 
@@ -216,7 +166,7 @@ class RequestLane(Executor):
 
     def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
         future: Future[_T] = Future()
-        job = _Job(future, fn, args, kwargs)
+        job = _WorkItem(future, fn, args, kwargs)
         with self._lock:
             if self._released:
                 raise RuntimeError("this request has ended; its lane takes no more calls")
@@ -290,7 +240,7 @@ class RequestLane(Executor):
 
 
 @dataclass(frozen=True)
-class LaneStats:
+class LaneStats(ConnectionCounts):
     """A snapshot of a :class:`LaneSet`. Counts only."""
 
     size: int
@@ -306,13 +256,6 @@ class LaneStats:
     connections_open: dict[str, int]
     connections_opened: dict[str, int]
     closing: bool
-
-    @property
-    def open_connections(self) -> int:
-        return sum(self.connections_open.values())
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class LaneSet:
@@ -535,8 +478,8 @@ class LaneSet:
                     item = thread.queue.get_nowait()
                 except Empty:
                     break
-                if isinstance(item, _Job) and item.future.set_running_or_notify_cancel():
-                    item.future.set_exception(exc)
+                if isinstance(item, _WorkItem):
+                    item.fail(exc)
             raise
 
     def _expire_wait_later(self, request: RequestLane, timeout: float) -> None:
@@ -589,8 +532,9 @@ class LaneSet:
                 if self._retire(thread):
                     return
                 continue  # lent out just as it timed out: serve the request
-            if isinstance(item, _Job):
-                item.run()
+            if isinstance(item, _WorkItem):
+                if item.execute(run_plain):
+                    item.deliver()
             elif isinstance(item, _Release):
                 if self._finish(thread, item):
                     return

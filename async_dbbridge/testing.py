@@ -18,12 +18,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, connections
-from django.db.backends.signals import connection_created
+
+from ._connections import open_wrappers
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -40,21 +40,6 @@ __all__ = (
     "wait_for_server_sessions",
 )
 
-# Every wrapper that ever connected, weakly: a wrapper that is garbage (its
-# thread is gone) has had its raw connection finalized, which closes it.
-_wrappers: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
-_wrappers_lock = threading.Lock()
-
-
-def _track(sender: object, connection: BaseDatabaseWrapper, **kwargs: object) -> None:
-    if getattr(connection, "_dbbridge_monitor", False):
-        return
-    with _wrappers_lock:
-        _wrappers.add(connection)
-
-
-connection_created.connect(_track, dispatch_uid="async_dbbridge.testing.track")
-
 
 def open_connection_aliases() -> list[str]:
     """Aliases with an open connection on the calling thread."""
@@ -64,17 +49,15 @@ def open_connection_aliases() -> list[str]:
 
 
 def process_open_connections(alias: str | None = None) -> int:
-    """Django connections open in this process, on any thread, opened since import.
+    """Django connections open in this process, on any thread.
 
     Counts wrappers that still hold a live connection, whichever thread owns
     them. Pass ``alias`` to count one database only.
     """
-    with _wrappers_lock:
-        wrappers = list(_wrappers)
     return sum(
         1
-        for conn in wrappers
-        if conn.connection is not None and (alias is None or conn.alias == alias)
+        for conn in open_wrappers()
+        if not getattr(conn, "_dbbridge_monitor", False) and (alias is None or conn.alias == alias)
     )
 
 
@@ -96,7 +79,8 @@ class _Monitor:
         if target.vendor == "postgresql":
             settings_dict["NAME"] = "postgres"
         conn = type(target)(settings_dict, alias)
-        conn._dbbridge_monitor = True  # type: ignore[attr-defined]  # tag for _track
+        # Tagged, so process_open_connections() does not count it.
+        conn._dbbridge_monitor = True  # type: ignore[attr-defined]
         conn.inc_thread_sharing()
         return conn
 
