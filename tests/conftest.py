@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -78,3 +79,36 @@ def main_thread_closed() -> Iterator[None]:
 
 def bridge_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("dbbridge")]
+
+
+def backend_id(alias: str = "default") -> int:
+    """The server's id for the calling thread's session (on SQLite: the object's id)."""
+    conn = connections[alias]
+    with conn.cursor() as cursor:
+        if conn.vendor == "postgresql":
+            cursor.execute("SELECT pg_backend_pid()")
+        elif conn.vendor == "mysql":
+            cursor.execute("SELECT CONNECTION_ID()")
+        else:
+            cursor.execute("SELECT 1")
+            return id(conn.connection)
+        return int(cursor.fetchone()[0])
+
+
+def kill_backend(alias: str, backend: int) -> None:
+    """End another session from the server side, and wait until it is gone."""
+    conn = connections[alias]
+    with conn.cursor() as cursor:
+        if conn.vendor == "postgresql":
+            cursor.execute("SELECT pg_terminate_backend(%s)", [backend])
+            probe = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+        else:
+            cursor.execute(f"KILL {int(backend)}")
+            probe = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s"
+        deadline = time.monotonic() + 10
+        while True:
+            cursor.execute(probe, [backend])
+            if cursor.fetchone()[0] == 0:
+                return
+            assert time.monotonic() < deadline, f"backend {backend} still there after 10s"
+            time.sleep(0.01)

@@ -24,7 +24,7 @@ from async_dbbridge.testing import (
     server_session_count,
     wait_for_server_sessions,
 )
-from tests.conftest import SetSetting, bridge_threads
+from tests.conftest import SetSetting, backend_id, bridge_threads
 from tests.testapp.models import Item
 
 pytestmark = [
@@ -37,18 +37,6 @@ def aggregate_and_insert(n: int) -> int:
     total = Item.objects.aggregate(n=Count("id"))["n"]
     Item.objects.create(name=f"item-{n}", value=n)
     return int(total)
-
-
-def backend_id(alias: str = "default") -> int:
-    conn = connections[alias]
-    with conn.cursor() as cursor:
-        if conn.vendor == "postgresql":
-            cursor.execute("SELECT pg_backend_pid()")
-        elif conn.vendor == "mysql":
-            cursor.execute("SELECT CONNECTION_ID()")
-        else:
-            return id(conn.connection)
-        return int(cursor.fetchone()[0])
 
 
 @pytest.fixture

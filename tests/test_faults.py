@@ -19,9 +19,8 @@ from django.db import DatabaseError, OperationalError, connection, connections
 
 from async_dbbridge import DBExecutor, db_call, install_default_executor
 from async_dbbridge.testing import server_session_count, wait_for_server_sessions
-from tests.conftest import SetSetting, bridge_threads
+from tests.conftest import SetSetting, backend_id, bridge_threads, kill_backend
 from tests.faultproxy import FaultProxy
-from tests.test_threads import backend_id, kill_backend
 from tests.testapp.models import Item
 
 pytestmark = [

@@ -32,7 +32,7 @@ from django.db import connections
 
 from async_dbbridge import DBExecutor, db_call, get_bridge_executor, reset_bridge_executor
 from async_dbbridge.testing import open_connection_aliases, wait_for_server_sessions
-from tests.conftest import SetSetting
+from tests.conftest import SetSetting, backend_id
 from tests.testapp.models import Item
 
 pytestmark = [
@@ -42,20 +42,6 @@ pytestmark = [
 
 FORK_STYLES = ["os.fork", "multiprocessing"]
 CHILD_DEADLINE = 60.0
-
-
-def backend_id(alias: str = "default") -> int:
-    """The server's id for the calling thread's session (on SQLite: the object's id)."""
-    conn = connections[alias]
-    with conn.cursor() as cursor:
-        if conn.vendor == "postgresql":
-            cursor.execute("SELECT pg_backend_pid()")
-        elif conn.vendor == "mysql":
-            cursor.execute("SELECT CONNECTION_ID()")
-        else:
-            cursor.execute("SELECT 1")
-            return id(conn.connection)
-        return int(cursor.fetchone()[0])
 
 
 def _child_main(body: Callable[[], dict[str, Any]], write_fd: int) -> None:

@@ -28,10 +28,9 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from async_dbbridge import DBExecutor, db_call, get_bridge_executor, reset_bridge_executor
 from async_dbbridge.testing import server_session_count
 from async_dbbridge.threads import DBThread, db_connection_scope
-from tests.conftest import SetSetting
+from tests.conftest import SetSetting, backend_id
 from tests.faultproxy import FaultProxy
 from tests.test_fork import run_forked
-from tests.test_threads import backend_id
 from tests.testapp.models import Item
 
 pytestmark = [

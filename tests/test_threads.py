@@ -18,7 +18,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from async_dbbridge import Policy, TransactionLeftOpenWarning
 from async_dbbridge.testing import server_session_count, wait_for_server_sessions
 from async_dbbridge.threads import ConnectionScope, DBThread, db_connection_scope
-from tests.conftest import SetSetting
+from tests.conftest import SetSetting, backend_id, kill_backend
 from tests.testapp.models import Item
 
 pytestmark = [
@@ -29,42 +29,9 @@ pytestmark = [
 JOIN_TIMEOUT = 30.0
 
 
-def backend_id(alias: str = "default") -> int:
-    """The server's id for the calling thread's session (on SQLite: the object's id)."""
-    conn = connections[alias]
-    with conn.cursor() as cursor:
-        if conn.vendor == "postgresql":
-            cursor.execute("SELECT pg_backend_pid()")
-        elif conn.vendor == "mysql":
-            cursor.execute("SELECT CONNECTION_ID()")
-        else:
-            cursor.execute("SELECT 1")
-            return id(conn.connection)
-        return int(cursor.fetchone()[0])
-
-
 def is_open(alias: str = "default") -> bool:
     """Whether the calling thread holds an open connection (not narrowed by mypy)."""
     return connections[alias].connection is not None
-
-
-def kill_backend(alias: str, backend: int) -> None:
-    """End another session from the server side, and wait until it is gone."""
-    conn = connections[alias]
-    with conn.cursor() as cursor:
-        if conn.vendor == "postgresql":
-            cursor.execute("SELECT pg_terminate_backend(%s)", [backend])
-            probe = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
-        else:
-            cursor.execute(f"KILL {int(backend)}")
-            probe = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s"
-        deadline = time.monotonic() + 10
-        while True:
-            cursor.execute(probe, [backend])
-            if cursor.fetchone()[0] == 0:
-                return
-            assert time.monotonic() < deadline, f"backend {backend} still there after 10s"
-            time.sleep(0.01)
 
 
 def join(thread: threading.Thread) -> None:
