@@ -16,7 +16,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.thread import BrokenThreadPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
@@ -88,7 +88,9 @@ class ExecutorStats(ConnectionCounts):
     lanes_in_use: int = 0
     policy: str = "request"
     shutdown: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: How the ASGI wrapper serves requests next to this executor: "lanes",
+    #: "per-request" (asgiref < 3.13, or LANES=0) or "none" (no wrapper).
+    request_mode: str = "none"
 
 
 class OwnerThread(threading.Thread):
@@ -397,6 +399,7 @@ class DBExecutor(ThreadPoolExecutor):
         self._retired_opened: Counter[str] = Counter()
         # Set by the ASGI wrapper's lane set: () -> (lanes alive, lanes in use).
         self.lane_counts: Callable[[], tuple[int, int]] | None = None
+        self.request_mode = "none"
 
     # -- public API ---------------------------------------------------------
 
@@ -471,6 +474,7 @@ class DBExecutor(ThreadPoolExecutor):
             lanes_in_use=lanes_in_use,
             policy=self._policy.kind,
             shutdown=closing,
+            request_mode=self.request_mode,
         )
 
     # -- used by db_call ----------------------------------------------------
@@ -672,10 +676,10 @@ def _reinit_after_fork() -> None:
         closing, broken = executor._closing, executor._broken_reason
         # The lane set attached by the ASGI wrapper resets itself at fork and
         # stays attached.
-        lane_counts = executor.lane_counts
+        lane_counts, request_mode = executor.lane_counts, executor.request_mode
         executor._reset_state()
         executor._closing, executor._broken_reason = closing, broken
-        executor.lane_counts = lane_counts
+        executor.lane_counts, executor.request_mode = lane_counts, request_mode
 
 
 def _shutdown_all_at_exit() -> None:

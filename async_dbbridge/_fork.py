@@ -107,6 +107,11 @@ def _after_fork_in_child() -> None:
         from ._executor import _reinit_after_fork
 
         _reinit_after_fork()
+        # Lane sets exist only if the ASGI wrapper was imported; reset them
+        # here rather than in a hook of their own, whose order would be luck.
+        lanes = sys.modules.get("async_dbbridge._lanes")
+        if lanes is not None:
+            lanes._reinit_after_fork()
     except Exception:
         # An exception here would be printed and ignored by os.fork(); say
         # what failed instead, through the library's logger.

@@ -27,7 +27,6 @@ import enum
 import inspect
 import itertools
 import logging
-import os
 import threading
 import time
 import weakref
@@ -641,19 +640,25 @@ def _reinit_after_fork() -> None:
         lanes._reset_state()
 
 
-def _close_all_at_exit() -> None:
-    # Lanes are daemon threads, still alive when atexit hooks run: ask them
-    # to close their connections (idle ones at once) and give busy ones a
-    # moment; the process is ending, so the wait is bounded.
+def close_all_lane_sets(timeout: float) -> bool:
+    """Close every lane set in the process: idle lanes at once, busy ones when done.
+
+    Returns whether every lane thread ended (and so closed its connections)
+    within ``timeout`` seconds.
+    """
     sets = list(_lane_sets)
     for lanes in sets:
         lanes.close()
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + timeout
+    ended = True
     for lanes in sets:
         if not lanes.join(max(0.0, deadline - time.monotonic())):
-            logger.warning("%r: lanes still busy at exit; their connections are dropped", lanes)
+            logger.warning("%r: lanes still busy; their connections are dropped", lanes)
+            ended = False
+    return ended
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_after_fork)
-atexit.register(_close_all_at_exit)
+# Lanes are daemon threads, still alive when atexit hooks run: ask them to close
+# their connections and give busy ones a moment; the process is ending, so the
+# wait is bounded. (After fork, _fork calls _reinit_after_fork.)
+atexit.register(close_all_lane_sets, 5.0)

@@ -242,6 +242,7 @@ class DBBridgeASGIApp:
             executor = install_default_executor(loop=loop)
             # stats() on the bridge reports the lanes.
             executor.lane_counts = lanes.counts if lanes is not None else None
+            executor.request_mode = self._mode
             self._executors[loop] = executor
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -212,6 +212,7 @@ if pytest is not None:
         and then every database the test may use must be back at its baseline.
         """
         from ._install import reset_bridge_executor
+        from ._lanes import close_all_lane_sets
 
         aliases = _aliases_for(request)
         baseline = {alias: server_session_count(alias) for alias in aliases}
@@ -220,6 +221,8 @@ if pytest is not None:
         def check() -> None:
             nonlocal checked
             checked = True
+            # An ASGI app left running holds lane connections under CONN_MAX_AGE.
+            close_all_lane_sets(timeout=10.0)
             reset_bridge_executor(wait=True)
             for alias in aliases:
                 limit = baseline[alias]

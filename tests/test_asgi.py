@@ -151,6 +151,7 @@ async def test_lifespan_startup_installs_bridge_and_shutdown_closes_everything(
     bridge = get_bridge_executor()
     stats = bridge.stats()
     assert (stats.lanes, stats.lanes_in_use) == (1, 0)
+    assert stats.request_mode == "lanes"
     assert stats.open_connections == 1
     assert app.lanes.stats().connections_open == {"default": 1}
 
@@ -554,7 +555,10 @@ async def test_lanes_disabled_closes_per_request_connections(
     assert "-lane-" not in response.json()["thread"]
     # Django alone would strand this connection (CONN_MAX_AGE=60, dead thread).
     await sessions_become(0)
-    assert get_bridge_executor().stats().lanes == 0
+    stats = get_bridge_executor().stats()
+    assert stats.lanes == 0
+    # How the fallback (asgiref < 3.13, or LANES=0) shows in stats().
+    assert stats.request_mode == "per-request"
 
 
 async def test_lanes_disabled_reports_transaction_left_open(make_app: MakeApp) -> None:
