@@ -80,16 +80,15 @@ class DBBridgeASGIApp:
     :class:`TransactionLeftOpenWarning`. ``db_call`` and the default executor
     use the bridge, a separate pool, so they never wait for a lane.
 
-    **All lanes busy** (``LANE_FULL``): ``"temporary"`` (the default) serves the
-    request on a temporary thread whose connections are closed when it ends;
-    ``"wait"`` queues it until a lane is free — a strict bound on connections
-    (``LANES`` + ``MAX_WORKERS`` per alias), but a request holds its lane for
-    as long as it lasts, so a few long ones (streaming to slow clients, long
-    polls, one request waiting for another) can stall every other request.
-    The default never stalls and never strands a connection; choose
-    ``"wait"`` when requests are short and connections are scarce, and add
-    ``LANE_WAIT_TIMEOUT`` (seconds) to send a request that waited that long to
-    a temporary thread after all: bounded during bursts, never stalled for good.
+    **All lanes busy** (``LANE_FULL``): ``"wait"`` (the default) queues the
+    request, without blocking the loop, until a lane is free: a warm lane
+    beats a new connection, and connections stay within ``LANES`` +
+    ``MAX_WORKERS`` per alias. A request holds its lane for as long as it
+    lasts, though, so a few long ones (streaming to slow clients, long polls)
+    could stall the others: a request that has waited ``LANE_WAIT_TIMEOUT``
+    seconds (default 1; ``None``: for ever) runs on a temporary thread whose
+    connections are closed when it ends. ``"temporary"`` does that at once,
+    never waiting, at the price of a connect per request beyond the lanes.
 
     **Lifespan:** answered here, not passed on (Django's handler rejects it).
     Startup installs the process-wide bridge as the loop's default executor

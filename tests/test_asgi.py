@@ -618,10 +618,14 @@ def test_settings_are_validated(settings: SettingsWrapper) -> None:
 
     settings.ASYNC_DBBRIDGE = {"MAX_WORKERS": 3}
     parsed = get_settings()
-    assert (parsed.lanes, parsed.lane_full) == (3, "temporary")
+    assert (parsed.lanes, parsed.lane_full) == (3, "wait")
     assert parsed.lane_idle_timeout == parsed.idle_timeout
     assert parsed.shutdown_timeout == 10.0
-    assert parsed.lane_wait_timeout is None
+    assert parsed.lane_wait_timeout == 1.0
+    settings.ASYNC_DBBRIDGE = {"LANE_FULL": "temporary"}
+    assert get_settings().lane_wait_timeout is None
+    settings.ASYNC_DBBRIDGE = {"LANE_WAIT_TIMEOUT": None}
+    assert get_settings().lane_wait_timeout is None  # wait for ever
     settings.ASYNC_DBBRIDGE = {"LANE_FULL": "wait", "LANE_WAIT_TIMEOUT": 2}
     assert get_settings().lane_wait_timeout == 2.0
     for key, value, expected in [
@@ -630,8 +634,11 @@ def test_settings_are_validated(settings: SettingsWrapper) -> None:
         ("LANE_FULL", "block", "'temporary' or 'wait'"),
         ("LANE_IDLE_TIMEOUT", 0, "> 0"),
         ("SHUTDOWN_TIMEOUT", "10", "a number of seconds"),
-        ("LANE_WAIT_TIMEOUT", 1.0, "None unless LANE_FULL is 'wait'"),
+        ("LANE_WAIT_TIMEOUT", 0, "> 0"),
     ]:
         settings.ASYNC_DBBRIDGE = {key: value}
         with pytest.raises(ImproperlyConfigured, match=rf"\['{key}'\].*{expected}"):
             get_settings()
+    settings.ASYNC_DBBRIDGE = {"LANE_FULL": "temporary", "LANE_WAIT_TIMEOUT": 1.0}
+    with pytest.raises(ImproperlyConfigured, match="None unless LANE_FULL is 'wait'"):
+        get_settings()

@@ -200,7 +200,7 @@ def test_burst_with_waiting_lanes_stays_within_the_bound(project: Settings) -> N
 
 @requires_lanes
 def test_burst_with_temporary_overflow_closes_every_connection(project: Settings) -> None:
-    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 2, "LANES": 2}  # LANE_FULL: "temporary"
+    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 2, "LANES": 2, "LANE_FULL": "temporary"}
     app = DBBridgeASGIApp(ASGIHandler())
     result = serve_burst(app)
     assert result.statuses == {200: REQUESTS}

@@ -414,4 +414,3 @@ async def test_a_lane_that_cannot_start_fails_the_call_not_the_set(
     monkeypatch.undo()
     (names, _) = await run_request(lanes, thread_name)
     assert names[0].startswith("dbbridge-lane-")
-
