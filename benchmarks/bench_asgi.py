@@ -1,0 +1,1276 @@
+"""End to end under uvicorn: requests per second and server sessions, stock Django against lanes.
+
+One uvicorn worker serves ``benchmarks/asgi_project`` in a subprocess, and
+``wrk`` drives it with 32 connections for a fixed time. Four configurations:
+
+* ``stock0`` — Django's ASGI handler, ``CONN_MAX_AGE=0`` (a connection per request);
+* ``stock60`` — Django's handler, ``CONN_MAX_AGE=60``: every request's thread
+  dies holding its connection (stranded until garbage collection), until the
+  server refuses more;
+* ``pool`` — Django's handler with psycopg's pool (``min_size=max_size=8``,
+  ``CONN_MAX_AGE=0`` as Django requires; PostgreSQL only);
+* ``lanes`` — ``async_dbbridge.asgi`` with 8 request lanes, ``CONN_MAX_AGE=60``;
+  what a request does when all 8 are busy is the library's default (wait, up
+  to ``LANE_WAIT_TIMEOUT``) unless ``--lane-full`` / ``--lane-wait-timeout``
+  say otherwise.
+
+Each serves three views that run one query: a sync view, an async-ORM view
+(``afirst()``) and a view that uses ``db_call``. Every (configuration, view)
+pair gets its own server: started, warmed up with a short burst, measured
+while another connection samples the server's sessions on the benchmark
+database (``pg_stat_activity`` / ``PROCESSLIST``; on SQLite the server
+process's descriptors on the file), left idle until its session count
+settles, stopped with SIGTERM (lifespan shutdown for the wrapper), and the
+sessions counted again once it has exited. The pairs run in interleaved
+rounds (configurations rotated each round) and the figures are medians:
+the database server, uvicorn and wrk share a 2-core machine.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_asgi.py [--backend postgresql|mysql|sqlite]
+        [--lane-full temporary|wait] [--lane-wait-timeout S|none] [--lanes N]
+        [--quick] [--rounds N] [--duration S] [--modes stock0,lanes]
+        [--views sync,async-orm] [--json FILE] [--chart PNG | --no-chart]
+    .venv/bin/python benchmarks/bench_asgi.py --replot FILE.json [--chart PNG]
+
+It creates (and drops) its own database, ``dbbridge_bench_asgi``, and a role
+(user) of the same name that the servers connect as, capped by the server at
+``--session-cap`` sessions (64) so that the sessions stock Django strands
+cannot take every slot of a shared server. The exit status is 0 when the run
+completed, whatever the targets say (they print PASS or FAIL); 2 if the
+harness itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any, Final
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+DB_NAME: Final = "dbbridge_bench_asgi"
+SETTINGS_MODULE: Final = "benchmarks.asgi_project.settings"
+APPLICATION: Final = "benchmarks.asgi_project.asgi:application"
+
+MODES: Final = ("stock0", "stock60", "pool", "lanes")
+MODE_LABELS: Final = {
+    "stock0": "stock, CONN_MAX_AGE=0",
+    "stock60": "stock, CONN_MAX_AGE=60",
+    "pool": "stock + psycopg pool (8)",
+    "lanes": "lanes, CONN_MAX_AGE=60",
+}
+VIEWS: Final = {"sync": "/sync/", "async-orm": "/async-orm/", "db-call": "/db-call/"}
+#: The views the acceptance targets are about.
+TARGET_VIEWS: Final = ("sync", "async-orm")
+POOL_TARGET: Final = 1.15
+STOCK0_TARGET: Final = 2.0
+
+
+class HarnessError(RuntimeError):
+    """The benchmark itself failed (as opposed to a configuration doing badly)."""
+
+
+# -- configuration --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str
+    modes: tuple[str, ...]
+    views: tuple[str, ...]
+    #: LANE_FULL for the wrapper; None: the library's default.
+    lane_full: str | None
+    #: LANE_WAIT_TIMEOUT: seconds, or "none" (wait as long as it takes); None: the default.
+    lane_wait_timeout: str | None
+    lanes: int
+    rounds: int
+    #: Seconds of each measured wrk run, and of the warm-up burst before it.
+    duration: float
+    warmup: float
+    connections: int
+    wrk_threads: int
+    #: The most sessions the servers' role may hold (0: no cap).
+    session_cap: int
+    #: Longest waits: for a server to answer, to exit after SIGTERM.
+    start_timeout: float = 30.0
+    stop_timeout: float = 30.0
+    #: A session count unchanged this long is what the server holds (idle) or left (after).
+    settle_stable: float = 0.3
+    idle_timeout: float = 2.0
+    after_timeout: float = 5.0
+    #: Seconds between session samples during a run.
+    sample_interval: float = 0.05
+    #: What the wrapper really ran with (defaults resolved), read back from a server.
+    lane_full_used: str = ""
+    lane_wait_timeout_used: float | None = None
+
+
+# -- the database ---------------------------------------------------------------------
+
+
+def _setup_django(backend: str, user: str, password: str, name: str) -> None:
+    # The harness reads the servers' settings module too: alias "default" is
+    # the servers' role (it creates the table, so the role owns it), "admin"
+    # creates the database and counts sessions.
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
+            "BENCH_MODE": "stock0",
+            "BENCH_BACKEND": backend,
+            "BENCH_DB_NAME": name,
+            "BENCH_DB_USER": user,
+            "BENCH_DB_PASSWORD": password,
+        }
+    )
+    import django
+
+    django.setup()
+
+
+@dataclass
+class Database:
+    """The benchmark database and the role the servers connect as."""
+
+    backend: str
+    name: str
+    user: str
+    password: str
+    session_cap: int
+    version: str = ""
+
+    def server_env(self) -> dict[str, str]:
+        return {
+            "BENCH_BACKEND": self.backend,
+            "BENCH_DB_NAME": self.name,
+            "BENCH_DB_USER": self.user,
+            "BENCH_DB_PASSWORD": self.password,
+        }
+
+    def create(self) -> None:
+        from django.db import connections
+
+        from benchmarks.asgi_project.models import Item
+
+        if self.backend == "sqlite":
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.name)
+        else:
+            self._drop_objects()
+            admin = connections["admin"]
+            with admin._nodb_cursor() as cursor:
+                if self.backend == "postgresql":
+                    # The cap is the database's: PostgreSQL exempts superusers,
+                    # hence a role of our own.
+                    limit = self.session_cap or -1
+                    cursor.execute(f"CREATE ROLE {self.user} LOGIN PASSWORD '{self.password}'")
+                    cursor.execute(
+                        f"CREATE DATABASE {self.name} OWNER {self.user} CONNECTION LIMIT {limit}"
+                    )
+                else:
+                    cursor.execute(
+                        f"CREATE USER '{self.user}'@'%' IDENTIFIED BY '{self.password}' "
+                        f"WITH MAX_USER_CONNECTIONS {self.session_cap}"
+                    )
+                    cursor.execute(f"CREATE DATABASE {self.name} CHARACTER SET utf8mb4")
+                    cursor.execute(f"GRANT ALL PRIVILEGES ON {self.name}.* TO '{self.user}'@'%'")
+        with connections["default"].schema_editor() as editor:
+            editor.create_model(Item)
+        Item.objects.bulk_create(Item(pk=n, name=f"item {n}", value=n) for n in range(1, 11))
+        self.version = _server_version()
+        # The harness holds no session on the database while servers run.
+        connections.close_all()
+
+    def drop(self) -> None:
+        from django.db import connections
+
+        from async_dbbridge.testing import close_monitor
+
+        connections.close_all()
+        close_monitor()
+        if self.backend == "sqlite":
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.name)
+            return
+        self._drop_objects()
+
+    def _drop_objects(self) -> None:
+        from django.db import connections
+
+        with connections["admin"]._nodb_cursor() as cursor:
+            if self.backend == "postgresql":
+                # FORCE ends the sessions of a server a crashed run left behind.
+                cursor.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+                cursor.execute(f"DROP ROLE IF EXISTS {self.user}")
+            else:
+                cursor.execute(f"DROP DATABASE IF EXISTS {self.name}")
+                cursor.execute(f"DROP USER IF EXISTS '{self.user}'@'%'")
+
+
+def _server_version() -> str:
+    from django.db import connections
+
+    conn = connections["default"]
+    sql = "SELECT sqlite_version()" if conn.vendor == "sqlite" else "SELECT VERSION()"
+    with conn.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    version = str(row[0]) if row else "?"
+    return f"{conn.vendor} {version.split(' (')[0].removeprefix('PostgreSQL ')}"
+
+
+class SessionCounter:
+    """The sessions a server holds on the benchmark database, counted from outside it."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def count(self, pid: int) -> int:
+        if self.database.backend == "sqlite":
+            return _open_files(pid, self.database.name)
+        from async_dbbridge.testing import server_session_count
+
+        # Every session on the database, whoever holds it: one server runs at
+        # a time, and the harness holds none (its monitor is excluded).
+        return server_session_count("admin")
+
+    def settle(self, pid: int, timeout: float, stable: float) -> int:
+        """The count once it is 0, or has not changed for ``stable`` s (bounded).
+
+        A server drops a closed session a moment after the client closed it;
+        a held one never goes, so waiting for 0 would only burn the timeout.
+        """
+        deadline = time.monotonic() + timeout
+        last = self.count(pid)
+        since = time.monotonic()
+        while last:
+            now = time.monotonic()
+            if now >= deadline or now - since >= stable:
+                break
+            time.sleep(0.02)
+            count = self.count(pid)
+            if count != last:
+                last, since = count, time.monotonic()
+        return last
+
+
+def _open_files(pid: int, path: str) -> int:
+    """Descriptors of process ``pid`` on ``path``: SQLite's open connections (0 once it exited)."""
+    target = os.path.realpath(path)
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    count = 0
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+class Sampler:
+    """Samples the session count from a thread of its own while wrk runs."""
+
+    def __init__(self, counter: SessionCounter, pid: int, interval: float) -> None:
+        self._counter = counter
+        self._pid = pid
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+        self.samples: list[int] = []
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self.samples.append(self._counter.count(self._pid))
+                if self._stop.wait(self._interval):
+                    return
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        if self.error is not None:
+            raise HarnessError(f"counting sessions failed: {self.error!r}") from self.error
+
+
+# -- wrk ------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    requests_per_s: float
+    non_2xx: int
+    socket_errors: dict[str, int]
+    latency_ms: dict[str, float]
+
+    @property
+    def ok_per_s(self) -> float:
+        """Responses below 400 per second: what the server really served."""
+        return (self.requests - self.non_2xx) / self.seconds if self.seconds else 0.0
+
+
+_UNITS: Final = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_wrk(output: str) -> WrkResult:
+    total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)\b", output)
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
+    if total is None or rate is None:
+        raise HarnessError(f"cannot read wrk's output:\n{output}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    sockets = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    errors = dict.fromkeys(("connect", "read", "write", "timeout"), 0)
+    if sockets is not None:
+        errors = dict(zip(errors, (int(g) for g in sockets.groups()), strict=True))
+    latency = {
+        f"p{m[1]}": float(m[2]) * _UNITS[m[3]] * 1e3
+        for m in re.finditer(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.M)
+    }
+    return WrkResult(
+        requests=int(total[1]),
+        seconds=float(total[2]) * _UNITS[total[3]],
+        requests_per_s=float(rate[1]),
+        non_2xx=int(non_2xx[1]) if non_2xx else 0,
+        socket_errors=errors,
+        latency_ms=latency,
+    )
+
+
+def run_wrk(url: str, seconds: float, config: Config) -> WrkResult:
+    command = [
+        "wrk",
+        f"-t{config.wrk_threads}",
+        f"-c{config.connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        url,
+    ]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=seconds + 60, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise HarnessError(f"wrk did not finish: {' '.join(command)}") from exc
+    if done.returncode != 0:
+        raise HarnessError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    return parse_wrk(done.stdout)
+
+
+# -- the server -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+class Server:
+    """One uvicorn process serving the project in one mode."""
+
+    def __init__(self, mode: str, config: Config, database: Database, log: IO[bytes]) -> None:
+        self.mode = mode
+        self.port = _free_port()
+        self.log = log
+        env = {
+            **os.environ,
+            **database.server_env(),
+            "BENCH_MODE": mode,
+            "BENCH_LANES": str(config.lanes),
+            "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+            ),
+        }
+        # Only what was asked for: unset, the wrapper runs on the library's defaults.
+        for key, value in (
+            ("BENCH_LANE_FULL", config.lane_full),
+            ("BENCH_LANE_WAIT_TIMEOUT", config.lane_wait_timeout),
+        ):
+            env.pop(key, None)
+            if value is not None:
+                env[key] = value
+        # Django's own handler rejects the lifespan protocol; the wrapper needs it.
+        lifespan = "on" if mode == "lanes" else "off"
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            APPLICATION,
+            "--workers",
+            "1",
+            "--no-access-log",
+            "--lifespan",
+            lifespan,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise HarnessError(
+                    f"{self.mode}: uvicorn exited ({self.process.returncode}) before serving:\n"
+                    f"{self.log_text()}"
+                )
+            try:
+                status, _ = _get(self.port, "/ping/", timeout=1.0)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() >= deadline:
+                raise HarnessError(f"{self.mode}: no answer within {timeout} s:\n{self.log_text()}")
+            time.sleep(0.05)
+
+    def stats(self) -> dict[str, Any]:
+        status, body = _get(self.port, "/stats/", timeout=10.0)
+        if status != 200:
+            raise HarnessError(f"{self.mode}: /stats/ answered {status}: {body[:200]!r}")
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def stop(self, timeout: float) -> tuple[int | None, float]:
+        """SIGTERM (uvicorn's graceful shutdown), wait; SIGKILL past ``timeout``.
+
+        Returns the exit status (None: it had to be killed) and the seconds it took.
+        """
+        started = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            code = None
+        return code, time.monotonic() - started
+
+    def log_text(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+
+def _error_summary(log: str) -> dict[str, int]:
+    """The server's error lines, most frequent first, counted (numbers and ids folded)."""
+    counts: dict[str, int] = {}
+    for line in log.splitlines():
+        if not line.startswith(("ERROR", "WARNING", "CRITICAL")) and "Error" not in line:
+            continue
+        key = re.sub(r"\d+", "N", " ".join(line.split()))
+        if len(key) > 170:
+            # The cause ("too many clients") is at the end of a driver's message.
+            key = f"{key[:70]} … {key[-90:]}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+# -- CPU accounting -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds used so far: by the server process, by waited-for children (wrk), by all."""
+
+    server: float
+    children: float
+    machine: float
+    at: float
+
+    @classmethod
+    def take(cls, pid: int) -> CpuSnapshot | None:
+        try:
+            tick = os.sysconf("SC_CLK_TCK")
+            with open(f"/proc/{pid}/stat") as f:
+                # Fields after the command name, which may hold spaces: state is
+                # the first, utime and stime the 12th and 13th.
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open("/proc/stat") as f:
+                cpu = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None  # not Linux, or the server is gone: no CPU figures
+        # user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait.
+        busy = sum(cpu) - cpu[3] - (cpu[4] if len(cpu) > 4 else 0)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return cls(
+            server=(int(fields[11]) + int(fields[12])) / tick,
+            children=children.ru_utime + children.ru_stime,
+            machine=busy / tick,
+            at=time.monotonic(),
+        )
+
+
+def cpu_per_request(
+    start: CpuSnapshot | None, end: CpuSnapshot | None, requests: int
+) -> dict[str, float]:
+    """Milliseconds of CPU per request: uvicorn, wrk, the rest (DB server, harness, others)."""
+    if start is None or end is None or not requests:
+        return {}
+    server = end.server - start.server
+    wrk = end.children - start.children
+    machine = end.machine - start.machine
+    return {
+        "server_ms": server / requests * 1e3,
+        "wrk_ms": wrk / requests * 1e3,
+        "rest_ms": max(0.0, machine - server - wrk) / requests * 1e3,
+        "machine_busy": machine / ((end.at - start.at) * (os.cpu_count() or 1)),
+    }
+
+
+# -- one measurement ------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One (mode, view) server in one round."""
+
+    mode: str
+    view: str
+    round: int
+    ok_per_s: float
+    requests_per_s: float
+    requests: int
+    seconds: float
+    non_2xx: int
+    socket_errors: int
+    latency_ms: dict[str, float]
+    sessions_before: int
+    sessions_peak: int
+    sessions_mean: float
+    sessions_idle: int
+    sessions_after: int
+    exit_code: int | None
+    stop_seconds: float
+    #: Requests the server's query views began over its life (warm-up included).
+    served: int
+    connects: dict[str, int]
+    lanes: dict[str, Any] | None
+    pool: dict[str, Any] | None
+    #: The bridge's lane settings as the server resolved them.
+    settings: dict[str, Any]
+    errors: dict[str, int]
+    #: CPU per request during the measured run (see cpu_per_request); empty off Linux.
+    cpu: dict[str, float]
+
+
+def measure(mode: str, view: str, round_no: int, config: Config, database: Database) -> Sample:
+    counter = SessionCounter(database)
+    with tempfile.TemporaryFile() as log:
+        server = Server(mode, config, database, log)
+        try:
+            server.wait_ready(config.start_timeout)
+            before = counter.count(server.pid)
+            url = server.url(VIEWS[view])
+            # Threads, connections, the pool and the lanes start during the
+            # burst; the measured run sees a server in its steady state.
+            run_wrk(url, config.warmup, config)
+            with Sampler(counter, server.pid, config.sample_interval) as sampler:
+                cpu_start = CpuSnapshot.take(server.pid)
+                result = run_wrk(url, config.duration, config)
+                cpu_end = CpuSnapshot.take(server.pid)
+            idle = counter.settle(server.pid, config.idle_timeout, config.settle_stable)
+            stats = server.stats()
+        finally:
+            exit_code, stop_seconds = server.stop(config.stop_timeout)
+        after = counter.settle(server.pid, config.after_timeout, config.settle_stable)
+        errors = _error_summary(server.log_text())
+    samples = sampler.samples or [0]
+    return Sample(
+        mode=mode,
+        view=view,
+        round=round_no,
+        ok_per_s=result.ok_per_s,
+        requests_per_s=result.requests_per_s,
+        requests=result.requests,
+        seconds=result.seconds,
+        non_2xx=result.non_2xx,
+        socket_errors=sum(result.socket_errors.values()),
+        latency_ms=result.latency_ms,
+        sessions_before=before,
+        sessions_peak=max(samples),
+        sessions_mean=statistics.fmean(samples),
+        sessions_idle=idle,
+        sessions_after=after,
+        exit_code=exit_code,
+        stop_seconds=stop_seconds,
+        served=int(stats["served"]),
+        connects=stats["connects"],
+        lanes=stats["lanes"],
+        pool=stats["pool"],
+        settings=stats["settings"],
+        errors=errors,
+        cpu=cpu_per_request(cpu_start, cpu_end, result.requests),
+    )
+
+
+def _clean_exit(code: int | None) -> bool:
+    # uvicorn re-raises the signal it shut down on, so a clean stop is -SIGTERM.
+    return code in (0, -signal.SIGTERM)
+
+
+# -- results --------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    mode: str
+    view: str
+    ok_per_s: float
+    ok_per_s_min: float
+    ok_per_s_max: float
+    vs_stock0: float | None
+    vs_pool: float | None
+    non_2xx: int
+    requests: int
+    socket_errors: int
+    p50_ms: float
+    p99_ms: float
+    sessions_peak: int
+    sessions_idle: int
+    sessions_after: int
+    connects_per_request: float
+    temporary_share: float | None
+    unclean_exits: int
+    #: Medians over the rounds of cpu_per_request(); empty off Linux.
+    cpu: dict[str, float]
+
+
+@dataclass
+class Check:
+    status: str  # PASS, FAIL or INFO
+    text: str
+
+
+@dataclass
+class Report:
+    environment: dict[str, Any]
+    config: dict[str, Any]
+    samples: list[Sample] = field(default_factory=list)
+    summary: list[Summary] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+
+
+def _paired_ratio(samples: Sequence[Sample], mode: str, base: str, view: str) -> float | None:
+    """Median over rounds of mode / base (2xx req/s), each pair from the same round."""
+    by_round: dict[int, dict[str, Sample]] = {}
+    for s in samples:
+        if s.view == view:
+            by_round.setdefault(s.round, {})[s.mode] = s
+    ratios = [
+        row[mode].ok_per_s / row[base].ok_per_s
+        for row in by_round.values()
+        if mode in row and base in row and row[base].ok_per_s > 0
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
+def summarize(samples: Sequence[Sample], config: Config) -> list[Summary]:
+    summaries = []
+    for view in config.views:
+        for mode in config.modes:
+            mine = [s for s in samples if s.mode == mode and s.view == view]
+            if not mine:
+                continue
+            rates = [s.ok_per_s for s in mine]
+            connects = sum(sum(s.connects.values()) for s in mine)
+            served = sum(s.served for s in mine)
+            temporary_share = None
+            lane_requests = sum(s.lanes["requests"] for s in mine if s.lanes)
+            if lane_requests:
+                temporaries = sum(s.lanes["temporaries_started"] for s in mine if s.lanes)
+                temporary_share = temporaries / lane_requests
+            summaries.append(
+                Summary(
+                    mode=mode,
+                    view=view,
+                    ok_per_s=statistics.median(rates),
+                    ok_per_s_min=min(rates),
+                    ok_per_s_max=max(rates),
+                    vs_stock0=_paired_ratio(samples, mode, "stock0", view),
+                    vs_pool=_paired_ratio(samples, mode, "pool", view),
+                    non_2xx=sum(s.non_2xx for s in mine),
+                    requests=sum(s.requests for s in mine),
+                    socket_errors=sum(s.socket_errors for s in mine),
+                    p50_ms=statistics.median(s.latency_ms.get("p50", 0.0) for s in mine),
+                    p99_ms=statistics.median(s.latency_ms.get("p99", 0.0) for s in mine),
+                    sessions_peak=max(s.sessions_peak for s in mine),
+                    sessions_idle=max(s.sessions_idle for s in mine),
+                    sessions_after=max(s.sessions_after for s in mine),
+                    connects_per_request=connects / served if served else 0.0,
+                    temporary_share=temporary_share,
+                    unclean_exits=sum(not _clean_exit(s.exit_code) for s in mine),
+                    cpu={
+                        key: statistics.median(s.cpu[key] for s in mine)
+                        for key in mine[0].cpu
+                        if all(key in s.cpu for s in mine)
+                    },
+                )
+            )
+    return summaries
+
+
+def check_targets(summary: Sequence[Summary], config: Config) -> list[Check]:
+    by_key = {(s.mode, s.view): s for s in summary}
+    checks: list[Check] = []
+
+    def target(base: str, factor: float, backend: str, label: str) -> None:
+        if config.backend != backend:
+            checks.append(
+                Check("INFO", f"lanes >= {factor}x {label}: a {backend} target, not measured here")
+            )
+            return
+        for view in TARGET_VIEWS:
+            lanes = by_key.get(("lanes", view))
+            ratio = None
+            if lanes is not None:
+                ratio = lanes.vs_pool if base == "pool" else lanes.vs_stock0
+            if ratio is None:
+                checks.append(
+                    Check("INFO", f"lanes >= {factor}x {label} ({view}): not measured in this run")
+                )
+                continue
+            checks.append(
+                Check(
+                    "PASS" if ratio >= factor else "FAIL",
+                    f"{_lanes_kind(config)} >= {factor}x {label}, {view} view: {ratio:.2f}x",
+                )
+            )
+
+    target("pool", POOL_TARGET, "postgresql", "Django's psycopg pool")
+    target("stock0", STOCK0_TARGET, "mysql", "stock CONN_MAX_AGE=0")
+    for s in summary:
+        if s.mode != "lanes":
+            continue
+        notes = [f"{s.sessions_after} session(s) after exit"]
+        if s.non_2xx or s.socket_errors:
+            notes.append(f"{s.non_2xx} non-2xx, {s.socket_errors} socket errors")
+        if s.temporary_share is not None:
+            notes.append(f"{s.temporary_share:.0%} of requests on temporary threads")
+        if s.view not in TARGET_VIEWS and s.vs_pool is not None:
+            notes.append(f"{s.vs_pool:.2f}x pool")
+        if s.view not in TARGET_VIEWS and s.vs_stock0 is not None:
+            notes.append(f"{s.vs_stock0:.2f}x stock0")
+        if s.unclean_exits:
+            notes.append(f"{s.unclean_exits} unclean exit(s)")
+        checks.append(Check("INFO", f"lanes, {s.view} view: " + "; ".join(notes)))
+    return checks
+
+
+def _lanes_kind(config: Config) -> str:
+    """What a request does when every lane is busy: "lanes (wait 1 s)", "lanes (temporary)"."""
+    full = config.lane_full_used or config.lane_full or "default"
+    if full == "wait" and config.lane_wait_timeout_used is not None:
+        return f"lanes (wait {config.lane_wait_timeout_used:g} s)"
+    return f"lanes ({full})"
+
+
+def _mode_label(mode: str, config: Config) -> str:
+    if mode == "lanes":
+        return f"{_lanes_kind(config)}, CONN_MAX_AGE=60"
+    return MODE_LABELS[mode]
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def markdown_table(summary: Sequence[Summary], config: Config) -> str:
+    lines = [
+        "| mode | view | req/s (2xx) | ratio vs stock0 | ratio vs pool | non-2xx "
+        "| p99 ms | peak sessions | sessions idle | sessions after exit | connects/req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summary:
+        label = _mode_label(s.mode, config)
+        non_2xx = f"{s.non_2xx:,}"
+        if s.socket_errors:
+            non_2xx += f" (+{s.socket_errors:,} socket)"
+        lines.append(
+            f"| {label} | {s.view} | {s.ok_per_s:,.0f} | {_ratio(s.vs_stock0)} "
+            f"| {_ratio(s.vs_pool)} | {non_2xx} | {s.p99_ms:,.0f} | {s.sessions_peak} "
+            f"| {s.sessions_idle} | {s.sessions_after} | {s.connects_per_request:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_table(summary: Sequence[Summary], config: Config) -> str:
+    lines = [
+        "| mode | view | uvicorn ms/req | wrk ms/req | rest ms/req | machine busy |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for s in summary:
+        if not s.cpu:
+            continue
+        label = s.mode if s.mode != "lanes" else _lanes_kind(config)
+        lines.append(
+            f"| {label} | {s.view} | {s.cpu['server_ms']:.2f} | {s.cpu['wrk_ms']:.2f} "
+            f"| {s.cpu['rest_ms']:.2f} | {s.cpu['machine_busy']:.0%} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def print_report(report: Report, config: Config) -> None:
+    env = report.environment
+    print(
+        f"## bench_asgi: {env['server']}, Python {env['python']}, Django {env['django']}, "
+        f"asgiref {env['asgiref']}, uvicorn {env['uvicorn']}, {env['cpus']} CPUs"
+    )
+    print()
+    cap = f"{config.session_cap}" if config.session_cap else "none"
+    given = config.lane_full is not None or config.lane_wait_timeout is not None
+    defaults = "" if given else " (the library's defaults)"
+    print(
+        f"uvicorn, 1 worker; wrk -t{config.wrk_threads} -c{config.connections}, "
+        f"{config.duration:g} s per run after a {config.warmup:g} s warm-up; "
+        f"{config.rounds} interleaved round(s), medians. Lanes: {config.lanes}, "
+        f"LANE_FULL={config.lane_full_used or config.lane_full!r}, "
+        f"LANE_WAIT_TIMEOUT={config.lane_wait_timeout_used}{defaults}; "
+        f"bridge MAX_WORKERS={config.lanes}. "
+        f"Session cap on the servers' role: {cap}. Load average before/after: "
+        f"{env['loadavg_before']} / {env['loadavg_after']}."
+    )
+    print()
+    print(markdown_table(report.summary, config))
+    print()
+    print(
+        "req/s counts responses below 400 only (wrk's own figure, errors included, is in "
+        "the JSON). Ratios are medians of per-round ratios. peak sessions: the most seen "
+        "during the measured run; idle: once the load stopped and the count settled, the "
+        "server still up; after exit: once the server exited after SIGTERM. connects/req: "
+        "connections Django opened (with the pool: checkouts) per request served."
+    )
+    cpu = cpu_table(report.summary, config)
+    if cpu:
+        print()
+        print(
+            "CPU per request during the measured run (medians): the uvicorn process (all "
+            "its threads), wrk, and the rest of the machine — the database server, the "
+            "harness and whatever else runs."
+        )
+        print()
+        print(cpu)
+    errors: dict[str, dict[str, int]] = {}
+    for s in report.samples:
+        for line, n in s.errors.items():
+            errors.setdefault(s.mode, {}).setdefault(line, 0)
+            errors[s.mode][line] += n
+    if errors:
+        print()
+        print("Server log lines (most frequent, per mode):")
+        for mode, lines in errors.items():
+            for line, n in sorted(lines.items(), key=lambda item: -item[1])[:3]:
+                print(f"- {mode}: {n:,} x `{line}`")
+    print()
+    for check in report.checks:
+        print(f"{check.status} {check.text}")
+
+
+# -- the chart ------------------------------------------------------------------------
+
+_COLORS: Final = {
+    "stock0": "#9e9e9e",
+    "stock60": "#e07b5f",
+    "pool": "#5b8fd9",
+    "lanes": "#3aa675",
+}
+
+
+def write_chart(report: Report, config: Config, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    summary = report.summary
+    modes = [m for m in config.modes if any(s.mode == m for s in summary)]
+    views = [v for v in config.views if any(s.view == v for s in summary)]
+    by_key = {(s.mode, s.view): s for s in summary}
+    width = 0.8 / max(1, len(modes))
+    fig, (rate_ax, session_ax) = plt.subplots(1, 2, figsize=(12, 4.6), width_ratios=(3, 2))
+    for i, mode in enumerate(modes):
+        label = _mode_label(mode, config)
+        xs, heights, low, high, peaks, idles = [], [], [], [], [], []
+        for j, view in enumerate(views):
+            s = by_key.get((mode, view))
+            if s is None:
+                continue
+            xs.append(j + (i - (len(modes) - 1) / 2) * width)
+            heights.append(s.ok_per_s)
+            low.append(s.ok_per_s - s.ok_per_s_min)
+            high.append(s.ok_per_s_max - s.ok_per_s)
+            peaks.append(s.sessions_peak)
+            idles.append(s.sessions_idle)
+        color = _COLORS[mode]
+        bars = rate_ax.bar(
+            xs, heights, width, yerr=[low, high], capsize=3, color=color, label=label
+        )
+        for bar, view in zip(bars, views, strict=False):
+            s = by_key[(mode, view)]
+            text = f"{s.ok_per_s:,.0f}"
+            if s.non_2xx or s.socket_errors:
+                text += f"\n{s.non_2xx + s.socket_errors:,} err"
+            # Above the whisker, so the two never overlap.
+            rate_ax.annotate(
+                text,
+                (bar.get_x() + bar.get_width() / 2, s.ok_per_s_max),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+        session_ax.bar(xs, peaks, width, color=color, alpha=0.45)
+        session_ax.bar(xs, idles, width * 0.5, color=color)
+    for ax in (rate_ax, session_ax):
+        ax.set_xticks(range(len(views)), views)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    rate_ax.set_ylabel("requests/s (2xx), median; whiskers: min-max")
+    rate_ax.set_title(f"Throughput, {config.connections} connections")
+    rate_ax.legend(fontsize=8, loc="upper left")
+    rate_ax.margins(y=0.22)
+    session_ax.set_ylabel("server sessions")
+    session_ax.set_title("Server sessions")
+    left = max((s.sessions_after for s in summary), default=0)
+    after_exit = f"after exit: up to {left}" if left else "after exit: 0 everywhere"
+    session_ax.legend(
+        handles=[
+            Patch(color="#777777", alpha=0.45, label="peak under load"),
+            Patch(color="#777777", label="idle, after the load"),
+            Patch(color="white", label=after_exit),
+        ],
+        fontsize=8,
+        loc="upper right",
+    )
+    top = max((s.sessions_peak for s in summary), default=1)
+    if config.session_cap and config.backend != "sqlite":
+        top = max(top, config.session_cap)
+        session_ax.axhline(config.session_cap, color="#c0392b", linestyle="--", linewidth=1)
+        session_ax.annotate(
+            f"cap on the servers' role: {config.session_cap}",
+            (-0.45, config.session_cap),
+            ha="left",
+            va="bottom",
+            fontsize=7,
+            color="#c0392b",
+        )
+    # Headroom for the legend above the tallest bar.
+    session_ax.set_ylim(0, top * 1.45)
+    env = report.environment
+    fig.suptitle(
+        f"bench_asgi — {env['server']}, uvicorn 1 worker, wrk {config.duration:g} s x "
+        f"{config.rounds} round(s), {env['cpus']} CPUs",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main -----------------------------------------------------------------------------
+
+
+def _split(value: str, choices: Sequence[str], option: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in value.split(",") if item.strip())
+    unknown = [item for item in items if item not in choices]
+    if unknown or not items:
+        raise argparse.ArgumentTypeError(
+            f"{option}: choose from {', '.join(choices)} (comma-separated), not {value!r}"
+        )
+    return items
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--backend", choices=("postgresql", "mysql", "sqlite"), default="postgresql"
+    )
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma-separated, from {', '.join(MODES)} (default: all; pool on PostgreSQL only)",
+    )
+    parser.add_argument(
+        "--views", default=",".join(VIEWS), help=f"comma-separated, from {', '.join(VIEWS)}"
+    )
+    parser.add_argument(
+        "--lane-full",
+        choices=("temporary", "wait"),
+        help="LANE_FULL for the wrapper (default: the library's)",
+    )
+    parser.add_argument(
+        "--lane-wait-timeout",
+        metavar="S|none",
+        help="LANE_WAIT_TIMEOUT: seconds, or none to wait for a lane as long as it takes "
+        "(default: the library's)",
+    )
+    parser.add_argument("--lanes", type=int, default=8, help="LANES and MAX_WORKERS (8)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (3; --quick: 1)")
+    parser.add_argument("--duration", type=float, help="seconds per measured run (5; --quick: 3)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up (1)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
+    parser.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (2)")
+    parser.add_argument(
+        "--session-cap",
+        type=int,
+        default=64,
+        help="most sessions the servers' role may hold (64; 0: no cap)",
+    )
+    parser.add_argument("--quick", action="store_true", help="1 round of 3 s runs")
+    parser.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
+    parser.add_argument(
+        "--chart",
+        metavar="PNG",
+        help="where to write the chart (default docs/img/bench_asgi_<backend>.png)",
+    )
+    parser.add_argument("--no-chart", action="store_true", help="write no chart")
+    parser.add_argument(
+        "--replot",
+        metavar="JSON",
+        help="only redraw the chart from a --json file of an earlier run",
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.modes is None:
+            modes = tuple(m for m in MODES if m != "pool" or args.backend == "postgresql")
+        else:
+            modes = _split(args.modes, MODES, "--modes")
+        views = _split(args.views, tuple(VIEWS), "--views")
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if "pool" in modes and args.backend != "postgresql":
+        parser.error("--modes: pool needs --backend postgresql")
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    duration = args.duration if args.duration is not None else (3.0 if args.quick else 5.0)
+    if rounds < 1 or duration < 1 or args.lanes < 1 or args.connections < 1:
+        parser.error("--rounds, --duration, --lanes and --connections must be at least 1")
+    if args.lane_wait_timeout is not None and args.lane_wait_timeout != "none":
+        try:
+            seconds = float(args.lane_wait_timeout)
+        except ValueError:
+            seconds = 0.0
+        if seconds <= 0:
+            parser.error("--lane-wait-timeout: a number of seconds > 0, or none")
+        if args.lane_full == "temporary":
+            parser.error("--lane-wait-timeout: only with LANE_FULL 'wait'")
+    if args.session_cap < 0:
+        parser.error("--session-cap must be 0 or more")
+    config = Config(
+        backend=args.backend,
+        modes=modes,
+        views=views,
+        lane_full=args.lane_full,
+        lane_wait_timeout=args.lane_wait_timeout,
+        lanes=args.lanes,
+        rounds=rounds,
+        duration=duration,
+        warmup=args.warmup,
+        connections=args.connections,
+        wrk_threads=args.wrk_threads,
+        session_cap=args.session_cap,
+    )
+    return config, args
+
+
+def schedule(config: Config) -> Iterator[tuple[int, str, str]]:
+    """(round, mode, view): view by view, the modes in a different order each round.
+
+    The modes a ratio compares run back to back, so the machine's drift hits
+    both sides alike; rotating the order keeps any mode from always going first.
+    """
+    for round_no in range(config.rounds):
+        shift = round_no % len(config.modes)
+        modes = config.modes[shift:] + config.modes[:shift]
+        view_shift = round_no % len(config.views)
+        views = config.views[view_shift:] + config.views[:view_shift]
+        for view in views:
+            for mode in modes:
+                yield round_no, mode, view
+
+
+def _environment(database: Database) -> dict[str, Any]:
+    import asgiref
+    import django
+    import uvicorn
+
+    import async_dbbridge
+
+    return {
+        "server": database.version,
+        "python": platform.python_version(),
+        "django": django.get_version(),
+        "asgiref": asgiref.__version__,
+        "uvicorn": uvicorn.__version__,
+        "async_dbbridge": async_dbbridge.__version__,
+        "cpus": os.cpu_count(),
+        "loadavg_before": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+
+
+def _progress(sample: Sample) -> str:
+    return (
+        f"[round {sample.round + 1}] {sample.mode:8} {sample.view:10} "
+        f"{sample.ok_per_s:8,.0f} req/s  non-2xx {sample.non_2xx:6,}  "
+        f"sessions peak {sample.sessions_peak:3} idle {sample.sessions_idle:3} "
+        f"after {sample.sessions_after:3}  exit {sample.exit_code}"
+    )
+
+
+def run(config: Config, database: Database, on_sample: Callable[[Sample], None]) -> list[Sample]:
+    samples = []
+    for round_no, mode, view in schedule(config):
+        sample = measure(mode, view, round_no, config, database)
+        on_sample(sample)
+        samples.append(sample)
+    return samples
+
+
+def _default_chart(backend: str) -> Path:
+    return ROOT / "docs" / "img" / f"bench_asgi_{backend}.png"
+
+
+def replot(source: Path, chart: Path | None) -> Path:
+    """Redraw the chart of an earlier run from its JSON: no servers, no database."""
+    data = json.loads(source.read_text())
+    fields: dict[str, Any] = {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in data["config"].items()
+    }
+    config = Config(**fields)
+    report = Report(
+        environment=data["environment"],
+        config=data["config"],
+        summary=[Summary(**item) for item in data["summary"]],
+    )
+    path = chart or _default_chart(config.backend)
+    write_chart(report, config, path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, args = parse_args(argv)
+    if args.replot:
+        print(f"chart: {replot(Path(args.replot), Path(args.chart) if args.chart else None)}")
+        return 0
+    if shutil.which("wrk") is None:
+        print("bench_asgi: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    if config.backend == "sqlite":
+        name = os.path.join(tempfile.gettempdir(), f"{DB_NAME}-{os.getpid()}.sqlite3")
+    else:
+        name = DB_NAME
+    database = Database(
+        backend=config.backend,
+        name=name,
+        user=DB_NAME,
+        # The role exists only during the run; a fresh password each time.
+        password=secrets.token_hex(16),
+        session_cap=config.session_cap,
+    )
+    _setup_django(config.backend, database.user, database.password, database.name)
+    started = time.monotonic()
+    report: Report | None = None
+    try:
+        database.create()
+        report = Report(environment=_environment(database), config=asdict(config))
+        report.samples = run(config, database, lambda s: print(_progress(s), file=sys.stderr))
+    except Exception as exc:
+        # A database error outside a server (creating the database, counting
+        # sessions) is the harness's too: the servers' own errors are in their logs.
+        print(f"bench_asgi: the harness failed: {exc}", file=sys.stderr)
+        report = None
+    finally:
+        try:
+            database.drop()
+        except Exception as exc:
+            print(f"bench_asgi: could not drop {database.name}: {exc}", file=sys.stderr)
+            report = None
+    if report is None:
+        return 2
+    used = next((sample.settings for sample in report.samples if sample.mode == "lanes"), None)
+    if used is not None:
+        config = replace(
+            config,
+            lane_full_used=used["lane_full"],
+            lane_wait_timeout_used=used["lane_wait_timeout"],
+        )
+        report.config = asdict(config)
+    report.environment["loadavg_after"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    report.environment["seconds"] = round(time.monotonic() - started, 1)
+    report.summary = summarize(report.samples, config)
+    report.checks = check_targets(report.summary, config)
+    print_report(report, config)
+    if not args.no_chart:
+        chart = Path(args.chart) if args.chart else _default_chart(config.backend)
+        write_chart(report, config, chart)
+        print(f"\nchart: {chart}")
+    print(f"({report.environment['seconds']} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
