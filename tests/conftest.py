@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -112,3 +114,21 @@ def kill_backend(alias: str, backend: int) -> None:
                 return
             assert time.monotonic() < deadline, f"backend {backend} still there after 10s"
             time.sleep(0.01)
+
+
+@pytest.fixture
+def gc_disabled() -> Iterator[None]:
+    """Stranded wrappers sit in reference cycles; only the cyclic GC frees them.
+
+    Whether a collection happens to run mid-test would decide how much of a
+    leak is visible; with it off, the test sees what a long-running process
+    accumulates between full collections — and the bridge must not rely on it.
+    """
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+    with warnings.catch_warnings():
+        # The drivers rightly complain that stranded connections were never closed.
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()

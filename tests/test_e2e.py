@@ -14,7 +14,6 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -250,18 +249,6 @@ def test_without_lifespan_the_first_request_sets_up_and_aclose_cleans_up(
     asyncio.run(app.aclose())
     assert lane_threads() == []
     wait_for_server_sessions("default", 0)
-
-
-@pytest.fixture
-def gc_disabled() -> Iterator[None]:
-    """Stranded wrappers sit in reference cycles: only the cyclic GC frees them."""
-    gc.collect()
-    gc.disable()
-    yield
-    gc.enable()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
 
 
 @pytest.mark.usefixtures("gc_disabled")

@@ -7,7 +7,6 @@ import gc
 import logging
 import threading
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.thread import BrokenThreadPool
 from typing import Any
@@ -37,23 +36,6 @@ def aggregate_and_insert(n: int) -> int:
     total = Item.objects.aggregate(n=Count("id"))["n"]
     Item.objects.create(name=f"item-{n}", value=n)
     return int(total)
-
-
-@pytest.fixture
-def gc_disabled() -> Iterator[None]:
-    """Stranded wrappers sit in reference cycles; only the cyclic GC frees them.
-
-    Whether a collection happens to run mid-test would decide how much of a
-    leak is visible; with it off, the test sees what a long-running process
-    accumulates between full collections — and the bridge must not rely on it.
-    """
-    gc.collect()
-    gc.disable()
-    yield
-    gc.enable()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
 
 
 @pytest.mark.usefixtures("gc_disabled")

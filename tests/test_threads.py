@@ -8,7 +8,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from unittest import mock
 
 import pytest
@@ -37,19 +37,6 @@ def is_open(alias: str = "default") -> bool:
 def join(thread: threading.Thread) -> None:
     thread.join(JOIN_TIMEOUT)
     assert not thread.is_alive(), f"{thread.name} did not finish"
-
-
-@pytest.fixture
-def gc_disabled() -> Iterator[None]:
-    """Stranded wrappers sit in reference cycles: with the collector off, the
-    test sees what a long-running process accumulates between collections."""
-    gc.collect()
-    gc.disable()
-    yield
-    gc.enable()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
 
 
 @pytest.fixture
