@@ -17,7 +17,13 @@ from django.db import connection, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Count
 
-from async_dbbridge import DBExecutor, Policy, TransactionLeftOpenWarning, db_call
+from async_dbbridge import (
+    DBExecutor,
+    Policy,
+    TransactionLeftOpenWarning,
+    db_call,
+    install_default_executor,
+)
 from async_dbbridge.testing import (
     open_connection_aliases,
     server_session_count,
@@ -74,8 +80,10 @@ async def test_bounded_sessions_under_load_with_persistent_connections(
     db_settings: SetSetting,
 ) -> None:
     db_settings(CONN_MAX_AGE=60)
-    baseline = await asyncio.to_thread(server_session_count)
-    executor = DBExecutor(max_workers=8)
+    loop = asyncio.get_running_loop()
+    side = ThreadPoolExecutor(1)  # for the test's own blocking calls, off the bridge
+    baseline = await loop.run_in_executor(side, server_session_count)
+    executor = install_default_executor(DBExecutor(max_workers=8))
     peak = 0
     stop = threading.Event()
 
@@ -89,34 +97,37 @@ async def test_bounded_sessions_under_load_with_persistent_connections(
     sampler.start()
     gate = asyncio.Semaphore(64)
 
-    async def one(i: int) -> int:
+    async def one() -> int:
         async with gate:
-            return await executor._submit_to_loop(
-                asyncio.get_running_loop(), Item.objects.count, (), {}
-            )
+            return await db_call(Item.objects.count)
 
     try:
-        results = await asyncio.gather(*(one(i) for i in range(1000)))
+        results = await asyncio.gather(*(one() for _ in range(1000)))
     finally:
         stop.set()
-        await asyncio.to_thread(sampler.join)
+        await loop.run_in_executor(side, sampler.join)
     assert results == [0] * 1000
     stats = executor.stats()
     assert stats.calls == 1000
     assert 1 <= stats.connections_opened["default"] <= 8
     assert 1 <= peak <= 8
     # stats() agrees with the server: the workers hold their connections...
-    assert stats.open_connections == await asyncio.to_thread(server_session_count) - baseline
-    await asyncio.to_thread(executor.shutdown, True)
+    assert stats.open_connections == await loop.run_in_executor(side, server_session_count) - (
+        baseline
+    )
+    await loop.run_in_executor(side, executor.shutdown, True)
     # ... until shutdown, which returns with none left.
     assert executor.stats().open_connections == 0
-    await asyncio.to_thread(wait_for_server_sessions, "default", baseline)
+    await loop.run_in_executor(side, wait_for_server_sessions, "default", baseline)
+    side.shutdown()
 
 
 async def test_conn_max_age_zero_closes_after_every_call(db_settings: SetSetting) -> None:
     db_settings(CONN_MAX_AGE=0)
-    baseline = await asyncio.to_thread(server_session_count)
-    executor = DBExecutor(max_workers=8)
+    loop = asyncio.get_running_loop()
+    side = ThreadPoolExecutor(1)  # for the test's own blocking calls, off the bridge
+    baseline = await loop.run_in_executor(side, server_session_count)
+    executor = install_default_executor(DBExecutor(max_workers=8))
     gate = asyncio.Semaphore(64)
     seen: list[bool] = []
 
@@ -127,7 +138,7 @@ async def test_conn_max_age_zero_closes_after_every_call(db_settings: SetSetting
 
     async def one() -> int:
         async with gate:
-            return await executor._submit_to_loop(asyncio.get_running_loop(), query, (), {})
+            return await db_call(query)
 
     with executor:
         await asyncio.gather(*(one() for _ in range(200)))
@@ -138,7 +149,8 @@ async def test_conn_max_age_zero_closes_after_every_call(db_settings: SetSetting
         assert stats.open_connections == 0
         # Closed without a shutdown: the workers are still there.
         assert stats.workers >= 1
-        await asyncio.to_thread(wait_for_server_sessions, "default", baseline)
+        await loop.run_in_executor(side, wait_for_server_sessions, "default", baseline)
+    side.shutdown()
 
 
 def test_policy_always_close_ignores_conn_max_age(db_settings: SetSetting) -> None:
