@@ -43,7 +43,6 @@ import logging
 import os
 import random
 import sys
-import tempfile
 import threading
 import time
 import tracemalloc
@@ -696,37 +695,14 @@ def _configure_django(backend: str, health_checks: bool, conn_max_age: int | Non
     root = str(Path(__file__).resolve().parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
+    from tests import dbconfig
+
     common: dict[str, Any] = {
         "CONN_MAX_AGE": conn_max_age,
         "CONN_HEALTH_CHECKS": health_checks,
     }
-    path = ""
-    if backend == "sqlite":
-        path = os.path.join(tempfile.gettempdir(), f"{SOAK_DATABASE}-{os.getpid()}.sqlite3")
-        database = {"ENGINE": "django.db.backends.sqlite3", "NAME": path, **common}
-    elif backend == "postgresql":
-        database = {
-            "ENGINE": "django.db.backends.postgresql",
-            "NAME": SOAK_DATABASE,
-            "USER": os.environ.get("PGUSER", "postgres"),
-            "PASSWORD": os.environ.get("PGPASSWORD", ""),
-            "HOST": os.environ.get("PGHOST", "127.0.0.1"),
-            "PORT": os.environ.get("PGPORT", "5432"),
-            **common,
-        }
-    elif backend == "mysql":
-        database = {
-            "ENGINE": "django.db.backends.mysql",
-            "NAME": SOAK_DATABASE,
-            "USER": os.environ.get("MYSQL_USER", "root"),
-            "PASSWORD": os.environ.get("MYSQL_PASSWORD", ""),
-            "HOST": os.environ.get("MYSQL_HOST", "127.0.0.1"),
-            "PORT": os.environ.get("MYSQL_PORT", "3306"),
-            "OPTIONS": {"charset": "utf8mb4"},
-            **common,
-        }
-    else:
-        raise SystemExit(f"--backend must be sqlite, postgresql or mysql, not {backend!r}")
+    database = {**dbconfig.database(backend, SOAK_DATABASE), **common}
+    path = database["NAME"] if backend == "sqlite" else ""
     settings.configure(
         DATABASES={"default": database},
         INSTALLED_APPS=["async_dbbridge"],
