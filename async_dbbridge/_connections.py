@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -248,6 +249,20 @@ def discard_transaction(conn: BaseDatabaseWrapper) -> None:
         _forget(conn)
 
 
+def _nothing_to_do(conn: BaseDatabaseWrapper, now: float) -> bool:
+    """Django's close_if_unusable_or_obsolete() would only re-arm the health check.
+
+    The same three conditions it tests (Django 4.1 to 6.1), read from the
+    attributes it reads; any doubt goes to Django's own method.
+    """
+    close_at = conn.close_at
+    return (
+        conn.autocommit == conn.settings_dict["AUTOCOMMIT"]
+        and not conn.errors_occurred
+        and (close_at is None or now < close_at)
+    )
+
+
 def is_database_error(exc: BaseException, conns: Iterable[BaseDatabaseWrapper]) -> bool:
     """Django's wrapped errors, or a driver error raised through a raw connection."""
     if isinstance(exc, DjangoDatabaseError):
@@ -298,12 +313,18 @@ def cleanup_after_call(
             leftovers.append(conn.alias)
         discard_transaction(conn)
     cleanup_error: BaseException | None = None
+    now = time.monotonic()
     for conn in conns:
         if conn.connection is None:
             continue
         try:
             if database_error or policy.kind == "close":
                 conn.close()
+            elif _nothing_to_do(conn, now):
+                # What close_if_unusable_or_obsolete() does when nothing is
+                # wrong, without its two async-safety checks: this is the
+                # common case, on every call, so it must cost next to nothing.
+                conn.health_check_done = False  # type: ignore[attr-defined]  # not in the stubs
             else:
                 conn.close_if_unusable_or_obsolete()
         except Exception as exc:

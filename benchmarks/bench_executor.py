@@ -83,7 +83,7 @@ class Config:
     backend: str
     #: Interleaved rounds of the speed phase.
     rounds: int
-    #: Seconds per round of the sequential no-op, all paths taking turns call by call.
+    #: Seconds per round of the sequential no-op, shared out in one block per path.
     seq_seconds: float
     #: Seconds of each path's slice per round: no-op at concurrency 32, ORM at 32.
     c32_seconds: float
@@ -299,20 +299,6 @@ async def _sequential(call: _Call, seconds: float) -> tuple[int, float]:
             return calls, time.perf_counter() - start
 
 
-async def _round_robin(paths: Sequence[tuple[_Runner, _Call]], seconds: float) -> list[list[int]]:
-    """One call on each path in turn, for ``seconds``: every round trip in ns, per path."""
-    loop = asyncio.get_running_loop()
-    timings: list[list[int]] = [[] for _ in paths]
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        for (runner, call), spent in zip(paths, timings, strict=True):
-            runner.activate(loop)
-            start = time.perf_counter_ns()
-            await call()
-            spent.append(time.perf_counter_ns() - start)
-    return timings
-
-
 async def _concurrent(call: _Call, seconds: float, concurrency: int) -> tuple[int, float, float]:
     """``concurrency`` callers, each calling back to back, for ``seconds``.
 
@@ -446,17 +432,16 @@ def speed_phase(config: Config) -> SpeedPhase:
             shift = round_no % len(PATHS)
             order = PATHS[shift:] + PATHS[:shift]
             row = {path.key: SpeedSample(path.key, round_no) for path in order}
-            # One call per path in turn, each timed: the sequential no-op of
-            # every path is measured over the same stretch of time. The median
-            # round trip, because on a busy machine the mean is mostly the few
-            # calls that happened to wait for a CPU.
-            seq = await _round_robin(
-                [(runners[p.key], bound[p.key][0]) for p in order], config.seq_seconds
-            )
-            for path, timings in zip(order, seq, strict=True):
-                row[path.key].noop_seq_us = statistics.median(timings) / 1e3
-                row[path.key].noop_seq_mean_us = statistics.fmean(timings) / 1e3
-                calls[path.key] += len(timings)
+            # Sequential round trips in a short block per path. Taking turns
+            # call by call looked fairer but is not: a round trip then depends
+            # on which pool's thread ran just before, and two identical raw
+            # pools measured that way differed by up to 2x.
+            for path in order:
+                runners[path.key].activate(loop)
+                n, elapsed = await _sequential(bound[path.key][0], config.seq_seconds / len(order))
+                row[path.key].noop_seq_us = elapsed / n * 1e6
+                row[path.key].noop_seq_mean_us = elapsed / n * 1e6
+                calls[path.key] += n
             # Throughput cannot be interleaved call by call: metric-major short
             # slices keep the two sides of a ratio close in time. The no-op
             # runs on threads that hold connections, as in an app: the per-call
@@ -795,7 +780,7 @@ def print_report(report: Report) -> None:
     print(
         f"{WORKERS} workers per path, {CONCURRENCY} concurrent callers, CONN_MAX_AGE=60. "
         f"Speed: {cfg['rounds']} interleaved rounds (sequential no-op: {cfg['seq_seconds']} s "
-        f"of paths taking turns call by call; per path {cfg['c32_seconds']} s of no-op and "
+        f"in one block per path; per path {cfg['c32_seconds']} s of no-op and "
         f"{cfg['orm_seconds']} s of ORM at c32), medians. Lifecycle: "
         f"{cfg['lifecycle_rounds']} run(s) per path of {cfg['lifecycle_seconds']} s."
     )
