@@ -91,6 +91,24 @@ async def run_request(
     return results, leftovers
 
 
+RequestTask = asyncio.Task[tuple[list[Any], list[str] | None]]
+
+
+async def hold_a_lane(lanes: LaneSet) -> tuple[RequestTask, threading.Event]:
+    """Start a request that queries on its lane, then keeps the lane until the gate opens."""
+    gate, started = threading.Event(), threading.Event()
+
+    def hold() -> str:
+        Item.objects.count()
+        started.set()
+        gate.wait(10)
+        return thread_name()
+
+    request = asyncio.create_task(run_request(lanes, hold))
+    await eventually(started.is_set)
+    return request, gate
+
+
 async def test_a_request_without_sync_work_takes_no_lane(make_lanes: MakeLanes) -> None:
     lanes = make_lanes()
     results, leftovers = await run_request(lanes)
@@ -192,16 +210,7 @@ async def test_wait_mode_hands_the_lane_to_the_waiting_request(
 ) -> None:
     db_settings(CONN_MAX_AGE=60)
     lanes = make_lanes(1, full="wait")
-    gate, started = threading.Event(), threading.Event()
-
-    def hold() -> str:
-        Item.objects.count()
-        started.set()
-        gate.wait(10)
-        return thread_name()
-
-    first = asyncio.create_task(run_request(lanes, hold))
-    await eventually(started.is_set)
+    first, gate = await hold_a_lane(lanes)
     # submit() returns at once, without a lane: the loop is not blocked.
     second = asyncio.create_task(run_request(lanes, query_thread, query_thread))
     await eventually(lambda: lanes.stats().waiting == 1)
@@ -219,15 +228,7 @@ async def test_wait_timeout_sends_a_long_waiting_request_to_a_temporary_thread(
 ) -> None:
     db_settings(CONN_MAX_AGE=60)
     lanes = make_lanes(1, full="wait", wait_timeout=0.05)
-    gate, started = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        Item.objects.count()
-        started.set()
-        gate.wait(10)
-
-    first = asyncio.create_task(run_request(lanes, hold))
-    await eventually(started.is_set)
+    first, gate = await hold_a_lane(lanes)
     # The only lane stays busy: after 50 ms the second request stops waiting.
     (names, _) = await asyncio.wait_for(run_request(lanes, query_thread), timeout=10)
     assert "-lane-tmp-" in names[0]
@@ -271,16 +272,7 @@ async def test_temporary_mode_never_waits_and_closes_at_request_end(
 ) -> None:
     db_settings(CONN_MAX_AGE=60)
     lanes = make_lanes(1, full="temporary")
-    gate, started = threading.Event(), threading.Event()
-
-    def hold() -> str:
-        Item.objects.count()
-        started.set()
-        gate.wait(10)
-        return thread_name()
-
-    first = asyncio.create_task(run_request(lanes, hold))
-    await eventually(started.is_set)
+    first, gate = await hold_a_lane(lanes)
     (names, _) = await run_request(lanes, query_thread, query_thread)
     assert names[0] == names[1]
     assert "-lane-tmp-" in names[0]
