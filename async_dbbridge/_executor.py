@@ -126,6 +126,22 @@ class OwnerThread(threading.Thread):
         return [conn for alias, conn in self.wrappers.items() if alias in aliases]
 
 
+def count_connections(
+    threads: Iterable[OwnerThread], retired_opened: Counter[str]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(opened, open now) per alias over ``threads``, with ``retired_opened`` counted in.
+
+    Both dicts have every alias either one has, so they can be compared key by key.
+    """
+    opened = Counter(retired_opened)
+    open_now: Counter[str] = Counter()
+    for thread in threads:
+        opened.update(thread.opened)
+        open_now.update(thread.open_aliases())
+    aliases = sorted(set(opened) | set(open_now))
+    return {a: opened[a] for a in aliases}, {a: open_now[a] for a in aliases}
+
+
 class _Worker(OwnerThread):
     """A pool thread."""
 
@@ -445,19 +461,16 @@ class DBExecutor(ThreadPoolExecutor):
         """A snapshot of the pool: threads, queue, calls and connections per alias."""
         with self._state_lock:
             workers = list(self._workers)
-            opened = Counter(self._retired_opened)
+            retired_opened = Counter(self._retired_opened)
             calls, errors = self._retired_calls, self._retired_errors
             closing = self._closing
-        open_now: Counter[str] = Counter()
         busy = 0
         for worker in workers:
             busy += worker.busy
             calls += worker.calls
             errors += worker.errors
-            opened.update(worker.opened)
-            open_now.update(worker.open_aliases())
+        opened, open_now = count_connections(workers, retired_opened)
         lanes, lanes_in_use = self.lane_counts() if self.lane_counts is not None else (0, 0)
-        aliases = sorted(set(opened) | set(open_now))
         queued = len(self._backlog)
         return ExecutorStats(
             max_workers=self._max_workers,
@@ -467,9 +480,9 @@ class DBExecutor(ThreadPoolExecutor):
             queued=queued,
             calls=calls,
             errors=errors,
-            connections_open={a: open_now[a] for a in aliases},
-            connections_opened={a: opened[a] for a in aliases},
-            connections_closed={a: opened[a] - open_now[a] for a in aliases},
+            connections_open=open_now,
+            connections_opened=opened,
+            connections_closed={a: opened[a] - open_now[a] for a in opened},
             lanes=lanes,
             lanes_in_use=lanes_in_use,
             policy=self._policy.kind,

@@ -48,7 +48,7 @@ from ._connections import (
     initialized_connections,
     prepare_connections,
 )
-from ._executor import ConnectionCounts, OwnerThread, _WorkItem, run_plain
+from ._executor import ConnectionCounts, OwnerThread, _WorkItem, count_connections, run_plain
 
 if TYPE_CHECKING:
     pass
@@ -348,15 +348,11 @@ class LaneSet:
             threads = list(self._alive | self._temporaries)
             in_use, idle = len(self._in_use), len(self._idle)
             temporary, waiting = len(self._temporaries), len(self._waiting)
-            requests, opened = self._retired_requests, Counter(self._retired_opened)
+            requests, retired_opened = self._retired_requests, Counter(self._retired_opened)
             temporaries_started, closing = self._temporaries_started, self._closing
             waits_expired = self._waits_expired
-        open_now: Counter[str] = Counter()
-        for thread in threads:
-            requests += thread.requests
-            opened.update(thread.opened)
-            open_now.update(thread.open_aliases())
-        aliases = sorted(set(opened) | set(open_now))
+        requests += sum(thread.requests for thread in threads)
+        opened, open_now = count_connections(threads, retired_opened)
         return LaneStats(
             size=self._size,
             full=self._full,
@@ -368,8 +364,8 @@ class LaneSet:
             requests=requests,
             temporaries_started=temporaries_started,
             waits_expired=waits_expired,
-            connections_open={a: open_now[a] for a in aliases},
-            connections_opened={a: opened[a] for a in aliases},
+            connections_open=open_now,
+            connections_opened=opened,
             closing=closing,
         )
 
