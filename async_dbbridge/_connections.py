@@ -165,14 +165,17 @@ def in_transaction(conn: BaseDatabaseWrapper) -> bool:
     return conn.connection is not None and conn.autocommit != conn.settings_dict["AUTOCOMMIT"]
 
 
-def prepare_connections(aliases: Iterable[str] | None = None) -> None:
+def prepare_connections(
+    aliases: Iterable[str] | None = None, *, conns: Iterable[BaseDatabaseWrapper] | None = None
+) -> None:
     """Before a call: what ``request_started`` does.
 
     Closes connections past their lifetime or broken by an earlier error, and
     re-arms the health check so the call's first query verifies the connection
-    when ``CONN_HEALTH_CHECKS`` is on.
+    when ``CONN_HEALTH_CHECKS`` is on. ``conns``: the calling thread's own
+    wrappers, when its owner already knows them (skips Django's lookups).
     """
-    for conn in initialized_connections(aliases):
+    for conn in initialized_connections(aliases) if conns is None else conns:
         if conn.connection is not None and not conn.in_atomic_block:
             conn.close_if_unusable_or_obsolete()
 

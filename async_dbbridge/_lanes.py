@@ -14,15 +14,19 @@ Lanes deliberately do no per-call cleanup (unlike :class:`DBExecutor`): the
 calls of one request share its connections and possibly one transaction (an
 atomic block opened by one ``sync_to_async`` call and closed by a later one),
 and closing or rolling back between them would break it. Cleanup happens per
-*request*: when a lane is bound (``prepare_connections``, as ``request_started``)
-and when it is released (roll back a transaction the request left open, close
-connections past ``CONN_MAX_AGE``).
+*request*: when a lane is bound (what Django's ``request_started`` receivers
+do) and when it is released (roll back a transaction the request left open,
+then what ``request_finished``'s ``close_old_connections`` does). Django's own
+receivers therefore stand aside in lane requests, so that a request binds a
+lane only at its first real sync call, and the lane goes back as soon as
+``response.close()`` (which sends ``request_finished``) returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import enum
 import inspect
 import itertools
@@ -35,9 +39,13 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
-from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar
+from typing import Any, Final, Literal, ParamSpec, TypeVar
 
 from asgiref.sync import ThreadSensitiveContext
+from django.core.handlers.asgi import ASGIHandler
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections, reset_queries
+from django.dispatch import Signal
 
 from ._connections import (
     close_all_for_exit,
@@ -50,10 +58,14 @@ from ._connections import (
 )
 from ._executor import ConnectionCounts, OwnerThread, _WorkItem, count_connections, run_plain
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = ("LANES_SUPPORTED", "LaneSet", "LaneStats", "RequestLane", "end_request_cleanup")
+__all__ = (
+    "LANES_SUPPORTED",
+    "LaneSet",
+    "LaneStats",
+    "RequestLane",
+    "current_request_lane",
+    "end_request_cleanup",
+)
 
 logger = logging.getLogger("async_dbbridge")
 
@@ -71,6 +83,104 @@ LaneFull = Literal["temporary", "wait"]
 
 # Every live lane set, so fork and interpreter exit can reach them.
 _lane_sets: weakref.WeakSet[LaneSet] = weakref.WeakSet()
+
+#: The lane of the ASGI request running in this context, ``None`` outside one.
+#: Set by the wrapper around the app: the request's tasks inherit it, and so
+#: do its calls on the lane (asgiref runs them in a copy of the context).
+current_request_lane: contextvars.ContextVar[RequestLane | None] = contextvars.ContextVar(
+    "async_dbbridge_request_lane", default=None
+)
+
+
+# -- Django's request signals in a lane request ---------------------------------
+#
+# Django connects receivers of its own to the request signals: reset_queries
+# and close_old_connections to request_started, close_old_connections to
+# request_finished. They are sync, so ASGIHandler's
+# ``await request_started.asend()`` is a thread-sensitive call: it would bind
+# the request's lane before the view even runs and keep it for the request's
+# whole life — a streaming response or a long poll with no database work would
+# hold a lane throughout — and cost a round trip between the loop and the lane
+# on every request. In a lane request the lane does what those receivers do
+# itself, on its own connections, at the right moments: when it is bound
+# (before the request's first sync call, as request_started) and when it is
+# released (after its last, as request_finished). So inside a lane request,
+# and only there, the two signals leave Django's own receivers out. Receivers
+# of the project still run, on the lane, as before.
+
+LiveReceivers = Callable[[Any], tuple[list[Any], list[Any]]]
+
+
+def _without_djangos_own(live_receivers: LiveReceivers) -> LiveReceivers:
+    def live(sender: Any) -> tuple[list[Any], list[Any]]:
+        sync_receivers, async_receivers = live_receivers(sender)
+        if sync_receivers and current_request_lane.get() is not None:
+            sync_receivers = [
+                receiver
+                for receiver in sync_receivers
+                if receiver is not close_old_connections and receiver is not reset_queries
+            ]
+        return sync_receivers, async_receivers
+
+    live.__wrapped__ = live_receivers  # type: ignore[attr-defined]
+    return live
+
+
+def _release_after_this_call(sender: Any, **kwargs: Any) -> None:
+    """``request_finished`` on a lane: the request's last sync work is running.
+
+    Django sends it from ``response.close()``, the request's last
+    thread-sensitive call; the lane cleans up and goes back as soon as that
+    call returns, instead of staying bound until the event loop comes round
+    to release it (a lane is the scarce resource; the loop, under load, is
+    slow to come round). Only for Django's own ASGI handler: a test client or
+    nested handler sending the signal from inside a view ends nothing.
+    """
+    request = current_request_lane.get()
+    if request is None or not (isinstance(sender, type) and issubclass(sender, ASGIHandler)):
+        return
+    thread = threading.current_thread()
+    if isinstance(thread, _LaneThread) and thread.request is request:
+        thread.release_after_call = True
+
+
+_hooks_lock = threading.Lock()
+_hooks_installed = False
+
+
+def _install_signal_hooks() -> None:
+    """Once per process, when the first lane set is made (idempotent)."""
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        _hooks_installed = True
+        signals: tuple[Signal, ...] = (request_started, request_finished)
+        for signal in signals:
+            live_receivers: LiveReceivers | None = getattr(signal, "_live_receivers", None)
+            # A private method: take it over only in the shape Django 5.0+
+            # gives it, (sync receivers, async receivers). Otherwise lanes
+            # still work, binding on request_started as any sync call would.
+            shape = live_receivers(None) if live_receivers is not None else None
+            if live_receivers is None or not (isinstance(shape, tuple) and len(shape) == 2):
+                logger.debug("%r: Django's receivers stay in lane requests", signal)
+                continue
+            signal._live_receivers = _without_djangos_own(live_receivers)  # type: ignore[method-assign,assignment]
+        request_finished.connect(
+            _release_after_this_call, weak=False, dispatch_uid="async_dbbridge.lanes.release"
+        )
+
+
+def _prepare_lane(thread: _LaneThread) -> None:
+    """On a lane just bound to a request: what Django's ``request_started`` receivers do.
+
+    ``reset_queries`` and ``close_old_connections``, for the lane's own
+    connections (the only ones that ever connected on it: ``thread.wrappers``).
+    """
+    conns = list(thread.wrappers.values())
+    for conn in conns:
+        conn.queries_log.clear()
+    prepare_connections(conns=conns)
 
 
 def end_request_cleanup(*, final: bool) -> list[str]:
@@ -127,6 +237,8 @@ class _LaneThread(OwnerThread):
         # The request this lane serves; written under the lane set's lock.
         self.request: RequestLane | None = None
         self.requests = 0
+        # Set (on this thread) by request_finished: release once the call returns.
+        self.release_after_call = False
 
     def run(self) -> None:
         try:
@@ -147,15 +259,26 @@ class RequestLane(Executor):
     one frees up; ``submit`` itself never blocks the event loop. Once bound,
     every call runs on that one thread, one at a time, in submission order —
     what ``ThreadSensitiveContext`` requires of its executor.
+
+    Calls that come when there is nothing left to share a thread with go to
+    ``fallback`` (the bridge) instead of a lane: calls after the lane was
+    released (``request_finished`` has run), and calls of a request that never
+    had a lane once its response is complete (Django's ``response.close()``
+    after a streaming or long-polling view): such a request never waits for a
+    lane, nor holds one, at all.
     """
 
-    def __init__(self, lanes: LaneSet) -> None:
+    def __init__(self, lanes: LaneSet, fallback: Executor | None = None) -> None:
         self._lanes = lanes
+        self._fallback = fallback
         self._lock = threading.Lock()
         self._thread: _LaneThread | None = None
         self._pending: list[_WorkItem] = []
         self._requested = False
         self._released = False
+        self._response_complete = False
+        # Done when the lane has cleaned up after the request and gone back.
+        self._release_future: Future[list[str]] | None = None
 
     @property
     def thread_name(self) -> str | None:
@@ -167,15 +290,22 @@ class RequestLane(Executor):
         future: Future[_T] = Future()
         job = _WorkItem(future, fn, args, kwargs)
         with self._lock:
-            if self._released:
-                raise RuntimeError("this request has ended; its lane takes no more calls")
-            if self._thread is not None:
-                self._thread.queue.put(job)
-                return future
-            self._pending.append(job)
-            if self._requested:
-                return future
-            self._requested = True
+            if self._released or (self._response_complete and not self._requested):
+                fallback = self._fallback
+                if fallback is None:
+                    raise RuntimeError("this request has ended; its lane takes no more calls")
+            else:
+                fallback = None
+                if self._thread is not None:
+                    self._thread.queue.put(job)
+                    return future
+                self._pending.append(job)
+                if self._requested:
+                    return future
+                self._requested = True
+        if fallback is not None:
+            # Outside the lock: the bridge may start a thread.
+            return fallback.submit(fn, *args, **kwargs)
         try:
             self._lanes._borrow(self)
         except BaseException:
@@ -193,34 +323,58 @@ class RequestLane(Executor):
         # this for a caller-owned executor anyway.
         return None
 
+    def response_complete(self) -> None:
+        """The response's last body message has been sent (called on the loop).
+
+        From now on, a request that never had a lane has only end-of-request
+        work left (``response.close()``), with no connection or transaction
+        of its own to share a thread with: it goes to the fallback.
+        """
+        self._response_complete = True
+
     def release(self) -> Future[list[str]] | None:
         """At request end: queue the cleanup behind the request's last call.
 
         Returns a future for the aliases left in a transaction, done once the
         lane has cleaned up and gone back to the set — or ``None`` if the
-        request never had a lane. The lane goes back even if nobody waits for
-        the future (a cancelled request), so a lane is never lost.
+        request never had a lane. If the lane already released itself (after
+        ``response.close()``), that future is usually done by now. The lane
+        goes back even if nobody waits for the future (a cancelled request),
+        so a lane is never lost.
         """
         if self._requested and self._thread is None:
             # Still waiting for a lane (or being handed one right now).
             self._lanes._forget_waiter(self)
         with self._lock:
             if self._released:
-                return None
+                return self._release_future
             self._released = True
             thread, pending = self._thread, self._pending
             self._pending = []
+            if thread is not None:
+                future = self._release_future = _running_future()
         for job in pending:
             # Only calls of a request that gave up while waiting for a lane.
             job.future.cancel()
         if thread is None:
             return None
-        future: Future[list[str]] = Future()
-        # Running from the start: a cancelled await on the wrapping asyncio
-        # future must not cancel this one, which the lane completes regardless.
-        future.set_running_or_notify_cancel()
         thread.queue.put(_Release(self, future))
         return future
+
+    def _release_from_lane(self, thread: _LaneThread) -> Future[list[str]] | None:
+        """On the lane, after the call that sent ``request_finished``: end here?
+
+        Only if nothing else of the request is queued on the lane: under the
+        lock that ``submit`` queues with, an empty queue stays empty once the
+        request is marked released (later calls go to the fallback), so the
+        lane can go to another request with nothing of this one behind it.
+        """
+        with self._lock:
+            if self._released or self._thread is not thread or not thread.queue.empty():
+                return None
+            self._released = True
+            future = self._release_future = _running_future()
+            return future
 
     def _bind(self, thread: _LaneThread) -> bool:
         """Attach a lane; False if the request ended while it waited for one."""
@@ -229,13 +383,22 @@ class RequestLane(Executor):
                 return False
             self._thread = thread
             # First what request_started does (close obsolete connections,
-            # re-arm health checks) — Django's own handler sends the signal
-            # too, but other ASGI apps do not.
+            # re-arm health checks, reset the query log): Django's own
+            # receivers are left out of lane requests, and other ASGI apps
+            # send no request signals at all.
             thread.queue.put(_Signal.PREPARE)
             for job in self._pending:
                 thread.queue.put(job)
             self._pending.clear()
             return True
+
+
+def _running_future() -> Future[list[str]]:
+    future: Future[list[str]] = Future()
+    # Running from the start: a cancelled await on the wrapping asyncio future
+    # must not cancel this one, which the lane completes regardless.
+    future.set_running_or_notify_cancel()
+    return future
 
 
 @dataclass(frozen=True)
@@ -300,6 +463,7 @@ class LaneSet:
         self._prefix = thread_name_prefix
         self._reset_state()
         _lane_sets.add(self)
+        _install_signal_hooks()
 
     def _reset_state(self) -> None:
         self._lock = threading.Lock()
@@ -333,9 +497,13 @@ class LaneSet:
     def closing(self) -> bool:
         return self._closing
 
-    def request_lane(self) -> RequestLane:
-        """A lazy lane for one request; call its ``release()`` when the request ends."""
-        return RequestLane(self)
+    def request_lane(self, fallback: Executor | None = None) -> RequestLane:
+        """A lazy lane for one request; call its ``release()`` when the request ends.
+
+        ``fallback`` (the bridge) runs the request's calls that need no lane:
+        see :class:`RequestLane`. Without one, such calls raise.
+        """
+        return RequestLane(self, fallback)
 
     def counts(self) -> tuple[int, int]:
         """(lane threads alive, lanes serving a request); temporaries count in both."""
@@ -529,13 +697,22 @@ class LaneSet:
                 continue  # lent out just as it timed out: serve the request
             if isinstance(item, _WorkItem):
                 if item.execute(run_plain):
+                    exiting = False
+                    if thread.release_after_call:
+                        # The call was response.close(): release before its
+                        # result reaches the loop, so the lane is free (or
+                        # serving the next request) when the loop comes round.
+                        thread.release_after_call = False
+                        exiting = self._release_early(thread)
                     item.deliver()
+                    if exiting:
+                        return
             elif isinstance(item, _Release):
                 if self._finish(thread, item):
                     return
             elif item is _Signal.PREPARE:
                 try:
-                    prepare_connections()
+                    _prepare_lane(thread)
                 except Exception:
                     # Like a failed close in request_started: the connection
                     # is forgotten and the request's first query reconnects.
@@ -543,6 +720,17 @@ class LaneSet:
             else:
                 return  # _Signal.STOP
             del item
+
+    def _release_early(self, thread: _LaneThread) -> bool:
+        """After ``request_finished``: end the request now if nothing else of it is queued.
+
+        True: the thread exits (a temporary, or the set is closing).
+        """
+        request = thread.request
+        future = request._release_from_lane(thread) if request is not None else None
+        if future is None:
+            return False  # the loop's release(), queued or to come, ends it
+        return self._finish(thread, _Release(request, future))
 
     def _finish(self, thread: _LaneThread, release: _Release) -> bool:
         """Request end, on the lane: clean up, hand the lane on. True: the thread exits."""

@@ -28,7 +28,7 @@ from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
 from ._connections import TransactionLeftOpenWarning
 from ._executor import DBExecutor
 from ._install import install_default_executor
-from ._lanes import LANES_SUPPORTED, LaneSet, end_request_cleanup
+from ._lanes import LANES_SUPPORTED, LaneSet, current_request_lane, end_request_cleanup
 from .conf import DEFAULT_SHUTDOWN_TIMEOUT, get_settings
 
 __all__ = ("DBBridgeASGIApp", "get_asgi_application")
@@ -136,14 +136,15 @@ class DBBridgeASGIApp:
         kind = scope["type"]
         if kind == "http":
             loop = asyncio.get_running_loop()
-            if loop not in self._executors:
+            executor = self._executors.get(loop)
+            if executor is None:
                 # No lifespan (or a loop it did not run on): set up now, once.
-                self._start(loop, fresh=False)
+                executor = self._start(loop, fresh=False)
             lanes = self._lanes
             if lanes is None:
                 await self._serve_on_request_thread(scope, receive, send)
             else:
-                await self._serve_in_lane(lanes, scope, receive, send)
+                await self._serve_in_lane(lanes, executor, scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         else:
@@ -207,7 +208,7 @@ class DBBridgeASGIApp:
 
     # -- lifecycle ------------------------------------------------------------
 
-    def _start(self, loop: asyncio.AbstractEventLoop, *, fresh: bool) -> None:
+    def _start(self, loop: asyncio.AbstractEventLoop, *, fresh: bool) -> DBExecutor:
         settings = get_settings()
         with self._lock:
             if fresh or self._mode is None:
@@ -243,6 +244,7 @@ class DBBridgeASGIApp:
             executor.lane_counts = lanes.counts if lanes is not None else None
             executor.request_mode = self._mode
             self._executors[loop] = executor
+            return executor
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
@@ -274,24 +276,39 @@ class DBBridgeASGIApp:
     # -- requests -------------------------------------------------------------
 
     async def _serve_in_lane(
-        self, lanes: LaneSet, scope: Scope, receive: Receive, send: Send
+        self, lanes: LaneSet, bridge: DBExecutor, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        request_lane = lanes.request_lane()
+        request_lane = lanes.request_lane(fallback=bridge)
+
+        async def send_and_watch(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                request_lane.response_complete()
+
         leftovers: list[str] = []
+        # Marks the request's context (its tasks, its calls on the lane) as a
+        # lane request: Django's own request-signal receivers stand aside.
+        token = current_request_lane.set(request_lane)
         try:
             # Entered around the whole app call, so Django's own inner
             # ThreadSensitiveContext() finds this one and adds none, and the
             # response (streaming content included) and request_finished run
             # inside it.
             async with ThreadSensitiveContext(executor=request_lane):
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, send_and_watch)
         finally:
+            current_request_lane.reset(token)
             # The app has returned: every sync call of the request is done or
             # queued on the lane, and the release is queued behind them — the
-            # lane cleans up only after the request's last call.
+            # lane cleans up only after the request's last call. Under Django
+            # the lane usually released itself already, right after
+            # response.close(), and the future is done: no round trip.
             released = request_lane.release()
             if released is not None:
-                leftovers = await asyncio.wrap_future(released)
+                if released.done():
+                    leftovers = released.result()
+                else:
+                    leftovers = await asyncio.wrap_future(released)
                 if leftovers:
                     logger.warning(_leftover_message(scope, leftovers))
         if leftovers:

@@ -20,10 +20,10 @@ from pytest_django.fixtures import Settings as SettingsWrapper
 
 import async_dbbridge.asgi
 from async_dbbridge import TransactionLeftOpenWarning, get_bridge_executor
-from async_dbbridge._lanes import LANES_SUPPORTED
+from async_dbbridge._lanes import LANES_SUPPORTED, LaneSet
 from async_dbbridge.asgi import DBBridgeASGIApp, get_asgi_application
 from async_dbbridge.testing import server_session_count, wait_for_server_sessions
-from tests.conftest import SetSetting
+from tests.conftest import SetSetting, kill_backend
 from tests.e2e_project.driver import Lifespan, Response, call_http
 from tests.e2e_project.settings import OVERRIDES
 from tests.e2e_project.views import probe
@@ -347,7 +347,7 @@ async def test_connections_are_reused_across_requests(
 
 
 @requires_lanes
-async def test_conn_max_age_zero_closes_at_request_end_via_django_signals(
+async def test_conn_max_age_zero_closes_at_request_end(
     make_app: MakeApp, db_settings: SetSetting
 ) -> None:
     db_settings(CONN_MAX_AGE=0)
@@ -356,7 +356,7 @@ async def test_conn_max_age_zero_closes_at_request_end_via_django_signals(
         assert (await call_http(app, "/sync-query/")).status == 200
     assert app.lanes is not None
     stats = app.lanes.stats()
-    # Opened per request (it did connect), closed by request_finished.
+    # Opened per request (it did connect), closed when the request ended.
     assert stats.connections_opened == {"default": 3}
     assert stats.connections_open == {"default": 0}
     await sessions_become(0)
@@ -374,6 +374,131 @@ async def test_a_pure_async_app_takes_no_lane(make_app: MakeApp) -> None:
     stats = app.lanes.stats()
     assert (stats.lanes, stats.requests, stats.temporaries_started) == (0, 0, 0)
     assert lane_threads() == []
+
+
+@requires_lanes
+@pytest.mark.parametrize("view", ["async-stream", "long-poll"])
+async def test_a_django_request_without_sync_work_takes_no_lane(
+    make_app: MakeApp, project: SettingsWrapper, view: str
+) -> None:
+    # No sync middleware: the request's only thread-sensitive work would be
+    # Django's own request-signal receivers (left to the lane) and, at the
+    # end, response.close() — which runs on the bridge, as no lane is bound.
+    project.MIDDLEWARE = []
+    finished_on: list[str] = []
+
+    def record(**kwargs: object) -> None:
+        finished_on.append(threading.current_thread().name)
+
+    app = make_app(LANES=1, LANE_FULL="wait", LANE_WAIT_TIMEOUT=None)
+    request_finished.connect(record, dispatch_uid="test-record-finish")
+    try:
+        # The only lane is taken, and requests wait for a lane for ever: had
+        # the request wanted one at any point, it could not finish.
+        busy = asyncio.create_task(call_http(app, "/gate/busy/"))
+        await entered("busy")
+        probe.async_gates["poll"] = asyncio.Event()
+        request = asyncio.create_task(call_http(app, f"/{view}/poll/"))
+        await entered("poll")
+        lanes = app.lanes
+        assert lanes is not None
+        stats = lanes.stats()
+        assert (stats.lanes, stats.in_use, stats.waiting) == (1, 1, 0)
+        probe.async_gates["poll"].set()
+        response = await asyncio.wait_for(request, timeout=10)
+        assert response.status == 200
+        assert finished_on
+        assert "-lane-" not in finished_on[0]
+        assert finished_on[0].startswith("dbbridge-")
+        assert lanes.stats().waiting == 0
+        assert lanes.stats().temporaries_started == 0
+    finally:
+        request_finished.disconnect(dispatch_uid="test-record-finish")
+        probe.gates["busy"].set()
+    assert (await busy).status == 200
+    assert lanes.stats().requests == 1  # only the one that queried
+
+
+@requires_lanes
+async def test_the_lane_goes_back_as_soon_as_response_close_returns(
+    make_app: MakeApp,
+) -> None:
+    # Django sends request_finished from response.close(), its request's last
+    # sync call: the lane cleans up and goes back right there, not when the
+    # event loop next gets to the request. Sync work the request does after
+    # that has no lane to share and runs on the bridge.
+    seen: dict[str, Any] = {}
+    django_app = ASGIHandler()
+
+    def after_the_request() -> str:
+        return (Item.objects.count(), threading.current_thread().name)[1]
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        await django_app(scope, receive, send)
+        lanes = app.lanes
+        assert lanes is not None
+        # The wrapper has not released anything yet: the lane did it itself.
+        seen["stats"] = lanes.stats()
+        seen["later"] = await sync_to_async(after_the_request)()
+
+    app = make_app(inner, LANES=1)
+    response = await call_http(app, "/sync-query/")
+    assert response.json()["thread"].startswith("dbbridge-lane-")
+    stats = seen["stats"]
+    assert (stats.in_use, stats.idle, stats.requests) == (0, 1, 1)
+    assert "-lane-" not in seen["later"]
+    assert seen["later"].startswith("dbbridge-")
+
+
+def test_djangos_own_request_signal_receivers_stand_aside_only_in_lane_requests() -> None:
+    from django.db import close_old_connections, reset_queries
+
+    from async_dbbridge._lanes import current_request_lane
+
+    lanes = LaneSet(1)  # the first lane set installs the hooks
+    try:
+        started, _ = request_started._live_receivers(None)
+        finished, _ = request_finished._live_receivers(None)
+        assert close_old_connections in started
+        assert reset_queries in started
+        assert close_old_connections in finished
+        token = current_request_lane.set(lanes.request_lane())
+        try:
+            started, _ = request_started._live_receivers(None)
+            finished, _ = request_finished._live_receivers(None)
+        finally:
+            current_request_lane.reset(token)
+        assert close_old_connections not in started
+        assert reset_queries not in started
+        assert close_old_connections not in finished
+    finally:
+        lanes.close()
+        assert lanes.join(10)
+
+
+@requires_lanes
+@pytest.mark.requires_server
+@pytest.mark.parametrize("health_checks", [True, False])
+async def test_lanes_honour_conn_health_checks_like_wsgi(
+    make_app: MakeApp, db_settings: SetSetting, health_checks: bool
+) -> None:
+    # Django's own request_started receiver (which re-arms the health check)
+    # is left out of lane requests: the lane re-arms it when it is bound.
+    db_settings(CONN_MAX_AGE=60, CONN_HEALTH_CHECKS=health_checks)
+    app = make_app(LANES=1)
+    first = await call_http(app, "/backend/")
+    assert first.status == 200
+    await orm(functools.partial(kill_backend, "default", first.json()["backend"]))
+    statuses = [(await call_http(app, "/backend/")).status for _ in range(3)]
+    if health_checks:
+        # The dead connection is noticed before the request's first query.
+        assert statuses == [200, 200, 200]
+    else:
+        # As under WSGI: the first request fails, and its end closes the
+        # broken connection, so the next reconnect.
+        assert statuses == [500, 200, 200]
+    assert app.lanes is not None
+    assert app.lanes.stats().connections_opened == {"default": 2}
 
 
 @requires_lanes

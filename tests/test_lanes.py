@@ -389,6 +389,37 @@ def test_request_lane_is_an_executor_that_owns_no_threads() -> None:
     assert lanes.join(10)
 
 
+async def test_calls_with_no_lane_to_share_go_to_the_fallback(make_lanes: MakeLanes) -> None:
+    lanes = make_lanes(1)
+    fallback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fallback")
+    try:
+        # A request that never had a lane, once its response is complete.
+        lane = lanes.request_lane(fallback=fallback)
+        lane.response_complete()
+        assert lane.submit(thread_name).result(timeout=10).startswith("fallback")
+        assert lane.release() is None
+        assert lanes.counts() == (0, 0)
+        # A request whose lane was released: what comes after runs elsewhere.
+        lane = lanes.request_lane(fallback=fallback)
+        assert lane.submit(thread_name).result(timeout=10).startswith("dbbridge-lane-")
+        lane.response_complete()  # bound already: its calls stay on the lane
+        assert lane.submit(thread_name).result(timeout=10).startswith("dbbridge-lane-")
+        released = lane.release()
+        assert released is not None
+        assert released.result(timeout=10) == []
+        assert lane.submit(thread_name).result(timeout=10).startswith("fallback")
+        assert lanes.stats().requests == 1
+    finally:
+        fallback.shutdown()
+
+
+def test_without_a_fallback_calls_after_release_are_refused(make_lanes: MakeLanes) -> None:
+    lane = make_lanes(1).request_lane()
+    assert lane.release() is None
+    with pytest.raises(RuntimeError, match="this request has ended"):
+        lane.submit(thread_name)
+
+
 async def test_a_lane_that_cannot_start_fails_the_call_not_the_set(
     make_lanes: MakeLanes, monkeypatch: pytest.MonkeyPatch
 ) -> None:

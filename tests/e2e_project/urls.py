@@ -16,5 +16,8 @@ urlpatterns = [
     path("default-executor/", views.default_executor),
     path("gate/<str:name>/", views.gate),
     path("stream/<str:name>/", views.stream),
+    path("async-stream/<str:name>/", views.async_stream),
+    path("long-poll/<str:name>/", views.long_poll),
+    path("backend/", views.backend),
     path("leave-atomic/", views.leave_atomic),
 ]

@@ -127,6 +127,33 @@ def stream(request: HttpRequest, name: str) -> StreamingHttpResponse:
     return StreamingHttpResponse(body())
 
 
+async def async_stream(request: HttpRequest, name: str) -> StreamingHttpResponse:
+    """An async view streaming from the event loop, no sync work: needs no lane."""
+    opened = probe.async_gates[name]
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"start;"
+        probe.entered[name].set()
+        await opened.wait()
+        yield b"end"
+
+    return StreamingHttpResponse(body())
+
+
+async def long_poll(request: HttpRequest, name: str) -> HttpResponse:
+    """An async view that waits for an event before it answers: needs no lane."""
+    probe.entered[name].set()
+    await probe.async_gates[name].wait()
+    return HttpResponse("event")
+
+
+def backend(request: HttpRequest) -> JsonResponse:
+    """The server's id for this thread's session."""
+    from tests.conftest import backend_id
+
+    return JsonResponse({"backend": backend_id(), "thread": _thread()})
+
+
 def leave_atomic(request: HttpRequest) -> HttpResponse:
     """A bug: the atomic block is entered and never left."""
     transaction.atomic().__enter__()
