@@ -275,7 +275,7 @@ class _LoopItem:
         self,
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Any],
-        context: contextvars.Context,
+        context: contextvars.Context | None,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: Any,

@@ -35,11 +35,11 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
-from typing import Any, Final, Literal, ParamSpec, TypeVar
+from typing import Any, Final, Literal, ParamSpec, TypeVar, cast
 
 from asgiref.sync import ThreadSensitiveContext
 from django.core.handlers.asgi import ASGIHandler
@@ -56,7 +56,14 @@ from ._connections import (
     initialized_connections,
     prepare_connections,
 )
-from ._executor import ConnectionCounts, OwnerThread, _WorkItem, count_connections, run_plain
+from ._executor import (
+    ConnectionCounts,
+    OwnerThread,
+    _LoopItem,
+    _WorkItem,
+    count_connections,
+    run_plain,
+)
 
 __all__ = (
     "LANES_SUPPORTED",
@@ -109,6 +116,7 @@ current_request_lane: contextvars.ContextVar[RequestLane | None] = contextvars.C
 # of the project still run, on the lane, as before.
 
 LiveReceivers = Callable[[Any], tuple[list[Any], list[Any]]]
+AsyncSend = Callable[..., Awaitable[list[tuple[Any, Any]]]]
 
 
 def _without_djangos_own(live_receivers: LiveReceivers) -> LiveReceivers:
@@ -124,6 +132,24 @@ def _without_djangos_own(live_receivers: LiveReceivers) -> LiveReceivers:
 
     live.__wrapped__ = live_receivers  # type: ignore[attr-defined]
     return live
+
+
+def _nothing_to_send_in_lane_requests(signal: Signal, asend: AsyncSend) -> AsyncSend:
+    """``asend`` returning at once when, Django's own receivers aside, nobody listens.
+
+    What Django's ``asend`` would return too, without its gather of an empty
+    sync batch and an empty async batch (in Django 5.2, a task per request).
+    """
+
+    async def send(sender: Any, **named: Any) -> list[tuple[Any, Any]]:
+        if current_request_lane.get() is not None:
+            sync_receivers, async_receivers = signal._live_receivers(sender)
+            if not sync_receivers and not async_receivers:
+                return []
+        return await asend(sender, **named)
+
+    send.__wrapped__ = asend  # type: ignore[attr-defined]
+    return send
 
 
 def _release_after_this_call(sender: Any, **kwargs: Any) -> None:
@@ -166,6 +192,7 @@ def _install_signal_hooks() -> None:
                 logger.debug("%r: Django's receivers stay in lane requests", signal)
                 continue
             signal._live_receivers = _without_djangos_own(live_receivers)  # type: ignore[method-assign,assignment]
+            signal.asend = _nothing_to_send_in_lane_requests(signal, signal.asend)  # type: ignore[method-assign,assignment]
         request_finished.connect(
             _release_after_this_call, weak=False, dispatch_uid="async_dbbridge.lanes.release"
         )
@@ -223,7 +250,8 @@ class _Release:
         self.future = future
 
 
-_Item = _WorkItem | _Release | _Signal
+_Job = _WorkItem | _LoopItem
+_Item = _WorkItem | _LoopItem | _Release | _Signal
 
 
 class _LaneThread(OwnerThread):
@@ -273,10 +301,12 @@ class RequestLane(Executor):
         self._fallback = fallback
         self._lock = threading.Lock()
         self._thread: _LaneThread | None = None
-        self._pending: list[_WorkItem] = []
+        self._pending: list[_Job] = []
         self._requested = False
         self._released = False
         self._response_complete = False
+        # With a LANE_WAIT_TIMEOUT: when waiting for a lane ends in a temporary.
+        self._wait_deadline = 0.0
         # Done when the lane has cleaned up after the request and gone back.
         self._release_future: Future[list[str]] | None = None
 
@@ -287,8 +317,27 @@ class RequestLane(Executor):
         return thread.name if thread is not None else None
 
     def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
-        future: Future[_T] = Future()
-        job = _WorkItem(future, fn, args, kwargs)
+        """Run ``fn`` on this request's lane; never blocks.
+
+        Called on an event loop — as ``ThreadSensitiveContext`` always does,
+        through ``loop.run_in_executor()`` — it returns the loop's own
+        :class:`asyncio.Future`, which ``run_in_executor``'s ``wrap_future()``
+        passes through unchanged, and the lane completes it with one
+        ``call_soon_threadsafe``: no :class:`concurrent.futures.Future` (a
+        ``Condition`` per call) and no future-chaining between the two, on
+        every sync call of every request. Called anywhere else, a
+        :class:`concurrent.futures.Future`.
+        """
+        job: _Job
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            future: Future[_T] = Future()
+            job = _WorkItem(future, fn, args, kwargs)
+        else:
+            on_loop: asyncio.Future[_T] = loop.create_future()
+            job = _LoopItem(loop, on_loop, None, fn, args, kwargs)
+            future = cast("Future[_T]", on_loop)
         with self._lock:
             if self._released or (self._response_complete and not self._requested):
                 fallback = self._fallback
@@ -311,6 +360,9 @@ class RequestLane(Executor):
         except BaseException:
             # No thread could be started: fail this call (run_in_executor
             # raises it to the awaiting request) and let the next one retry.
+            # The future was never handed out: cancelled, it is not reported
+            # as an exception nobody retrieved.
+            job.future.cancel()
             with self._lock:
                 self._thread = None
                 self._requested = False
@@ -355,7 +407,7 @@ class RequestLane(Executor):
                 future = self._release_future = _running_future()
         for job in pending:
             # Only calls of a request that gave up while waiting for a lane.
-            job.future.cancel()
+            job.cancel()
         if thread is None:
             return None
         thread.queue.put(_Release(self, future))
@@ -478,6 +530,8 @@ class LaneSet:
         # Every started thread until its very last step: what join() waits for.
         self._running: set[_LaneThread] = set()
         self._waiting: deque[RequestLane] = deque()
+        # (loop, token) of the one timer that expires waits, if armed.
+        self._wait_expiry: tuple[asyncio.AbstractEventLoop, object] | None = None
         self._temporaries_started = 0
         self._waits_expired = 0
         self._retired_requests = 0
@@ -600,7 +654,8 @@ class LaneSet:
                 # awaited by the event loop, not blocking it.
                 self._waiting.append(request)
                 if self._wait_timeout is not None:
-                    self._expire_wait_later(request, self._wait_timeout)
+                    request._wait_deadline = time.monotonic() + self._wait_timeout
+                    self._arm_wait_expiry(self._wait_timeout)
                 return
             else:
                 thread = None
@@ -641,32 +696,50 @@ class LaneSet:
                     item = thread.queue.get_nowait()
                 except Empty:
                     break
-                if isinstance(item, _WorkItem):
+                if isinstance(item, (_WorkItem, _LoopItem)):
                     item.fail(exc)
             raise
 
-    def _expire_wait_later(self, request: RequestLane, timeout: float) -> None:
-        # A timer on the request's own loop (submit runs there), not a thread
-        # per waiting request. Never cancelled: when it fires it does nothing
-        # unless the request is still waiting.
+    def _arm_wait_expiry(self, delay: float) -> None:
+        """Under the lock, on the event loop: make sure a timer will expire waits.
+
+        One timer for the whole queue, not one per waiting request: waiters are
+        queued in arrival order with the same timeout, so the head's deadline
+        is the next one due, and the timer re-arms itself for the new head.
+        A timer on a loop other than the running one (a loop that stopped,
+        in tests) is replaced; its token no longer matches when it fires.
+        """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # submit() called outside an event loop: wait without limit
-        loop.call_later(timeout, self._wait_expired, request)
+        armed = self._wait_expiry
+        if armed is not None and armed[0] is loop:
+            return
+        token = object()
+        loop.call_later(delay, self._expire_waits, token)
+        self._wait_expiry = (loop, token)
 
-    def _wait_expired(self, request: RequestLane) -> None:
+    def _expire_waits(self, token: object) -> None:
+        """On the loop, when the queue head's deadline is due: temporaries for the late."""
+        now = time.monotonic()
         with self._lock:
+            armed = self._wait_expiry
+            if armed is None or armed[1] is not token:
+                return  # replaced by a timer on another loop
+            self._wait_expiry = None
+            expired: list[RequestLane] = []
+            while self._waiting and self._waiting[0]._wait_deadline <= now:
+                expired.append(self._waiting.popleft())
+            self._waits_expired += len(expired)
+            if self._waiting:
+                self._arm_wait_expiry(max(0.0, self._waiting[0]._wait_deadline - now))
+        for request in expired:
             try:
-                self._waiting.remove(request)
-            except ValueError:
-                return  # it got a lane, or ended
-            self._waits_expired += 1
-        try:
-            self._lend_temporary(request)
-        except Exception:
-            # Its calls have been failed with the error (see _start).
-            logger.warning("no thread for a request that waited too long", exc_info=True)
+                self._lend_temporary(request)
+            except Exception:
+                # Its calls have been failed with the error (see _start).
+                logger.warning("no thread for a request that waited too long", exc_info=True)
 
     def _forget_waiter(self, request: RequestLane) -> None:
         with self._lock:
@@ -695,7 +768,7 @@ class LaneSet:
                 if self._retire(thread):
                     return
                 continue  # lent out just as it timed out: serve the request
-            if isinstance(item, _WorkItem):
+            if isinstance(item, (_WorkItem, _LoopItem)):
                 if item.execute(run_plain):
                     exiting = False
                     if thread.release_after_call:

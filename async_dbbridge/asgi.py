@@ -69,23 +69,28 @@ class DBBridgeASGIApp:
         application = DBBridgeASGIApp(django.core.asgi.get_asgi_application())
 
     **HTTP:** each request runs inside ``ThreadSensitiveContext(executor=lane)``:
-    every thread-sensitive ``sync_to_async`` call it makes — Django's request
-    signals, sync middleware, sync views, ``aget()``/``acreate()``... — runs on
-    one lane thread, borrowed lazily on the request's first such call and given
-    back when the request has finished (after the response, streaming
-    included, and ``request_finished``). (Under Django that first call is the
-    ``request_started`` signal, whose ``close_old_connections`` receiver is
-    sync: every Django request takes a lane for its whole life.) A transaction
-    the request left open is rolled back and reported with
-    :class:`TransactionLeftOpenWarning`. ``db_call`` and the default executor
-    use the bridge, a separate pool, so they never wait for a lane.
+    every thread-sensitive ``sync_to_async`` call it makes — sync middleware
+    (``MiddlewareMixin`` included), sync views, ``aget()``/``acreate()``, the
+    project's request-signal receivers... — runs on one lane thread, borrowed
+    lazily on the request's first such call and given back as soon as
+    Django's ``response.close()`` (which sends ``request_finished``) returns.
+    Django's own request-signal receivers stand aside in lane requests (the
+    lane does their work when bound and given back), so a request with no
+    sync work of its own — a streaming or long-polling async view — takes no
+    lane at all. A transaction the request left open is rolled back and
+    reported with :class:`TransactionLeftOpenWarning`. ``db_call`` and the
+    default executor use the bridge, a separate pool, so they never wait for
+    a lane; so do the sync calls of a request that has no lane left to share
+    (after its lane was given back, or, without one, once its response is
+    complete).
 
     **All lanes busy** (``LANE_FULL``): ``"wait"`` (the default) queues the
     request, without blocking the loop, until a lane is free: a warm lane
     beats a new connection, and connections stay within ``LANES`` +
-    ``MAX_WORKERS`` per alias. A request holds its lane for as long as it
-    lasts, though, so a few long ones (streaming to slow clients, long polls)
-    could stall the others: a request that has waited ``LANE_WAIT_TIMEOUT``
+    ``MAX_WORKERS`` per alias. A request holds its lane from its first sync
+    call to its end, though, so a few long ones (streaming to slow clients,
+    long polls behind sync middleware) could stall the others: a request that
+    has waited ``LANE_WAIT_TIMEOUT``
     seconds (default 1; ``None``: for ever) runs on a temporary thread whose
     connections are closed when it ends. ``"temporary"`` does that at once,
     never waiting, at the price of a connect per request beyond the lanes.

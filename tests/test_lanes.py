@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import threading
 import time
@@ -243,6 +244,36 @@ async def test_wait_timeout_sends_a_long_waiting_request_to_a_temporary_thread(
     assert lanes.stats().waits_expired == 1
 
 
+async def test_waits_expire_in_arrival_order_each_after_its_own_timeout(
+    make_lanes: MakeLanes,
+) -> None:
+    lanes = make_lanes(1, full="wait", wait_timeout=0.2)
+    first, gate = await hold_a_lane(lanes)
+    try:
+        loop = asyncio.get_running_loop()
+        ended: list[tuple[int, float]] = []
+
+        async def waiter(n: int) -> None:
+            began = loop.time()
+            (names, _) = await run_request(lanes, thread_name)
+            assert "-lane-tmp-" in names[0]
+            ended.append((n, loop.time() - began))
+
+        # Staggered arrivals: one timer for the queue must still give each
+        # request its full timeout, no more (and no less) than its own.
+        tasks = []
+        for n in range(3):
+            tasks.append(asyncio.create_task(waiter(n)))
+            await eventually(functools.partial(lambda n: lanes.stats().waiting == n + 1, n))
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
+        assert [n for n, _ in ended] == [0, 1, 2]
+        assert all(waited >= 0.2 for _, waited in ended), ended
+        assert lanes.stats().waits_expired == 3
+    finally:
+        gate.set()
+        await first
+
+
 async def test_a_request_that_gives_up_waiting_leaves_no_trace(make_lanes: MakeLanes) -> None:
     lanes = make_lanes(1, full="wait")
     gate, started = threading.Event(), threading.Event()
@@ -392,25 +423,43 @@ def test_request_lane_is_an_executor_that_owns_no_threads() -> None:
 async def test_calls_with_no_lane_to_share_go_to_the_fallback(make_lanes: MakeLanes) -> None:
     lanes = make_lanes(1)
     fallback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fallback")
+    loop = asyncio.get_running_loop()
     try:
         # A request that never had a lane, once its response is complete.
         lane = lanes.request_lane(fallback=fallback)
         lane.response_complete()
-        assert lane.submit(thread_name).result(timeout=10).startswith("fallback")
+        assert (await loop.run_in_executor(lane, thread_name)).startswith("fallback")
         assert lane.release() is None
         assert lanes.counts() == (0, 0)
         # A request whose lane was released: what comes after runs elsewhere.
         lane = lanes.request_lane(fallback=fallback)
-        assert lane.submit(thread_name).result(timeout=10).startswith("dbbridge-lane-")
+        assert (await loop.run_in_executor(lane, thread_name)).startswith("dbbridge-lane-")
         lane.response_complete()  # bound already: its calls stay on the lane
-        assert lane.submit(thread_name).result(timeout=10).startswith("dbbridge-lane-")
+        assert (await loop.run_in_executor(lane, thread_name)).startswith("dbbridge-lane-")
         released = lane.release()
         assert released is not None
-        assert released.result(timeout=10) == []
-        assert lane.submit(thread_name).result(timeout=10).startswith("fallback")
+        assert await asyncio.wrap_future(released) == []
+        assert (await loop.run_in_executor(lane, thread_name)).startswith("fallback")
         assert lanes.stats().requests == 1
     finally:
         fallback.shutdown()
+
+
+async def test_on_the_loop_submit_hands_back_the_loops_own_future(
+    make_lanes: MakeLanes,
+) -> None:
+    # What run_in_executor() passes through unchanged (no concurrent future
+    # and no chaining on the hot path); off the loop, a concurrent future.
+    lane = make_lanes(1).request_lane()
+    on_loop: object = lane.submit(thread_name)
+    assert isinstance(on_loop, asyncio.Future)
+    assert (await on_loop).startswith("dbbridge-lane-")
+    off_loop_future: object = await off_loop(lane.submit, thread_name)
+    assert isinstance(off_loop_future, concurrent.futures.Future)
+    assert off_loop_future.result(timeout=10).startswith("dbbridge-lane-")
+    released = lane.release()
+    assert released is not None
+    assert await asyncio.wrap_future(released) == []
 
 
 def test_without_a_fallback_calls_after_release_are_refused(make_lanes: MakeLanes) -> None:
