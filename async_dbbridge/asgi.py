@@ -26,7 +26,7 @@ from typing import Any, Literal
 from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
 
 from ._connections import TransactionLeftOpenWarning
-from ._executor import DBExecutor
+from ._executor import DBExecutor, _deliver
 from ._install import install_default_executor
 from ._lanes import LANES_SUPPORTED, LaneSet, current_request_lane, end_request_cleanup
 from .conf import DEFAULT_SHUTDOWN_TIMEOUT, get_settings
@@ -190,7 +190,7 @@ class DBBridgeASGIApp:
             except BaseException as exc:
                 error = exc
             try:
-                loop.call_soon_threadsafe(_settle, done, drained, error)
+                loop.call_soon_threadsafe(_deliver, done, drained, error)
             except RuntimeError:
                 pass  # the loop is gone (we timed out and it ended): nobody waits
 
@@ -355,15 +355,6 @@ def _has_own_thread(context: ThreadSensitiveContext) -> bool:
     """
     executors: Mapping[object, object] = getattr(SyncToAsync, "context_to_thread_executor", {})
     return getattr(context, "token", None) is not None and context in executors
-
-
-def _settle(future: asyncio.Future[bool], drained: bool, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(drained)
 
 
 def _leftover_message(scope: Scope, aliases: list[str]) -> str:
