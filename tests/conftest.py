@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import asyncio
+import functools
 import gc
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import pytest
 from django.db import connections
@@ -77,6 +81,32 @@ def main_thread_closed() -> Iterator[None]:
         wait_for_server_sessions(alias, 0)
     yield
     connections.close_all()
+
+
+_T = TypeVar("_T")
+
+# Session counts and thread joins are blocking calls: run them off the event
+# loop (Django refuses database I/O on it), on a thread that is not a bridge
+# worker, so it does not show up in the bridge's stats.
+_off_loop = ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-off-loop")
+
+
+async def off_loop(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_off_loop, functools.partial(fn, *args, **kwargs))
+
+
+async def sessions_become(expected: int | Callable[[int], bool], alias: str = "default") -> int:
+    return await off_loop(wait_for_server_sessions, alias, expected, timeout=10.0)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Bounded polling on the event loop (it keeps serving requests meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.005)
 
 
 def bridge_threads() -> list[threading.Thread]:

@@ -6,9 +6,7 @@ import asyncio
 import functools
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pytest
@@ -22,8 +20,8 @@ import async_dbbridge.asgi
 from async_dbbridge import TransactionLeftOpenWarning, get_bridge_executor
 from async_dbbridge._lanes import LANES_SUPPORTED, LaneSet
 from async_dbbridge.asgi import DBBridgeASGIApp, get_asgi_application
-from async_dbbridge.testing import server_session_count, wait_for_server_sessions
-from tests.conftest import SetSetting, kill_backend
+from async_dbbridge.testing import server_session_count
+from tests.conftest import SetSetting, eventually, kill_backend, off_loop, sessions_become
 from tests.e2e_project.driver import Lifespan, Response, call_http
 from tests.e2e_project.settings import OVERRIDES
 from tests.e2e_project.views import probe
@@ -36,16 +34,6 @@ pytestmark = [
 
 _T = TypeVar("_T")
 
-# Session counts and thread joins are blocking calls: run them off the event
-# loop (Django refuses database I/O on it), on a thread that is not a bridge
-# worker, so it does not show up in the bridge's stats.
-_off_loop = ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-off-loop")
-
-
-async def off_loop(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_off_loop, functools.partial(fn, *args, **kwargs))
-
 
 def _then_close(fn: Callable[[], _T]) -> _T:
     try:
@@ -57,19 +45,6 @@ def _then_close(fn: Callable[[], _T]) -> _T:
 async def orm(fn: Callable[[], _T]) -> _T:
     """A query of the test's own, on a thread that closes its connection after."""
     return await off_loop(_then_close, fn)
-
-
-async def sessions_become(expected: int | Callable[[int], bool], alias: str = "default") -> int:
-    return await off_loop(wait_for_server_sessions, alias, expected, timeout=10.0)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Bounded polling on the event loop (it keeps serving requests meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.005)
 
 
 async def entered(name: str) -> None:

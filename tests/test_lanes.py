@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import functools
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -16,8 +15,8 @@ from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connection, connections, transaction
 
 from async_dbbridge._lanes import LANES_SUPPORTED, LaneSet, RequestLane
-from async_dbbridge.testing import server_session_count, wait_for_server_sessions
-from tests.conftest import SetSetting
+from async_dbbridge.testing import server_session_count
+from tests.conftest import SetSetting, eventually, off_loop, sessions_become
 from tests.testapp.models import Item
 
 pytestmark = [
@@ -27,26 +26,6 @@ pytestmark = [
 ]
 
 _T = TypeVar("_T")
-
-_off_loop = ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-off-loop")
-
-
-async def off_loop(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_off_loop, functools.partial(fn, *args, **kwargs))
-
-
-async def sessions_become(expected: int, alias: str = "default") -> int:
-    return await off_loop(wait_for_server_sessions, alias, expected, timeout=10.0)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.005)
-
 
 MakeLanes = Callable[..., LaneSet]
 
