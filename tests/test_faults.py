@@ -144,11 +144,15 @@ async def test_connections_dropped_mid_load_recover_with_health_checks(
     try:
         await wait_until(lambda: len(load.before) >= 100, "calls before the fault")
         await wait_until(lambda: executor.stats().busy >= 4, "calls in flight")
+        if fault == "restart":
+            # The server "restarts": it refuses connections from the moment its
+            # sessions drop (refusing only after the drop would let the workers
+            # reconnect in between, and then nothing would ever be refused).
+            proxy.refuse_new()
         dropped = await off_loop(proxy.drop_all)
         assert dropped >= 1  # the workers' connections really were there
         if fault == "restart":
-            # The server "restarts": it refuses connections for a while, then is back.
-            proxy.refuse_new()
+            # ... for a while, then it is back.
             await wait_until(lambda: proxy.refused_connections >= 5, "refused connects")
             proxy.accept_new()
         load.mark.set()
