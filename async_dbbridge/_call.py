@@ -62,35 +62,39 @@ async def db_call(fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) 
     """Run a sync function that uses the Django ORM on the bridge, and await it.
 
     These two lines are equivalent, except that the second never leaks the
-    thread's database connection::
+    thread's database connection:
 
-        await asyncio.to_thread(fn, *args, **kwargs)
-        await db_call(fn, *args, **kwargs)
+    ```python
+    # Not runnable: fn and its arguments stand for yours, in an async function.
+    await asyncio.to_thread(fn, *args, **kwargs)
+    await db_call(fn, *args, **kwargs)
+    ```
 
     The call runs on the executor installed on the running loop with
-    :func:`install_default_executor` (or set as its default), else on the
-    process-wide bridge built from ``settings.ASYNC_DBBRIDGE``. Its connections
-    are prepared and cleaned up like a request's (see :class:`Policy`).
-    Context variables are copied into the call, as ``asyncio.to_thread`` does.
+    [`install_default_executor`][async_dbbridge.install_default_executor] (or set
+    as its default), else on the process-wide bridge built from
+    `settings.ASYNC_DBBRIDGE`. Its connections are prepared and cleaned up like
+    a request's (see [`Policy`][async_dbbridge.Policy]). Context variables are
+    copied into the call, as `asyncio.to_thread` does.
 
     **Cancellation:** a call that has not started when the awaiting task is
     cancelled never runs. A call that is already running cannot be interrupted:
     it finishes in its thread and its connections are cleaned up, but its result
-    is dropped, and the awaiting task sees :exc:`asyncio.CancelledError` at once,
+    is dropped, and the awaiting task sees `asyncio.CancelledError` at once,
     without waiting for it.
 
     Args:
         fn: A sync callable.
-        *args: Positional arguments for ``fn``.
-        **kwargs: Keyword arguments for ``fn``.
+        *args: Positional arguments for `fn`.
+        **kwargs: Keyword arguments for `fn`.
 
     Returns:
-        What ``fn`` returned.
+        What `fn` returned.
 
     Raises:
-        TypeError: ``fn`` is a coroutine function or a coroutine.
+        TypeError: `fn` is a coroutine function or a coroutine.
         RuntimeError: There is no running event loop, or the executor is shut down.
-        Exception: Whatever ``fn`` raised, unchanged.
+        Exception: Whatever `fn` raised, unchanged.
     """
     _check_sync_callable(fn, "db_call()")
     loop = _running_loop("db_call()")
@@ -115,22 +119,35 @@ def db_sync_to_async(
     Callable[_P, Coroutine[Any, Any, _R]]
     | Callable[[Callable[_P, _R]], Callable[_P, Coroutine[Any, Any, _R]]]
 ):
-    """asgiref's ``sync_to_async`` on the bridge: the same semantics, no leaks.
+    """asgiref's `sync_to_async` on the bridge: the same semantics, no leaks.
 
-    These are equivalent, except that the second cleans up the connection::
+    These are equivalent, except that the second cleans up the connection:
 
-        await sync_to_async(fn, thread_sensitive=False)(*args)
-        await db_sync_to_async(fn)(*args)
+    ```python
+    # Not runnable: fn and its arguments stand for yours, in an async function.
+    await sync_to_async(fn, thread_sensitive=False)(*args)
+    await db_sync_to_async(fn)(*args)
+    ```
 
-    Works as a function and as a decorator (``@db_sync_to_async`` or
-    ``@db_sync_to_async(executor=...)``), on functions and methods. Context
+    Works as a function and as a decorator (`@db_sync_to_async` or
+    `@db_sync_to_async(executor=...)`), on functions and methods. Context
     variables travel both ways, as with asgiref: values the function sets are
-    visible to the caller afterwards. It is asgiref's own ``SyncToAsync`` with
-    its public ``executor=`` argument; the executor is looked up when called
+    visible to the caller afterwards. It is asgiref's own `SyncToAsync` with
+    its public `executor=` argument; the executor is looked up when called
     (the loop's installed bridge, else the process-wide one) unless given.
 
+    Args:
+        fn: The sync function to wrap; omitted in the
+            `@db_sync_to_async(executor=...)` form.
+        executor: The [`DBExecutor`][async_dbbridge.DBExecutor] to run on;
+            by default the one [`db_call`][async_dbbridge.db_call] would use.
+
+    Returns:
+        An async function with `fn`'s signature; without `fn`, a decorator
+            that makes one.
+
     Raises:
-        TypeError: ``fn`` is a coroutine function or a coroutine.
+        TypeError: `fn` is a coroutine function or a coroutine.
     """
 
     def decorate(func: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]:

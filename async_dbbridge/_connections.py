@@ -52,15 +52,23 @@ class TransactionLeftOpenWarning(RuntimeWarning):
 class Policy:
     """When a bridge thread closes its connections after a call.
 
-    * ``Policy.request()`` (the default) — exactly what Django does around an
-      HTTP request: honour each alias's ``CONN_MAX_AGE`` and
-      ``CONN_HEALTH_CHECKS``. With ``CONN_MAX_AGE=0`` the connection is closed
-      after every call; with ``CONN_MAX_AGE=60`` it is reused for 60 seconds.
-    * ``Policy.always_close()`` — close after every call, whatever the settings.
-    * ``Policy.max_age(seconds)`` — give the bridge's own threads long-lived
-      connections with a lifetime of their own (``None``: until the thread
-      retires), ignoring ``CONN_MAX_AGE``. Health checks still follow
-      ``CONN_HEALTH_CHECKS``.
+    * `Policy.request()` (the default) — exactly what Django does around an
+      HTTP request: honour each alias's `CONN_MAX_AGE` and
+      `CONN_HEALTH_CHECKS`. With `CONN_MAX_AGE=0` the connection is closed
+      after every call; with `CONN_MAX_AGE=60` it is reused for 60 seconds.
+    * `Policy.always_close()` — close after every call, whatever the settings.
+    * `Policy.max_age(seconds)` — give the bridge's own threads long-lived
+      connections with a lifetime of their own (`None`: until the thread
+      retires), ignoring `CONN_MAX_AGE`. Health checks still follow
+      `CONN_HEALTH_CHECKS`.
+
+    Wherever a policy is accepted, the names `"request"` and `"close"` are too.
+    In settings, `ASYNC_DBBRIDGE["POLICY"]` (with `"MAX_AGE"`) picks the
+    bridge's policy.
+
+    Attributes:
+        kind: `"request"`, `"close"` or `"max_age"`.
+        seconds: The connection lifetime of a `"max_age"` policy; `None` otherwise.
     """
 
     kind: PolicyKind = "request"
@@ -81,19 +89,34 @@ class Policy:
 
     @classmethod
     def request(cls) -> Policy:
+        """Honour each alias's `CONN_MAX_AGE` and `CONN_HEALTH_CHECKS`, as a request does."""
         return cls("request")
 
     @classmethod
     def always_close(cls) -> Policy:
+        """Close every connection after every call, whatever the settings say."""
         return cls("close")
 
     @classmethod
     def max_age(cls, seconds: float | None) -> Policy:
+        """Keep each thread's connections for `seconds`, whatever `CONN_MAX_AGE` says.
+
+        Args:
+            seconds: The lifetime of a connection, from when it was opened;
+                `None` keeps it until its thread retires.
+
+        Raises:
+            ValueError: `seconds` is negative or not a number.
+        """
         return cls("max_age", seconds)
 
     @classmethod
     def coerce(cls, value: Policy | str) -> Policy:
-        """Accept a ``Policy`` or the name of one that takes no argument."""
+        """Accept a `Policy` or the name of one that takes no argument.
+
+        Raises:
+            ValueError: `value` is neither a `Policy` nor `"request"` / `"close"`.
+        """
         if isinstance(value, Policy):
             return value
         if value == "request":
@@ -106,7 +129,7 @@ class Policy:
         )
 
     def connection_deadline(self, now: float) -> float | None:
-        """The ``close_at`` a new connection gets under a ``max_age`` policy."""
+        """The `close_at` a new connection gets under a `max_age` policy."""
         return None if self.seconds is None else now + self.seconds
 
 

@@ -72,7 +72,32 @@ class ConnectionCounts:
 
 @dataclass(frozen=True)
 class ExecutorStats(ConnectionCounts):
-    """A snapshot of a :class:`DBExecutor`. Counts only; never settings or credentials."""
+    """A snapshot of a [`DBExecutor`][async_dbbridge.DBExecutor]: counts only, never credentials.
+
+    Returned by [`DBExecutor.stats()`][async_dbbridge.DBExecutor.stats];
+    `as_dict()` gives a JSON-serialisable copy and `open_connections` the sum
+    of `connections_open`.
+
+    Attributes:
+        max_workers: The most worker threads the pool may run.
+        workers: Worker threads alive now (`busy` + `idle`).
+        busy: Workers running a call.
+        idle: Workers waiting for a call.
+        queued: Calls waiting for a worker because all are busy.
+        calls: Calls run since the pool started.
+        errors: Calls that raised.
+        connections_open: Connections held open now, per alias.
+        connections_opened: Connections opened since the pool started, per alias.
+        connections_closed: Connections closed since the pool started, per alias.
+        lanes: Request lanes alive next to this executor (the ASGI wrapper's).
+        lanes_in_use: Lanes serving a request now.
+        policy: The kind of the pool's [`Policy`][async_dbbridge.Policy]:
+            `"request"`, `"close"` or `"max_age"`.
+        shutdown: Whether `shutdown()` has been called.
+        request_mode: How the ASGI wrapper serves requests next to this
+            executor: `"lanes"`, `"per-request"` (asgiref < 3.13, or
+            `LANES = 0`) or `"none"` (no wrapper).
+    """
 
     max_workers: int
     workers: int
@@ -201,7 +226,7 @@ def run_plain(
 
 
 class _WorkItem:
-    """A call for the pool's :class:`concurrent.futures.Future` API.
+    """A call for the pool's `concurrent.futures.Future` API.
 
     ``execute`` runs the call and keeps its outcome; ``deliver`` hands it over.
     They are separate so the worker can declare itself free in between: a
@@ -329,37 +354,46 @@ _Item = _WorkItem | _LoopItem
 class DBExecutor(ThreadPoolExecutor):
     """A thread pool whose threads never leak a Django database connection.
 
-    A drop-in :class:`~concurrent.futures.ThreadPoolExecutor` (so asyncio accepts
+    A drop-in `concurrent.futures.ThreadPoolExecutor` (so asyncio accepts
     it as the default executor): every call submitted to it — through
-    ``submit``, ``map``, ``loop.run_in_executor``, ``asyncio.to_thread`` once
-    installed as the default, or :func:`db_call` — runs inside a wrapper that
-    treats the call like a request:
+    `submit`, `map`, `loop.run_in_executor`, `asyncio.to_thread` once
+    installed as the default, or [`db_call`][async_dbbridge.db_call] — runs
+    inside a wrapper that treats the call like a request:
 
     * before the call, connections past their lifetime or broken by an earlier
-      error are closed and health checks are re-armed (``request_started``);
-    * after the call, the :class:`Policy` decides: honour ``CONN_MAX_AGE``
-      (default), always close, or a lifetime of the pool's own;
+      error are closed and health checks are re-armed (`request_started`);
+    * after the call, the [`Policy`][async_dbbridge.Policy] decides: honour
+      `CONN_MAX_AGE` (default), always close, or a lifetime of the pool's own;
     * a call that raised a database error has its connections closed
       unconditionally; a call that left a transaction open is rolled back, its
-      connection closed and a :class:`TransactionLeftOpenWarning` names it.
+      connection closed and a
+      [`TransactionLeftOpenWarning`][async_dbbridge.TransactionLeftOpenWarning]
+      names it.
 
     Workers close every connection they opened when they exit: on
-    :meth:`shutdown`, when idle longer than ``idle_timeout``, and at interpreter
-    exit. So open connections never exceed ``max_workers`` times the aliases used, and
-    ``shutdown(wait=True)`` returns with none left.
+    [`shutdown`][async_dbbridge.DBExecutor.shutdown], when idle longer than
+    `idle_timeout`, and at interpreter exit. So open connections never exceed
+    `max_workers` times the aliases used, and `shutdown(wait=True)` returns
+    with none left.
 
     Args:
         max_workers: The most threads (and so connections per alias). Defaults
-            to the standard library's ``min(32, os.cpu_count() + 4)``.
-        thread_name_prefix: Names the worker threads (``dbbridge-0``, ...).
-        initializer: Called with ``initargs`` at the start of every worker. If
+            to the standard library's `min(32, os.cpu_count() + 4)`.
+        thread_name_prefix: Names the worker threads (`dbbridge-0`, ...).
+        initializer: Called with `initargs` at the start of every worker. If
             it raises, the pool is broken, as in the standard library.
-        policy: A :class:`Policy`, or ``"request"`` / ``"close"``.
+        initargs: Arguments for `initializer`.
+        policy: A [`Policy`][async_dbbridge.Policy], or `"request"` / `"close"`.
         idle_timeout: Seconds a worker waits for work before it retires and
-            closes its connections; ``None`` keeps workers until shutdown.
-        databases: Aliases the per-call cleanup looks at; ``None`` (default)
+            closes its connections; `None` keeps workers until shutdown.
+        databases: Aliases the per-call cleanup looks at; `None` (default)
             means every alias the thread has used. Workers close every alias
             when they exit, whatever this says.
+
+    Raises:
+        ValueError: `max_workers`, `idle_timeout` or `policy` is invalid, or
+            `databases` names an alias that `settings.DATABASES` lacks.
+        TypeError: `initializer` is not callable, or `databases` is a string.
     """
 
     def __init__(
@@ -421,14 +455,23 @@ class DBExecutor(ThreadPoolExecutor):
 
     @property
     def policy(self) -> Policy:
+        """The [`Policy`][async_dbbridge.Policy] applied after every call."""
         return self._policy
 
     @property
     def max_workers(self) -> int:
+        """The most worker threads (and so connections per alias) the pool runs."""
         return self._max_workers
 
     def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
-        """Schedule ``fn(*args, **kwargs)``; its connections are cleaned up after it."""
+        """Schedule `fn(*args, **kwargs)`; its connections are cleaned up after it.
+
+        Returns:
+            A `concurrent.futures.Future` for the call's result.
+
+        Raises:
+            RuntimeError: The pool is shut down or broken.
+        """
         future: Future[_T] = Future()
         self._enqueue(_WorkItem(future, fn, args, kwargs))
         return future
@@ -436,8 +479,8 @@ class DBExecutor(ThreadPoolExecutor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting calls; workers finish the queue, close their connections, exit.
 
-        With ``wait=True`` this returns once every worker has closed its
-        connections. ``cancel_futures=True`` cancels calls that have not started.
+        With `wait=True` this returns once every worker has closed its
+        connections. `cancel_futures=True` cancels calls that have not started.
         Called from one of the pool's own threads, it does not wait for that
         thread (which would wait for itself).
         """

@@ -5,7 +5,7 @@ start method, gunicorn ``--preload``, a prefork task pool — inherits every ope
 socket of the parent, among them the database connections of *every* thread.
 Two processes talking on one socket corrupt both sessions, and a clean close in
 the child sends Terminate / COM_QUIT and ends the *parent's* session. So the
-child forgets them all without network I/O, and every :class:`DBExecutor`
+child forgets them all without network I/O, and every `DBExecutor`
 starts afresh with no threads (its first call in the child starts a worker).
 
 Two facts about CPython and the drivers shape this module (observed on CPython

@@ -21,11 +21,17 @@ _installed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DBExecutor] = (
 
 
 def get_bridge_executor() -> DBExecutor:
-    """The process-wide :class:`DBExecutor`, built from ``settings.ASYNC_DBBRIDGE``.
+    """The process-wide [`DBExecutor`][async_dbbridge.DBExecutor], built from the settings.
 
-    Created on first use. If it has been shut down (for example by
-    ``asyncio.run()`` closing a loop it was the default executor of, or by the
-    ASGI lifespan shutdown), the next call builds a fresh one.
+    Created on first use, from `settings.ASYNC_DBBRIDGE` (see
+    [Settings](settings.md)). If it has been shut
+    down (for example by `asyncio.run()` closing a loop it was the default
+    executor of, or by the ASGI lifespan shutdown), the next call builds a
+    fresh one.
+
+    Raises:
+        django.core.exceptions.ImproperlyConfigured: `ASYNC_DBBRIDGE` is invalid;
+            the message names the key.
     """
     global _bridge
     bridge = _bridge
@@ -40,7 +46,11 @@ def get_bridge_executor() -> DBExecutor:
 
 
 def reset_bridge_executor(*, wait: bool = True) -> None:
-    """Shut down the process-wide bridge (closing its connections); the next use rebuilds it."""
+    """Shut down the process-wide bridge (closing its connections); the next use rebuilds it.
+
+    Args:
+        wait: Return only once every worker has closed its connections.
+    """
     global _bridge
     with _lock:
         bridge, _bridge = _bridge, None
@@ -70,11 +80,11 @@ def executor_for_loop(loop: asyncio.AbstractEventLoop) -> DBExecutor:
 def install_default_executor(
     executor: DBExecutor | None = None, *, loop: asyncio.AbstractEventLoop | None = None
 ) -> DBExecutor:
-    """Make a :class:`DBExecutor` the default executor of an event loop.
+    """Make a [`DBExecutor`][async_dbbridge.DBExecutor] the default executor of an event loop.
 
-    After this, ``loop.run_in_executor(None, fn)``, ``asyncio.to_thread(fn)``
-    and ``sync_to_async(fn, thread_sensitive=False)`` on that loop all run
-    with connection cleanup, and ``asyncio.run()`` shuts it down (closing its
+    After this, `loop.run_in_executor(None, fn)`, `asyncio.to_thread(fn)`
+    and `sync_to_async(fn, thread_sensitive=False)` on that loop all run
+    with connection cleanup, and `asyncio.run()` shuts it down (closing its
     connections) when the loop ends.
 
     Args:
@@ -83,13 +93,14 @@ def install_default_executor(
 
     Returns:
         The executor now installed. Calling again with the same executor does
-        nothing. The previous default (unless it is the process-wide bridge,
-        which other loops share) is shut down without waiting: its running calls
-        finish and its connections close, but waiting would block the loop.
+            nothing. The previous default (unless it is the process-wide bridge,
+            which other loops share) is shut down without waiting: its running
+            calls finish and its connections close, but waiting would block the
+            loop.
 
     Raises:
-        RuntimeError: ``loop`` is not given and no event loop is running.
-        TypeError: ``executor`` is not a :class:`DBExecutor`.
+        RuntimeError: `loop` is not given and no event loop is running.
+        TypeError: `executor` is not a [`DBExecutor`][async_dbbridge.DBExecutor].
     """
     if loop is None:
         try:

@@ -4,13 +4,13 @@ Django's ``ASGIHandler`` runs every thread-sensitive call of a request (request
 signals, sync middleware and views, async ORM methods) on a thread made for
 that request, which dies at its end — stranding its connection when
 ``CONN_MAX_AGE > 0``. A lane is a thread that outlives the request: the ASGI
-wrapper hands each request a :class:`RequestLane` as the executor of an outer
+wrapper hands each request a `RequestLane` as the executor of an outer
 ``ThreadSensitiveContext(executor=...)`` (asgiref >= 3.13), so all of that work
 runs on one lane thread, whose connections the next request reuses, and
 Django's own ``request_started`` / ``request_finished`` handlers enforce
 ``CONN_MAX_AGE`` and ``CONN_HEALTH_CHECKS`` on them exactly as under WSGI.
 
-Lanes deliberately do no per-call cleanup (unlike :class:`DBExecutor`): the
+Lanes deliberately do no per-call cleanup (unlike `DBExecutor`): the
 calls of one request share its connections and possibly one transaction (an
 atomic block opened by one ``sync_to_async`` call and closed by a later one),
 and closing or rolling back between them would break it. Cleanup happens per
@@ -321,12 +321,12 @@ class RequestLane(Executor):
 
         Called on an event loop — as ``ThreadSensitiveContext`` always does,
         through ``loop.run_in_executor()`` — it returns the loop's own
-        :class:`asyncio.Future`, which ``run_in_executor``'s ``wrap_future()``
+        `asyncio.Future`, which ``run_in_executor``'s ``wrap_future()``
         passes through unchanged, and the lane completes it with one
-        ``call_soon_threadsafe``: no :class:`concurrent.futures.Future` (a
+        ``call_soon_threadsafe``: no `concurrent.futures.Future` (a
         ``Condition`` per call) and no future-chaining between the two, on
         every sync call of every request. Called anywhere else, a
-        :class:`concurrent.futures.Future`.
+        `concurrent.futures.Future`.
         """
         job: _Job
         try:
@@ -455,7 +455,7 @@ def _running_future() -> Future[list[str]]:
 
 @dataclass(frozen=True)
 class LaneStats(ConnectionCounts):
-    """A snapshot of a :class:`LaneSet`. Counts only."""
+    """A snapshot of a `LaneSet`. Counts only."""
 
     size: int
     full: str
@@ -484,7 +484,7 @@ class LaneSet:
             before it gets a temporary thread after all; ``None`` (default)
             waits as long as it takes.
         idle_timeout: Seconds an idle lane waits before it retires and closes
-            its connections; ``None`` keeps lanes until :meth:`close`.
+            its connections; ``None`` keeps lanes until `close()`.
         thread_name_prefix: Lanes are named ``<prefix>-lane-N``.
     """
 
@@ -555,7 +555,7 @@ class LaneSet:
         """A lazy lane for one request; call its ``release()`` when the request ends.
 
         ``fallback`` (the bridge) runs the request's calls that need no lane:
-        see :class:`RequestLane`. Without one, such calls raise.
+        see `RequestLane`. Without one, such calls raise.
         """
         return RequestLane(self, fallback)
 
@@ -594,7 +594,7 @@ class LaneSet:
     def close(self) -> None:
         """Stop lending lanes; idle lanes exit now, busy ones when their request ends.
 
-        Never blocks: call :meth:`join` (from a thread that is not the event
+        Never blocks: call `join()` (from a thread that is not the event
         loop) to wait. Requests still waiting for a lane get temporary threads,
         so they finish; requests that arrive later do too.
         """
@@ -615,7 +615,7 @@ class LaneSet:
                 logger.warning("no thread for a request waiting for a lane", exc_info=True)
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for lanes and temporaries to exit (after :meth:`close`); True if all did."""
+        """Wait for lanes and temporaries to exit (after `close()`); True if all did."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:

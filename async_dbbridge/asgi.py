@@ -1,14 +1,17 @@
-"""The ASGI wrapper: lifespan and request lanes around Django's ``ASGIHandler``.
+"""The ASGI wrapper: lifespan and request lanes around Django's `ASGIHandler`.
 
-In ``asgi.py``, replace Django's ``get_asgi_application`` with this one::
+In `asgi.py`, replace Django's `get_asgi_application` with this one:
 
-    from async_dbbridge.asgi import get_asgi_application
+```python
+# asgi.py
+from async_dbbridge.asgi import get_asgi_application
 
-    application = get_asgi_application()
+application = get_asgi_application()
+```
 
 Each HTTP request then runs its sync work (request signals, sync middleware and
 views, async ORM calls) on a *lane*: a long-lived thread borrowed for the
-request, whose connections the next request reuses under ``CONN_MAX_AGE``. On
+request, whose connections the next request reuses under `CONN_MAX_AGE`. On
 lifespan startup the process-wide bridge becomes the loop's default executor;
 on shutdown every lane and bridge thread closes its connections.
 """
@@ -47,10 +50,11 @@ Mode = Literal["lanes", "per-request"]
 
 
 def get_asgi_application() -> DBBridgeASGIApp:
-    """Django's ``get_asgi_application()``, wrapped in :class:`DBBridgeASGIApp`.
+    """Django's `get_asgi_application()`, wrapped in a `DBBridgeASGIApp`.
 
-    Sets Django up exactly as Django's own function does (``django.setup(set_prefix=False)``,
-    the script prefix comes from each request's ``root_path``).
+    Sets Django up exactly as Django's own function does (`django.setup(set_prefix=False)`,
+    the script prefix comes from each request's `root_path`), and wraps its
+    handler in [`DBBridgeASGIApp`][async_dbbridge.asgi.DBBridgeASGIApp].
     """
     import django
     from django.core.handlers.asgi import ASGIHandler
@@ -63,54 +67,61 @@ class DBBridgeASGIApp:
     """Wrap an ASGI application so its requests never strand a database connection.
 
     These two are equivalent, except that the second reuses connections under
-    ``CONN_MAX_AGE`` and leaves none behind::
+    `CONN_MAX_AGE` and leaves none behind:
 
-        application = django.core.asgi.get_asgi_application()
-        application = DBBridgeASGIApp(django.core.asgi.get_asgi_application())
+    ```python
+    # Not runnable: two versions of one line of asgi.py, where django is imported.
+    application = django.core.asgi.get_asgi_application()
+    application = DBBridgeASGIApp(django.core.asgi.get_asgi_application())
+    ```
 
-    **HTTP:** each request runs inside ``ThreadSensitiveContext(executor=lane)``:
-    every thread-sensitive ``sync_to_async`` call it makes — sync middleware
-    (``MiddlewareMixin`` included), sync views, ``aget()``/``acreate()``, the
+    **HTTP:** each request runs inside `ThreadSensitiveContext(executor=lane)`:
+    every thread-sensitive `sync_to_async` call it makes — sync middleware
+    (`MiddlewareMixin` included), sync views, `aget()`/`acreate()`, the
     project's request-signal receivers... — runs on one lane thread, borrowed
     lazily on the request's first such call and given back as soon as
-    Django's ``response.close()`` (which sends ``request_finished``) returns.
+    Django's `response.close()` (which sends `request_finished`) returns.
     Django's own request-signal receivers stand aside in lane requests (the
     lane does their work when bound and given back), so a request with no
     sync work of its own — a streaming or long-polling async view — takes no
     lane at all. A transaction the request left open is rolled back and
-    reported with :class:`TransactionLeftOpenWarning`. ``db_call`` and the
+    reported with
+    [`TransactionLeftOpenWarning`][async_dbbridge.TransactionLeftOpenWarning].
+    [`db_call`][async_dbbridge.db_call] and the
     default executor use the bridge, a separate pool, so they never wait for
     a lane; so do the sync calls of a request that has no lane left to share
     (after its lane was given back, or, without one, once its response is
     complete).
 
-    **All lanes busy** (``LANE_FULL``): ``"wait"`` (the default) queues the
+    **All lanes busy** (`LANE_FULL`): `"wait"` (the default) queues the
     request, without blocking the loop, until a lane is free: a warm lane
-    beats a new connection, and connections stay within ``LANES`` +
-    ``MAX_WORKERS`` per alias. A request holds its lane from its first sync
+    beats a new connection, and connections stay within `LANES` +
+    `MAX_WORKERS` per alias. A request holds its lane from its first sync
     call to its end, though, so a few long ones (streaming to slow clients,
     long polls behind sync middleware) could stall the others: a request that
-    has waited ``LANE_WAIT_TIMEOUT``
-    seconds (default 1; ``None``: for ever) runs on a temporary thread whose
-    connections are closed when it ends. ``"temporary"`` does that at once,
+    has waited `LANE_WAIT_TIMEOUT`
+    seconds (default 1; `None`: for ever) runs on a temporary thread whose
+    connections are closed when it ends. `"temporary"` does that at once,
     never waiting, at the price of a connect per request beyond the lanes.
 
     **Lifespan:** answered here, not passed on (Django's handler rejects it).
     Startup installs the process-wide bridge as the loop's default executor
     and sets up the lanes; shutdown stops lending lanes, waits up to
-    ``SHUTDOWN_TIMEOUT`` seconds for in-flight work without blocking the loop,
+    `SHUTDOWN_TIMEOUT` seconds for in-flight work without blocking the loop,
     and closes every lane's and bridge worker's connections. Without lifespan
-    (``--lifespan off``) the same setup happens on the first HTTP request of
-    each event loop; call :meth:`aclose` yourself to shut down.
+    (`--lifespan off`) the same setup happens on the first HTTP request of
+    each event loop; call [`aclose`][async_dbbridge.asgi.DBBridgeASGIApp.aclose]
+    yourself to shut down.
 
-    **Other scopes** (``websocket``...) go to the wrapped app untouched.
+    **Other scopes** (`websocket`...) go to the wrapped app untouched.
 
-    With asgiref < 3.13 (no ``ThreadSensitiveContext(executor=...)``) or
-    ``LANES=0`` there are no lanes: each request keeps asgiref's own
+    With asgiref < 3.13 (no `ThreadSensitiveContext(executor=...)`) or
+    `LANES=0` there are no lanes: each request keeps asgiref's own
     per-request thread, and its connections are closed when the request ends.
+    The keys named here are described in [Settings](settings.md).
 
     Args:
-        app: The ASGI application to wrap, usually Django's ``ASGIHandler``.
+        app: The ASGI application to wrap, usually Django's `ASGIHandler`.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -129,12 +140,12 @@ class DBBridgeASGIApp:
 
     @property
     def mode(self) -> Mode | None:
-        """``"lanes"``, ``"per-request"``, or ``None`` before the first start."""
+        """`"lanes"`, `"per-request"`, or `None` before the first start."""
         return self._mode
 
     @property
     def lanes(self) -> LaneSet | None:
-        """The lane set serving requests (``stats()`` describes it), if any."""
+        """The lane set serving requests (its `stats()` describes it), if any."""
         return self._lanes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -161,7 +172,7 @@ class DBBridgeASGIApp:
         What lifespan shutdown does; call it yourself when the server runs
         without lifespan. The lane set and the executor this app installed on
         the running loop are shut down. Waiting happens in a dedicated thread,
-        bounded by ``SHUTDOWN_TIMEOUT``: past it a warning is logged and this
+        bounded by `SHUTDOWN_TIMEOUT`: past it a warning is logged and this
         returns, and work still running closes its connections when it ends.
         """
         loop = asyncio.get_running_loop()

@@ -1,21 +1,13 @@
-"""The ``ASYNC_DBBRIDGE`` setting: validated once, with errors that name the key.
+"""The `ASYNC_DBBRIDGE` setting: validated once, with errors that name the key.
 
-.. code-block:: python
+```python
+# settings.py
+ASYNC_DBBRIDGE = {"MAX_WORKERS": 8, "LANES": 8}
+```
 
-    ASYNC_DBBRIDGE = {
-        "MAX_WORKERS": 8,          # threads (and connections per alias) per process
-        "POLICY": "request",       # "request" | "close" | "max_age"
-        "MAX_AGE": None,           # seconds, with POLICY="max_age" (None: until retired)
-        "IDLE_TIMEOUT": 60.0,      # seconds before an idle worker retires; None: never
-        "DATABASES": None,         # aliases cleaned per call; None: all
-        "THREAD_NAME_PREFIX": "dbbridge",
-        # The ASGI wrapper (async_dbbridge.asgi):
-        "LANES": 8,                # request lanes; default MAX_WORKERS; 0: no lanes
-        "LANE_FULL": "wait",       # all lanes busy: "wait" for one | "temporary" thread
-        "LANE_WAIT_TIMEOUT": 1.0,  # with "wait": seconds before a temporary thread; None: never
-        "LANE_IDLE_TIMEOUT": 60.0, # seconds before an idle lane retires; default IDLE_TIMEOUT
-        "SHUTDOWN_TIMEOUT": 10.0,  # seconds lifespan shutdown waits for in-flight work
-    }
+Every key, with its type, default and effect, is in docs/settings.md; a test
+(tests/test_docs.py) checks that page against `parse_settings()`, so the
+defaults are written once, here.
 """
 
 from __future__ import annotations
@@ -108,7 +100,7 @@ def _number(key: str, value: object, *, allow_none: bool, positive: bool) -> flo
 
 
 def parse_settings(raw: object) -> BridgeSettings:
-    """Validate a raw ``ASYNC_DBBRIDGE`` value; raise ``ImproperlyConfigured`` on error."""
+    """Validate a raw `ASYNC_DBBRIDGE` value; raise `ImproperlyConfigured` on error."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -206,5 +198,5 @@ def parse_settings(raw: object) -> BridgeSettings:
 
 
 def get_settings() -> BridgeSettings:
-    """The current ``ASYNC_DBBRIDGE`` setting, validated."""
+    """The current `ASYNC_DBBRIDGE` setting, validated."""
     return parse_settings(getattr(settings, SETTING_NAME, None))

@@ -2,14 +2,18 @@
 
 Count what is really open — Django wrappers in this process, and sessions as
 the database server sees them — and fail a test that leaves more behind than it
-found. Loaded as a pytest plugin through the ``pytest11`` entry point, so the
-fixtures are available as soon as the package is installed::
+found. Loaded as a pytest plugin through the `pytest11` entry point, so the
+fixtures are available as soon as the package is installed:
 
-    def test_report_job(dbbridge_no_leaks):
-        run_report_in_threads()      # fails the test if a session is left behind
+```python
+# Not runnable: a test for pytest; run_report_in_threads() stands for your code.
+def test_report_job(dbbridge_no_leaks):
+    run_report_in_threads()  # fails the test if a session is left behind
+```
 
-Server-side counts are the ground truth: ``pg_stat_activity`` on PostgreSQL,
-``information_schema.PROCESSLIST`` on MySQL/MariaDB, and on SQLite the process's
+[Testing for leaks](testing.md) has complete tests. Server-side counts are the
+ground truth: `pg_stat_activity` on PostgreSQL,
+`information_schema.PROCESSLIST` on MySQL/MariaDB, and on SQLite the process's
 open file descriptors on the database file (Linux), since there is no server.
 """
 
@@ -52,7 +56,7 @@ def process_open_connections(alias: str | None = None) -> int:
     """Django connections open in this process, on any thread.
 
     Counts wrappers that still hold a live connection, whichever thread owns
-    them. Pass ``alias`` to count one database only.
+    them. Pass `alias` to count one database only.
     """
     return sum(
         1
@@ -64,7 +68,7 @@ def process_open_connections(alias: str | None = None) -> int:
 class _Monitor:
     """One private connection per alias that counts the others, from any thread.
 
-    On PostgreSQL it connects to the ``postgres`` maintenance database, so it
+    On PostgreSQL it connects to the `postgres` maintenance database, so it
     never holds a session on the database it counts (which would block the
     test runner's DROP DATABASE).
     """
@@ -132,11 +136,15 @@ def _sqlite_open_files(path: str) -> int:
 
 
 def server_session_count(alias: str = DEFAULT_DB_ALIAS) -> int:
-    """Sessions the database server has open on ``alias``'s database.
+    """Sessions the database server has open on `alias`'s database.
 
-    Excludes the session used to count. On SQLite (no server) this is the
-    number of connections this process has open on the database file; an
-    in-memory database cannot be observed and raises ``ValueError``.
+    Excludes the session used to count (a private connection, which the
+    pytest plugin closes when the test session ends). On SQLite (no server) this is the number of
+    connections this process has open on the database file.
+
+    Raises:
+        ValueError: `alias` is an in-memory SQLite database, which cannot be
+            observed, or a vendor other than PostgreSQL, MySQL/MariaDB and SQLite.
     """
     conn = connections[alias]
     if conn.vendor == "sqlite":
@@ -159,7 +167,7 @@ def wait_for_server_sessions(
     timeout: float = 10.0,
     interval: float = 0.02,
 ) -> int:
-    """Poll :func:`server_session_count` until it matches, within ``timeout``.
+    """Poll [`server_session_count`][async_dbbridge.testing.server_session_count] until it matches.
 
     A server notices a closed session a moment after the client closed it,
     so assertions on counts poll with a deadline rather than sleep.
@@ -194,7 +202,7 @@ def wait_for_server_sessions(
 
 
 def close_monitor() -> None:
-    """Close the private connections used by :func:`server_session_count`."""
+    """Close the private connections used by `server_session_count()`."""
     _monitor.close()
 
 
@@ -208,7 +216,7 @@ if pytest is not None:
 
         Yields a function that performs the check early (call it after your own
         teardown). At the end, the process-wide bridge is shut down first — its
-        idle workers may legitimately hold connections under ``CONN_MAX_AGE`` —
+        idle workers may legitimately hold connections under `CONN_MAX_AGE` —
         and then every database the test may use must be back at its baseline.
         """
         from ._install import reset_bridge_executor

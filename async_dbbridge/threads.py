@@ -2,14 +2,14 @@
 
 Django keeps one connection per thread and alias, and only the thread that
 opened a connection may close it. Outside requests nobody does: a thread that
-ends leaves its connections to the garbage collector (with ``CONN_MAX_AGE > 0``
+ends leaves its connections to the garbage collector (with `CONN_MAX_AGE > 0`
 possibly for a long time), and a long-lived thread never honours
-``CONN_MAX_AGE`` or ``CONN_HEALTH_CHECKS`` at all. Two helpers fix both:
+`CONN_MAX_AGE` or `CONN_HEALTH_CHECKS` at all. Two helpers fix both:
 
-* :class:`DBThread` — a :class:`threading.Thread` that closes its connections
-  when it ends, whatever happens;
-* :func:`db_connection_scope` — a decorator and context manager that gives any
-  sync code the connection handling of a request.
+* [`DBThread`][async_dbbridge.DBThread] — a `threading.Thread` that closes its
+  connections when it ends, whatever happens;
+* [`db_connection_scope`][async_dbbridge.db_connection_scope] — a decorator and
+  context manager that gives any sync code the connection handling of a request.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ _R = TypeVar("_R")
 
 
 def _closing_run(run: Callable[[Any], None]) -> Callable[[Any], None]:
-    """Wrap a ``run`` method so that the thread's connections close when it ends."""
+    """Wrap a `run` method so that the thread's connections close when it ends."""
 
     @functools.wraps(run)
     def closing_run(self: Any) -> None:
@@ -70,44 +70,55 @@ def _closing_run(run: Callable[[Any], None]) -> Callable[[Any], None]:
 
 
 class DBThread(threading.Thread):
-    """A :class:`threading.Thread` that closes its database connections when it ends.
+    """A `threading.Thread` that closes its database connections when it ends.
 
     These two lines are equivalent, except that the second never strands a
-    connection::
+    connection:
 
-        threading.Thread(target=consume, args=(jobs,)).start()
-        DBThread(target=consume, args=(jobs,)).start()
+    ```python
+    # Not runnable: consume and jobs stand for your thread's target and its queue.
+    threading.Thread(target=consume, args=(jobs,)).start()
+    DBThread(target=consume, args=(jobs,)).start()
+    ```
 
     When the target returns or raises — whatever it raised — the thread rolls
     back any transaction left open and closes every connection it opened, on
     every alias, before it ends; the exception then reaches
-    :func:`threading.excepthook` as usual. A subclass that overrides
-    :meth:`run` gets the same (the cleanup runs once, after the outermost
-    ``run``). The constructor is :class:`threading.Thread`'s.
+    `threading.excepthook` as usual. A subclass that overrides `run()` gets
+    the same (the cleanup runs once, after the outermost `run()`). The
+    constructor is `threading.Thread`'s.
 
     **A background worker fed by a queue** — combine it with
-    :func:`db_connection_scope` so that each job is handled like a request::
+    [`db_connection_scope`][async_dbbridge.db_connection_scope] so that each job
+    is handled like a request:
 
-        def consume(jobs: queue.Queue[Job | None]) -> None:
-            while (job := jobs.get()) is not None:
-                with db_connection_scope():
-                    handle(job)
+    ```python
+    # Not runnable: Job and handle() stand for yours; "Threads and fork" has a complete one.
+    def consume(jobs: queue.Queue[Job | None]) -> None:
+        while (job := jobs.get()) is not None:
+            with db_connection_scope():
+                handle(job)
 
-        worker = DBThread(target=consume, args=(jobs,), name="jobs")
-        worker.start()
-        ...
-        jobs.put(None)   # the thread ends and closes its connection
-        worker.join()
+    worker = DBThread(target=consume, args=(jobs,), name="jobs")
+    worker.start()
+    ...
+    jobs.put(None)  # the thread ends and closes its connection
+    worker.join()
+    ```
 
-    Between jobs the connection is kept as long as ``CONN_MAX_AGE`` allows,
-    checked before reuse when ``CONN_HEALTH_CHECKS`` is on, and closed after a
+    Between jobs the connection is kept as long as `CONN_MAX_AGE` allows,
+    checked before reuse when `CONN_HEALTH_CHECKS` is on, and closed after a
     job that raised a database error; when the thread ends it is closed.
 
     **A pool of threads with long-lived connections** (each connection living
-    for at most, say, five minutes) is what :class:`DBExecutor` is: ::
+    for at most, say, five minutes) is what
+    [`DBExecutor`][async_dbbridge.DBExecutor] is:
 
-        pool = DBExecutor(max_workers=8, policy=Policy.max_age(300))
-        future = pool.submit(handle, job)
+    ```python
+    # Not runnable: handle() and job stand for yours.
+    pool = DBExecutor(max_workers=8, policy=Policy.max_age(300))
+    future = pool.submit(handle, job)
+    ```
 
     Its workers close their connections when they retire or the pool shuts down.
 
@@ -177,7 +188,13 @@ connection_created.connect(_on_connection_created, dispatch_uid="async_dbbridge.
 
 
 class ConnectionScope:
-    """Request-like connection handling around sync code; see :func:`db_connection_scope`."""
+    """Request-like connection handling around sync code.
+
+    What [`db_connection_scope()`][async_dbbridge.db_connection_scope] returns
+    when called without a function: a context manager, and a decorator
+    (calling it with a function returns the function wrapped in the scope).
+    One scope may be used by several threads at once, and re-entered.
+    """
 
     def __init__(
         self, policy: Policy | str = "request", databases: Iterable[str] | None = None
@@ -190,6 +207,7 @@ class ConnectionScope:
 
     @property
     def policy(self) -> Policy:
+        """The [`Policy`][async_dbbridge.Policy] applied when the scope exits."""
         return self._policy
 
     def _stack(self) -> list[_Entry | None]:
@@ -251,7 +269,11 @@ class ConnectionScope:
         self._exit(exc)
 
     def __call__(self, fn: Callable[_P, _R]) -> Callable[_P, _R]:
-        """Use the scope as a decorator: every call of ``fn`` runs inside it."""
+        """Use the scope as a decorator: every call of `fn` runs inside it.
+
+        Raises:
+            TypeError: `fn` is a coroutine function.
+        """
         if inspect.iscoroutinefunction(fn):
             raise TypeError(
                 f"db_connection_scope() decorates sync functions, not the coroutine "
@@ -295,38 +317,33 @@ def db_connection_scope(
     """Handle the calling thread's connections around sync code like a request does.
 
     These two blocks are equivalent, except that the second also closes the
-    connection after a database error and rescues a transaction left open::
+    connection after a database error and rescues a transaction left open:
 
-        close_old_connections()          # what request_started does
-        try:
-            handle(job)
-        finally:
-            close_old_connections()      # what request_finished does
+    ```python
+    # Not runnable: handle() and job stand for yours.
+    close_old_connections()  # what request_started does
+    try:
+        handle(job)
+    finally:
+        close_old_connections()  # what request_finished does
 
-        with db_connection_scope():
-            handle(job)
+    with db_connection_scope():
+        handle(job)
+    ```
 
-    It works as a context manager and as a decorator (``@db_connection_scope``
-    or ``@db_connection_scope(policy=...)``), for code on any thread you own —
-    a :class:`DBThread`, a management command's loop, a plain thread's target.
-    On entry, connections past their lifetime or broken by an earlier error are
-    closed and health checks re-armed; on exit, the policy decides.
+    It works as a context manager and as a decorator (`@db_connection_scope`
+    or `@db_connection_scope(policy=...)`), for code on any thread you own —
+    a [`DBThread`][async_dbbridge.DBThread], a management command's loop, a
+    plain thread's target. On entry, connections past their lifetime or broken
+    by an earlier error are closed and health checks re-armed; on exit, the
+    policy decides.
 
-    Args:
-        fn: The function to decorate (for the bare ``@db_connection_scope`` form).
-        policy: As for :class:`DBExecutor`: ``"request"`` (default) honours each
-            alias's ``CONN_MAX_AGE`` and ``CONN_HEALTH_CHECKS``; ``"close"``
-            closes on exit; ``Policy.max_age(seconds)`` gives connections opened
-            inside the scope a lifetime of their own.
-        databases: Aliases to handle; ``None`` (default) means every alias the
-            thread has used.
-
-    **Transactions:** a scope entered inside a caller's ``transaction.atomic()``
+    **Transactions:** a scope entered inside a caller's `transaction.atomic()`
     block leaves that alias's connection alone, on entry and on exit: closing
     it there would break the caller's transaction. A body that returns with a
     transaction of its own still open (an atomic block entered and not left,
     autocommit turned off) has it rolled back, the connection closed and a
-    :class:`TransactionLeftOpenWarning` raised.
+    [`TransactionLeftOpenWarning`][async_dbbridge.TransactionLeftOpenWarning] raised.
 
     **Errors:** after the body raised a database error its connections are
     closed unconditionally (Django's own check misses connections killed
@@ -336,13 +353,24 @@ def db_connection_scope(
     **Nesting:** only the outermost scope on a thread acts; inner ones (say, a
     decorated function called from another) do nothing.
 
+    Args:
+        fn: The function to decorate (for the bare `@db_connection_scope` form).
+        policy: As for [`DBExecutor`][async_dbbridge.DBExecutor]: `"request"`
+            (default) honours each alias's `CONN_MAX_AGE` and
+            `CONN_HEALTH_CHECKS`; `"close"` closes on exit;
+            `Policy.max_age(seconds)` gives connections opened inside the
+            scope a lifetime of their own.
+        databases: Aliases to handle; `None` (default) means every alias the
+            thread has used.
+
     Returns:
-        With ``fn``, the decorated function; otherwise a :class:`ConnectionScope`,
-        usable both as a context manager and as a decorator.
+        With `fn`, the decorated function; otherwise a
+            [`ConnectionScope`][async_dbbridge.ConnectionScope], usable both as
+            a context manager and as a decorator.
 
     Raises:
-        TypeError: ``fn`` is a coroutine function.
-        ValueError: ``policy`` or ``databases`` is invalid.
+        TypeError: `fn` is a coroutine function, or `databases` is a string.
+        ValueError: `policy` or `databases` is invalid.
     """
     scope = ConnectionScope(policy, databases)
     if fn is None:
