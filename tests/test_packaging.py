@@ -223,16 +223,16 @@ def test_metadata(artifacts: Artifacts, which: str) -> None:
 
 
 def test_classifiers_match_requires_python() -> None:
-    pythons = [
-        c.rsplit(" :: ", 1)[1]
+    requires_python = SpecifierSet(PROJECT["requires-python"])
+    pythons = sorted(
+        int(match.group(1))
         for c in PROJECT["classifiers"]
-        if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)
-    ]
+        if (match := re.fullmatch(r"Programming Language :: Python :: 3\.(\d+)", c))
+    )
     assert pythons, "no Python version classifiers"
-    assert all(f"{v}.0" in SpecifierSet(PROJECT["requires-python"]) for v in pythons), pythons
-    assert min(pythons, key=lambda v: int(v.split(".")[1])) == PROJECT[
-        "requires-python"
-    ].removeprefix(">=")
+    # Every listed version is allowed, and the oldest allowed one is listed.
+    assert all(f"3.{minor}.0" in requires_python for minor in pythons), pythons
+    assert f"3.{pythons[0] - 1}.99" not in requires_python, (pythons, requires_python)
     assert any(c.startswith("Development Status :: ") for c in PROJECT["classifiers"])
 
 
