@@ -326,6 +326,7 @@ class DBBridgeASGIApp:
             if leftovers:
                 # Reported here, on the loop, where the request ran.
                 _report_leftovers(_leftover_message(scope, leftovers), error)
+            error = None  # no cycle: exception -> traceback -> this frame -> exception
 
     async def _serve_on_request_thread(self, scope: Scope, receive: Receive, send: Send) -> None:
         context = ThreadSensitiveContext()
@@ -347,6 +348,7 @@ class DBBridgeASGIApp:
         finally:
             if leftovers:
                 _report_leftovers(_leftover_message(scope, leftovers), error)
+            error = None  # no cycle: exception -> traceback -> this frame -> exception
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} mode={self._mode} app={self.app!r}>"
