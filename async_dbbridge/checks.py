@@ -229,8 +229,8 @@ def _unreachable(alias: str, exc: DjangoDatabaseError) -> checks.CheckMessage:
     # running...?"); a check message is one line.
     error = " ".join(str(exc).split())
     return checks.Warning(
-        f"Could not compare the connection budget with database {alias!r}'s "
-        f"max_connections: {type(exc).__name__}: {error}",
+        f"Could not read max_connections from database {alias!r} to compare with the "
+        f"connection budget: {type(exc).__name__}: {error}",
         hint=f"Is the server of DATABASES[{alias!r}] running and reachable? Run the check "
         "again once it is.",
         id="async_dbbridge.W004",
