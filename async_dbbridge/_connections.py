@@ -363,7 +363,10 @@ def cleanup_after_call(
             "and the connection closed. Use 'with transaction.atomic():' so the "
             "transaction ends inside the call."
         )
-        logger.warning(message)
+        # A warning, not a log record as well: one report per event, through
+        # the channel users can filter, turn into an error, or route into
+        # logging (logging.captureWarnings) — a log line beside it would say
+        # the same thing twice.
         warnings.warn(message, TransactionLeftOpenWarning, stacklevel=2)
     if cleanup_error is not None:
         raise cleanup_error

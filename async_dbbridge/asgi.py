@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,7 +34,7 @@ from ._connections import TransactionLeftOpenWarning
 from ._executor import DBExecutor, _deliver
 from ._install import install_default_executor
 from ._lanes import LANES_SUPPORTED, LaneSet, current_request_lane, end_request_cleanup
-from .conf import DEFAULT_SHUTDOWN_TIMEOUT, get_settings
+from .conf import DEFAULT_SHUTDOWN_TIMEOUT, BridgeSettings, get_settings
 
 __all__ = ("DBBridgeASGIApp", "get_asgi_application")
 
@@ -172,14 +174,18 @@ class DBBridgeASGIApp:
         What lifespan shutdown does; call it yourself when the server runs
         without lifespan. The lane set and the executor this app installed on
         the running loop are shut down. Waiting happens in a dedicated thread,
-        bounded by `SHUTDOWN_TIMEOUT`: past it a warning is logged and this
-        returns, and work still running closes its connections when it ends.
+        bounded by `SHUTDOWN_TIMEOUT`: past it this returns, and work still
+        running closes its connections when it ends. One log line says how it
+        went: INFO when everything was closed, WARNING when work was still in
+        flight.
         """
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         with self._lock:
             lanes = self._lanes
             executor = self._executors.get(loop)
             timeout = self._shutdown_timeout
+        open_before = _open_connections(lanes, executor)
         # Refuse new work at once (on the loop, both calls only flip flags and
         # queue stop markers); the joins happen below, off the loop.
         if lanes is not None:
@@ -213,14 +219,14 @@ class DBBridgeASGIApp:
             drained = await asyncio.wait_for(asyncio.shield(done), timeout)
         except asyncio.TimeoutError:
             drained = False
-        if not drained:
-            logger.warning(
-                "async_dbbridge: in-flight work still running after SHUTDOWN_TIMEOUT=%ss "
-                "(lanes: %r, executor: %r); its connections close when it ends",
-                timeout,
-                lanes,
-                executor,
-            )
+        _log_shutdown(
+            lanes,
+            executor,
+            drained=drained,
+            timeout=timeout,
+            open_before=open_before,
+            elapsed=time.monotonic() - started,
+        )
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -231,11 +237,7 @@ class DBBridgeASGIApp:
                 old = self._lanes
                 lanes_wanted = settings.lanes
                 if lanes_wanted and not LANES_SUPPORTED:
-                    logger.warning(
-                        "async_dbbridge: request lanes need asgiref >= 3.13 "
-                        "(ThreadSensitiveContext(executor=...)); requests run on "
-                        "per-request threads whose connections close at request end"
-                    )
+                    # Said once, in the startup line below (at WARNING).
                     lanes_wanted = 0
                 if lanes_wanted:
                     self._lanes = LaneSet(
@@ -260,7 +262,10 @@ class DBBridgeASGIApp:
             executor.lane_counts = lanes.counts if lanes is not None else None
             executor.request_mode = self._mode
             self._executors[loop] = executor
-            return executor
+        # Once per event loop served (lifespan startup, or the first request
+        # without lifespan), never per request.
+        _log_startup(settings, lanes)
+        return executor
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
@@ -302,6 +307,7 @@ class DBBridgeASGIApp:
                 request_lane.response_complete()
 
         leftovers: list[str] = []
+        error: BaseException | None = None
         # Marks the request's context (its tasks, its calls on the lane) as a
         # lane request: Django's own request-signal receivers stand aside.
         token = current_request_lane.set(request_lane)
@@ -312,6 +318,9 @@ class DBBridgeASGIApp:
             # inside it.
             async with ThreadSensitiveContext(executor=request_lane):
                 await self.app(scope, receive, send_and_watch)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             current_request_lane.reset(token)
             # The app has returned: every sync call of the request is done or
@@ -325,33 +334,32 @@ class DBBridgeASGIApp:
                     leftovers = released.result()
                 else:
                     leftovers = await asyncio.wrap_future(released)
-                if leftovers:
-                    logger.warning(_leftover_message(scope, leftovers))
-        if leftovers:
-            # Warned here, on the loop, where the request ran (and not when the
-            # app raised: the warning must not replace its exception).
-            warnings.warn(
-                _leftover_message(scope, leftovers), TransactionLeftOpenWarning, stacklevel=2
-            )
+            if leftovers:
+                # Reported here, on the loop, where the request ran.
+                _report_leftovers(_leftover_message(scope, leftovers), error)
+            error = None  # no cycle: exception -> traceback -> this frame -> exception
 
     async def _serve_on_request_thread(self, scope: Scope, receive: Receive, send: Send) -> None:
         context = ThreadSensitiveContext()
         leftovers: list[str] = []
-        async with context:
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                if _has_own_thread(context):
-                    # Thread-sensitive, inside the same context: runs on the
-                    # request's own thread, the only one that may close its
-                    # connections — and that dies when the context exits.
-                    leftovers = await sync_to_async(end_request_cleanup)(final=True)
-                    if leftovers:
-                        logger.warning(_leftover_message(scope, leftovers))
-        if leftovers:
-            warnings.warn(
-                _leftover_message(scope, leftovers), TransactionLeftOpenWarning, stacklevel=2
-            )
+        error: BaseException | None = None
+        try:
+            async with context:
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    if _has_own_thread(context):
+                        # Thread-sensitive, inside the same context: runs on
+                        # the request's own thread, the only one that may close
+                        # its connections — and that dies when the context exits.
+                        leftovers = await sync_to_async(end_request_cleanup)(final=True)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if leftovers:
+                _report_leftovers(_leftover_message(scope, leftovers), error)
+            error = None  # no cycle: exception -> traceback -> this frame -> exception
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} mode={self._mode} app={self.app!r}>"
@@ -366,6 +374,96 @@ def _has_own_thread(context: ThreadSensitiveContext) -> bool:
     """
     executors: Mapping[object, object] = getattr(SyncToAsync, "context_to_thread_executor", {})
     return getattr(context, "token", None) is not None and context in executors
+
+
+def _log_startup(settings: BridgeSettings, lanes: LaneSet | None) -> None:
+    """One line: how requests and bridge calls will run, and the versions that decided it."""
+    import asgiref
+    import django
+
+    if lanes is not None:
+        requests = f"requests on lanes (LANES={lanes.size}, LANE_FULL={lanes.full!r})"
+    elif settings.lanes:
+        requests = (
+            f"requests on per-request threads, closed at request end: LANES={settings.lanes} "
+            "but request lanes need asgiref >= 3.13"
+        )
+    else:
+        requests = "requests on per-request threads, closed at request end (LANES=0)"
+    logger.log(
+        # Lanes asked for and impossible: the one line says so, louder.
+        logging.WARNING if lanes is None and settings.lanes else logging.INFO,
+        "async_dbbridge started (pid %d): %s; db_call on bridge workers "
+        "(MAX_WORKERS=%d, POLICY=%r); asgiref %s, Django %s",
+        os.getpid(),
+        requests,
+        settings.max_workers,
+        settings.policy.kind,
+        asgiref.__version__,
+        django.get_version(),
+    )
+
+
+def _open_connections(lanes: LaneSet | None, executor: DBExecutor | None) -> tuple[int, int]:
+    """(held by lanes, held by bridge workers), over every alias."""
+    return (
+        lanes.stats().open_connections if lanes is not None else 0,
+        executor.stats().open_connections if executor is not None else 0,
+    )
+
+
+def _log_shutdown(
+    lanes: LaneSet | None,
+    executor: DBExecutor | None,
+    *,
+    drained: bool,
+    timeout: float | None,
+    open_before: tuple[int, int],
+    elapsed: float,
+) -> None:
+    """One line: what shutdown closed, how long it took, and what it left running."""
+    open_after = _open_connections(lanes, executor)
+    # Per pool, never below 0: in-flight work may have opened some meanwhile.
+    closed = max(0, open_before[0] - open_after[0]) + max(0, open_before[1] - open_after[1])
+    if drained:
+        logger.info(
+            "async_dbbridge stopped in %.2fs: closed %d connection(s), nothing in flight",
+            elapsed,
+            closed,
+        )
+        return
+    lane_stats = lanes.stats() if lanes is not None else None
+    bridge_stats = executor.stats() if executor is not None else None
+    requests = lane_stats.in_use + lane_stats.waiting if lane_stats is not None else 0
+    calls = bridge_stats.busy + bridge_stats.queued if bridge_stats is not None else 0
+    logger.warning(
+        "async_dbbridge stopped after SHUTDOWN_TIMEOUT=%ss with work in flight: "
+        "%d request(s) on lanes, %d bridge call(s), holding %d connection(s) that close "
+        "when that work ends; closed %d connection(s)",
+        timeout,
+        requests,
+        calls,
+        sum(open_after),
+        closed,
+    )
+
+
+def _report_leftovers(message: str, error: BaseException | None) -> None:
+    """Report a transaction a request left open, once: as a warning, never a log record too.
+
+    A warning is the channel users can filter, turn into an error, or route
+    into logging (``logging.captureWarnings``); a log line beside it would
+    say the same thing twice. When the app raised, the warning must not
+    replace its exception: if a filter turns the warning into an error, the
+    report rides on the app's exception as a note instead.
+    """
+    if error is None:
+        warnings.warn(message, TransactionLeftOpenWarning, stacklevel=3)
+        return
+    try:
+        warnings.warn(message, TransactionLeftOpenWarning, stacklevel=3)
+    except TransactionLeftOpenWarning:
+        error.add_note(message)
 
 
 def _leftover_message(scope: Scope, aliases: list[str]) -> str:

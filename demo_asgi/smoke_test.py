@@ -6,6 +6,7 @@ Usage (from anywhere; exit status 0 when everything passed)::
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/dbbridge_demo \\
         .venv/bin/python demo_asgi/smoke_test.py
     .venv/bin/python demo_asgi/smoke_test.py --app django  # stock Django handler, to compare
+    .venv/bin/python demo_asgi/smoke_test.py --stats-json /tmp/stats.json  # keep the last /stats
 
 Without ``DATABASE_URL`` the database is a fresh SQLite file in a temporary
 directory, removed afterwards. The database is created if missing (local
@@ -23,6 +24,7 @@ test), not inside a process that already configured other settings.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -121,14 +123,63 @@ def _expect_products(body: Any) -> str | None:
     return None
 
 
+#: The keys of /stats, and of its "bridge" and "lanes" objects: each figure once.
+STATS_KEYS = frozenset(
+    {
+        "request_mode",
+        "lanes",
+        "bridge",
+        "server_sessions",
+        "process_connections",
+        "vendors",
+        "time",
+    }
+)
+BRIDGE_KEYS = frozenset(
+    {
+        "max_workers",
+        "workers",
+        "busy",
+        "idle",
+        "queued",
+        "calls",
+        "errors",
+        "connection_policy",
+        "shutting_down",
+        "connections_open",
+        "connections_opened",
+        "connections_closed",
+    }
+)
+LANE_KEYS = frozenset(
+    {
+        "size",
+        "lane_full",
+        "threads",
+        "in_use",
+        "idle",
+        "temporary",
+        "waiting",
+        "requests_served",
+        "temporaries_started",
+        "waits_expired",
+        "connections_open",
+        "connections_opened",
+        "shutting_down",
+    }
+)
+
+
 def _expect_stats(body: Any) -> str | None:
     if not isinstance(body, dict):
         return "expected a JSON object"
-    missing = {"bridge", "server_sessions"} - set(body)
-    if missing:
-        return f"missing keys {sorted(missing)}"
-    if not {"busy", "idle", "queued", "connections_open"} <= set(body["bridge"]):
-        return "'bridge' is not ExecutorStats.as_dict()"
+    if set(body) != STATS_KEYS:
+        return f"keys {sorted(body)}, expected {sorted(STATS_KEYS)}"
+    if set(body["bridge"]) != BRIDGE_KEYS:
+        return f"'bridge' has keys {sorted(body['bridge'])}, expected {sorted(BRIDGE_KEYS)}"
+    lanes = body["lanes"]
+    if lanes is not None and set(lanes) != LANE_KEYS:
+        return f"'lanes' has keys {sorted(lanes)}, expected {sorted(LANE_KEYS)}"
     return None
 
 
@@ -138,7 +189,8 @@ def _expect_dashboard(body: Any) -> str | None:
     return None
 
 
-def _exercise(base_url: str) -> None:
+def _exercise(base_url: str) -> Any:
+    """Request every URL once; return the last /stats, taken after all the others."""
     import httpx
 
     with httpx.Client(base_url=base_url, timeout=REQUEST_TIMEOUT) as client:
@@ -162,7 +214,7 @@ def _exercise(base_url: str) -> None:
             expect=lambda b: None if b.get("stock_left") == in_stock["stock"] - 1 else "stock",
         )
         _check(client, "GET", "/orders", expect=lambda b: None if b.get("orders") else "no orders")
-        _check(
+        return _check(
             client,
             "GET",
             "/stats",
@@ -194,8 +246,11 @@ def _sessions_after_shutdown(strict: bool) -> None:
         close_monitor()
 
 
-def run(app: str = BRIDGE_APP) -> None:
-    """Migrate, seed, serve ``app``, exercise every URL, shut down; raise SmokeFailure."""
+def run(app: str = BRIDGE_APP, stats_json: Path | None = None) -> None:
+    """Migrate, seed, serve ``app``, exercise every URL, shut down; raise SmokeFailure.
+
+    ``stats_json``: where to write the last ``/stats`` answer, for a caller to inspect.
+    """
     sys.path.insert(0, str(DEMO_DIR))
     # Forced, not setdefault: a test runner calling this may export its own.
     os.environ["DJANGO_SETTINGS_MODULE"] = "demo_asgi.settings"
@@ -213,7 +268,9 @@ def run(app: str = BRIDGE_APP) -> None:
         _prepare_database()
         server, thread, base_url = _start_server(app)
         try:
-            _exercise(base_url)
+            stats = _exercise(base_url)
+            if stats_json is not None:
+                stats_json.write_text(json.dumps(stats, indent=2))
         finally:
             server.should_exit = True
             thread.join(timeout=START_TIMEOUT)
@@ -233,9 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=("bridge", "django"),
         help="bridge: demo_asgi.asgi:application (default); django: stock get_asgi_application()",
     )
+    parser.add_argument(
+        "--stats-json",
+        type=Path,
+        help="write the last /stats answer (taken after every other URL) to this file",
+    )
     args = parser.parse_args(argv)
     try:
-        run(BRIDGE_APP if args.app == "bridge" else DJANGO_APP)
+        run(BRIDGE_APP if args.app == "bridge" else DJANGO_APP, args.stats_json)
     except SmokeFailure as exc:
         print(f"smoke test FAILED: {exc}", file=sys.stderr)
         return 1

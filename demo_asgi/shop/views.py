@@ -220,22 +220,75 @@ async def orders(request: HttpRequest) -> JsonResponse:
 # -- observing the pool ---------------------------------------------------------
 
 
-def _lane_stats() -> dict[str, Any] | None:
-    # The lanes belong to the ASGI application object uvicorn loaded; looked up,
-    # not imported, so that serving the project with another application (stock
-    # Django's, to compare) does not build a second one here.
-    module = sys.modules.get("demo_asgi.asgi")
-    app = getattr(module, "application", None)
-    lanes = app.lanes if isinstance(app, DBBridgeASGIApp) else None
-    return lanes.stats().as_dict() if lanes is not None else None
+def _wrapper() -> DBBridgeASGIApp | None:
+    # The ASGI application object uvicorn loaded; looked up, not imported, so
+    # that serving the project with another application (stock Django's, to
+    # compare) does not build a second one here.
+    app = getattr(sys.modules.get("demo_asgi.asgi"), "application", None)
+    return app if isinstance(app, DBBridgeASGIApp) else None
+
+
+def _request_mode(app: DBBridgeASGIApp | None) -> str:
+    """How requests run: on lanes, on per-request threads, or under stock Django."""
+    if app is None:
+        return "stock-django"
+    return app.mode or "not-started"
+
+
+def _lane_figures(app: DBBridgeASGIApp | None) -> dict[str, Any] | None:
+    """The request lanes, each figure once (the bridge's stats do not repeat them)."""
+    lanes = app.lanes if app is not None else None
+    if lanes is None:
+        return None
+    s = lanes.stats()
+    return {
+        "size": s.size,  # LANES
+        "lane_full": s.full,  # LANE_FULL: what a request does when every lane is busy
+        "threads": s.lanes,  # lane threads alive, temporaries not counted
+        "in_use": s.in_use,  # serving a request, temporaries counted
+        "idle": s.idle,
+        "temporary": s.temporary,  # threads beyond LANES, closed when their request ends
+        "waiting": s.waiting,  # requests queued for a lane
+        "requests_served": s.requests,
+        "temporaries_started": s.temporaries_started,
+        "waits_expired": s.waits_expired,  # waited LANE_WAIT_TIMEOUT, then took a temporary
+        "connections_open": s.connections_open,
+        "connections_opened": s.connections_opened,
+        "shutting_down": s.closing,
+    }
+
+
+def _bridge_figures() -> dict[str, Any]:
+    """The bridge pool (db_call, @db_sync_to_async, the default executor), lanes left out."""
+    s = get_bridge_executor().stats()
+    return {
+        "max_workers": s.max_workers,  # MAX_WORKERS
+        "workers": s.workers,
+        "busy": s.busy,
+        "idle": s.idle,
+        "queued": s.queued,
+        "calls": s.calls,
+        "errors": s.errors,
+        # POLICY: when a worker closes its connections ("request": as
+        # CONN_MAX_AGE says, "close": after every call, "max_age": its own).
+        "connection_policy": s.policy,
+        "shutting_down": s.shutdown,
+        "connections_open": s.connections_open,
+        "connections_opened": s.connections_opened,
+        "connections_closed": s.connections_closed,
+    }
 
 
 def _collect_stats() -> dict[str, Any]:
     aliases = list(settings.DATABASES)
+    app = _wrapper()
     return {
-        "bridge": get_bridge_executor().stats().as_dict(),
+        # "lanes", "per-request" (LANES=0, or asgiref < 3.13: each request on a
+        # thread of its own, connections closed at its end) or "stock-django".
+        "request_mode": _request_mode(app),
         # Request lanes: the threads that run sync views and the async ORM.
-        "lanes": _lane_stats(),
+        "lanes": _lane_figures(app),
+        "bridge": _bridge_figures(),
         "server_sessions": {alias: server_session_count(alias) for alias in aliases},
         # Django connections open on any thread of this process: under stock
         # Django's ASGI handler with CONN_MAX_AGE > 0 this grows with every
@@ -248,7 +301,7 @@ def _collect_stats() -> dict[str, Any]:
 
 @require_GET
 async def stats(request: HttpRequest) -> JsonResponse:
-    """The bridge's ``stats()`` and the server's own session count per database."""
+    """How requests run, the lanes, the bridge, and the server's session count per database."""
     loop = asyncio.get_running_loop()
     return JsonResponse(await loop.run_in_executor(_stats_thread, _collect_stats))
 
