@@ -1,10 +1,9 @@
 """The sdist and the wheel: what they hold, their metadata, and a wheel that works on its own.
 
-Both are built the way a PEP 517 frontend (pip, ``python -m build``) builds them: the backend
-that pyproject.toml names is installed into a throwaway venv from the configured package index,
-the sdist is built from the checkout, and the wheel from the unpacked sdist, so a file the sdist
-forgets breaks the wheel. The index is the only network use, the same one every install from
-source makes.
+Both are built the way a PEP 517 frontend (pip, ``python -m build``) builds them, through the
+backend's hooks: the sdist from the checkout, and the wheel from the unpacked sdist, so a file the
+sdist forgets breaks the wheel. The build requirements pyproject.toml names are part of the
+``test`` extra, so the build runs in this environment (as ``--no-isolation`` does) and offline.
 
 The wheel is then installed, without dependencies, into a second venv. Its dependencies (and
 pytest and pytest-django) are not downloaded: the distributions this interpreter already has are
@@ -53,7 +52,7 @@ JUNK = re.compile(
     r"(^|/)(__pycache__|\.venv[^/]*|\.mypy_cache|\.ruff_cache|\.pytest_cache|htmlcov|site|build"
     r"|dist|[^/]*\.egg-info)(/|$)|\.py[cod]$|\.sqlite3(-[a-z]+)?$|(^|/)\.coverage|~$|\.(orig|rej)$"
 )
-# Seconds for one subprocess (pip may have to reach the package index): less than the
+# Seconds for one subprocess: less than the
 # 120 s pytest-timeout of a whole test, so a hang fails with the command that hung.
 STEP_TIMEOUT = 90
 # The sdist's top directory; with ".dist-info", the wheel's metadata directory.
@@ -99,14 +98,26 @@ def site_packages(python: Path) -> Path:
     )
 
 
-def build(builder: Path, kind: str, source: Path, out: Path) -> Path:
+def check_build_requirements() -> None:
+    """Every build-system requirement is installed here: the build runs offline."""
+    for spec in PYPROJECT["build-system"]["requires"]:
+        req = Requirement(spec)
+        try:
+            version = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.fail(f"build requirement {spec!r} is not installed: add it to the test extra")
+        if not req.specifier.contains(version, prereleases=True):
+            pytest.fail(f"build requirement {spec!r} not met by the installed {version}")
+
+
+def build(kind: str, source: Path, out: Path) -> Path:
     """One PEP 517 build (kind "sdist" or "wheel") of `source`, as a frontend runs it."""
     backend = PYPROJECT["build-system"]["build-backend"]
     call = "import importlib, json, sys; b = importlib.import_module(sys.argv[1]); "
     # -I (here and below): the child sees neither PYTHON* variables nor its working directory.
     requires = json.loads(
         run(
-            builder,
+            sys.executable,
             "-I",
             "-c",
             call + f"print(json.dumps(b.get_requires_for_build_{kind}()))",
@@ -114,10 +125,19 @@ def build(builder: Path, kind: str, source: Path, out: Path) -> Path:
             cwd=source,
         )
     )
-    if requires:
-        pip(builder, "install", "--quiet", *requires)
+    for spec in requires:
+        try:
+            importlib.metadata.version(Requirement(spec).name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.fail(f"the backend asks for {spec!r} to build the {kind}: not installed")
     printed = run(
-        builder, "-I", "-c", call + f"print(b.build_{kind}(sys.argv[2]))", backend, out, cwd=source
+        sys.executable,
+        "-I",
+        "-c",
+        call + f"print(b.build_{kind}(sys.argv[2]))",
+        backend,
+        out,
+        cwd=source,
     )
     return out / printed.strip().splitlines()[-1]
 
@@ -135,16 +155,15 @@ class Artifacts:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
     tmp = tmp_path_factory.mktemp("packaging")
-    builder = make_venv(tmp / "builder")
-    pip(builder, "install", "--quiet", *PYPROJECT["build-system"]["requires"])
+    check_build_requirements()
     out = tmp / "dist"
-    sdist = build(builder, "sdist", ROOT, out)
+    sdist = build("sdist", ROOT, out)
     with tarfile.open(sdist) as tar:
         top = f"{DIST_NAME}/"
         members = tar.getnames()
         assert all(name.startswith(top) for name in members), members
         tar.extractall(tmp / "unpacked", filter="data")
-    wheel = build(builder, "wheel", tmp / "unpacked" / top, out)
+    wheel = build("wheel", tmp / "unpacked" / top, out)
     with zipfile.ZipFile(wheel) as zf:
         wheel_names = zf.namelist()
         metadata = zf.read(f"{DIST_NAME}.dist-info/METADATA")
