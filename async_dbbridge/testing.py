@@ -472,11 +472,14 @@ class _LeakCheck:
             running = thread is not None and thread.is_alive()
             state = "still running" if running else "ended without closing it"
             line = f"  {conn.alias!r} on thread {name!r} ({state})"
-            if isinstance(thread, OwnerThread):
-                line += ": a bridge thread; shut its DBExecutor down before the test ends"
             if id(conn) in self.open_before and origin is None:
                 line += ", opened before the test"
             lines.append(line)
+            if isinstance(thread, OwnerThread):
+                lines.append(
+                    "    a bridge thread: it closes its connections once its DBExecutor"
+                    " is shut down and its call has returned"
+                )
             if origin is not None and origin.frames:
                 lines.append("    opened at:")
                 lines.extend(f"    {frame}" for frame in origin.frames)
