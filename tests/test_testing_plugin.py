@@ -123,6 +123,7 @@ FIX_HINT = [
 ]
 
 LEAKS = """
+import gc
 import threading
 
 import pytest
@@ -151,6 +152,15 @@ def test_threads_that_close(dbbridge_no_leaks):
 def test_uses_its_own_thread(dbbridge_no_leaks):
     assert Item.objects.count() == 0
     assert connection.connection is not None
+
+
+def test_collector_is_off_during_a_test_with_the_fixture(dbbridge_no_leaks):
+    # So that a connection stranded on an ended thread is reported every time.
+    assert not gc.isenabled()
+
+
+def test_and_on_again_after_it():
+    assert gc.isenabled()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -193,7 +203,7 @@ def test_leaks_fail_at_once_with_counts_holders_origins_and_the_fix(
     pytester.makepyfile(test_leaks=LEAKS)
     result = run_inner(pytester)
 
-    result.assert_outcomes(passed=5, failed=1, errors=2)
+    result.assert_outcomes(passed=7, failed=1, errors=2)
     result.stdout.fnmatch_lines(
         [
             "*::test_threads_that_close PASSED*",
@@ -204,6 +214,9 @@ def test_leaks_fail_at_once_with_counts_holders_origins_and_the_fix(
             "*::test_leaks_on_an_ended_thread PASSED*",
             "*::test_leaks_on_an_ended_thread ERROR*",
             "*::test_checks_early FAILED*",
+            # pytest-django runs the tests that use no database last.
+            "*::test_collector_is_off_during_a_test_with_the_fixture PASSED*",
+            "*::test_and_on_again_after_it PASSED*",
         ]
     )
     assert "Timeout" not in result.stdout.str()
