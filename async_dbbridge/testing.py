@@ -18,6 +18,8 @@ open file descriptors on the database file (Linux), since there is no server.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import gc
 import os
 import sysconfig
@@ -27,6 +29,7 @@ import traceback
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -232,22 +235,37 @@ class _Origin:
 _origins: weakref.WeakKeyDictionary[BaseDatabaseWrapper, _Origin] = weakref.WeakKeyDictionary()
 _origins_lock = threading.Lock()
 
+
 # Frames from these directories are machinery, not the code that asked for a
 # connection: Django, asgiref, this package, and the standard library (threading,
-# concurrent.futures). The stack shown is the innermost frames outside them.
+# concurrent.futures) — but not third-party packages, which may sit inside it.
+def _directory(path: str) -> str:
+    return os.path.join(os.path.abspath(path), "")
+
+
 _MACHINERY: Final = tuple(
-    os.path.join(os.path.dirname(os.path.abspath(path)), "")
+    _directory(os.path.dirname(path))
     for path in (django.__file__, asgiref.__file__, __file__)
     if path
-) + tuple(
-    os.path.join(os.path.abspath(sysconfig.get_paths()[key]), "")
-    for key in ("stdlib", "platstdlib")
 )
+_STDLIB: Final = tuple(_directory(sysconfig.get_paths()[key]) for key in ("stdlib", "platstdlib"))
+_THIRD_PARTY: Final = tuple(
+    _directory(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")
+)
+
+
+def _is_machinery(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    if path.startswith(_MACHINERY):
+        return True
+    return path.startswith(_STDLIB) and not path.startswith(_THIRD_PARTY)
+
+
 _ORIGIN_FRAMES: Final = 3
 
 
 def _user_frames(stack: traceback.StackSummary) -> tuple[str, ...]:
-    frames = [f for f in stack if not os.path.abspath(f.filename).startswith(_MACHINERY)]
+    frames = [frame for frame in stack if not _is_machinery(frame.filename)]
     shown = []
     for frame in frames[-_ORIGIN_FRAMES:]:
         where = f"{_short_path(frame.filename)}:{frame.lineno} in {frame.name}"
@@ -490,6 +508,23 @@ class _Leak(Exception):
     """Raised by the check; turned into a pytest failure with just the report."""
 
 
+def _off_event_loop(fn: Callable[[], None]) -> None:
+    """Run ``fn`` here, or on a helper thread if an event loop runs on this one.
+
+    The counts are database queries, which Django refuses on a thread with a
+    running event loop (an async test calling the check itself). Blocking the
+    loop meanwhile is harmless: the test has nothing left to await, and the
+    cleanup the check may wait for runs on other threads.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        fn()
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="leak-check") as helper:
+        helper.submit(fn).result()
+
+
 def _pending_cleanup() -> list[str]:
     """Cleanup under way in this process that will close connections by itself."""
     from ._executor import _executors
@@ -578,7 +613,7 @@ if pytest is not None:
             # polling waits for, within the deadline.
             reset_bridge_executor(wait=False)
             try:
-                leak_check.run(deadline)
+                _off_event_loop(functools.partial(leak_check.run, deadline))
             except _Leak as leak:
                 leaked = True
                 report = str(leak)
@@ -609,6 +644,14 @@ if pytest is not None:
 
     def _aliases_for(request: Any) -> list[str]:
         marker = request.node.get_closest_marker("django_db")
+        if marker is None and not {"db", "transactional_db"} & set(request.fixturenames):
+            # Without it pytest-django blocks the counting queries, and no test
+            # database has been set up to count sessions on.
+            pytest.fail(
+                "dbbridge_no_leaks needs database access: mark the test with "
+                "@pytest.mark.django_db(transaction=True)",
+                pytrace=False,
+            )
         databases = marker.kwargs.get("databases") if marker is not None else None
         if databases == "__all__":
             return list(connections)

@@ -154,6 +154,7 @@ def test_uses_its_own_thread(dbbridge_no_leaks):
     assert connection.connection is not None
 
 
+@pytest.mark.django_db(transaction=True)
 def test_collector_is_off_during_a_test_with_the_fixture(dbbridge_no_leaks):
     # So that a connection stranded on an ended thread is reported every time.
     assert not gc.isenabled()
@@ -163,9 +164,19 @@ def test_and_on_again_after_it():
     assert gc.isenabled()
 
 
+def test_without_database_access(dbbridge_no_leaks):
+    pass
+
+
 @pytest.mark.django_db(transaction=True)
 async def test_db_call(dbbridge_no_leaks):
     assert await db_call(count_items) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_checks_early_in_an_async_test(dbbridge_no_leaks):
+    assert await db_call(count_items) == 0
+    dbbridge_no_leaks()
 
 
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])
@@ -203,20 +214,22 @@ def test_leaks_fail_at_once_with_counts_holders_origins_and_the_fix(
     pytester.makepyfile(test_leaks=LEAKS)
     result = run_inner(pytester)
 
-    result.assert_outcomes(passed=7, failed=1, errors=2)
+    result.assert_outcomes(passed=8, failed=1, errors=3)
     result.stdout.fnmatch_lines(
         [
             "*::test_threads_that_close PASSED*",
             "*::test_uses_its_own_thread PASSED*",
+            "*::test_collector_is_off_during_a_test_with_the_fixture PASSED*",
             "*::test_db_call PASSED*",
+            "*::test_checks_early_in_an_async_test PASSED*",
             "*::test_leaks_on_a_running_thread PASSED*",
             "*::test_leaks_on_a_running_thread ERROR*",
             "*::test_leaks_on_an_ended_thread PASSED*",
             "*::test_leaks_on_an_ended_thread ERROR*",
             "*::test_checks_early FAILED*",
             # pytest-django runs the tests that use no database last.
-            "*::test_collector_is_off_during_a_test_with_the_fixture PASSED*",
             "*::test_and_on_again_after_it PASSED*",
+            "*::test_without_database_access ERROR*",
         ]
     )
     assert "Timeout" not in result.stdout.str()
@@ -249,6 +262,11 @@ def test_leaks_fail_at_once_with_counts_holders_origins_and_the_fix(
         f"    test_leaks.py:{line_of(pytester, 'test_leaks.py', 'return Item')} in count_items",
         "      return Item.objects.count()",
         FIX_HINT[0],
+    ]
+
+    assert section(result, "ERROR at setup of test_without_database_access").splitlines() == [
+        "dbbridge_no_leaks needs database access: mark the test with "
+        "@pytest.mark.django_db(transaction=True)"
     ]
 
     # Checked from the test body, the leak fails the test itself.
