@@ -14,8 +14,9 @@ which readers see as well:
   equivalent" pairs of the docstrings. It is compiled (top-level `await` allowed).
 * anything else runs as printed, in this test project, against the database.
 
-docs/testing.md's samples are pytest test modules: here they are compiled, and
-kept test modules; running them takes a pytest session of their own.
+docs/testing.md's samples are pytest test modules: here they are compiled and
+kept test modules; tests/test_testing_plugin.py runs them exactly as printed, in
+a pytest session of their own, with the page's pytest.ini.
 
 The settings page is checked against the code: every key `conf` accepts, with
 its default as `parse_settings()` computes it, every system check ID defined in
