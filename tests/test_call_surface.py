@@ -18,7 +18,13 @@ from typing import Any
 
 import asgiref
 import pytest
-from asgiref.sync import SyncToAsync, iscoroutinefunction, markcoroutinefunction, sync_to_async
+from asgiref.sync import (
+    SyncToAsync,
+    async_to_sync,
+    iscoroutinefunction,
+    markcoroutinefunction,
+    sync_to_async,
+)
 
 from async_dbbridge import (
     DBExecutor,
@@ -154,12 +160,30 @@ async def test_a_decorated_method_binds_like_sync_to_async() -> None:
     assert await db_call(count_items, "method-") == 2
 
 
-def test_the_wrapper_is_not_asgiref_but_each_call_is() -> None:
-    # The design rule: asgiref's own SyncToAsync, through its public executor=,
-    # never a subclass overriding its internals.
-    wrapped = db_sync_to_async(count_items)
-    assert not isinstance(wrapped, SyncToAsync)
-    assert "count_items" in repr(wrapped)
+async def test_each_call_is_asgiref_s_own_so_async_to_sync_inside_uses_the_callers_loop(
+    pinned: DBExecutor,
+) -> None:
+    # What SyncToAsync does on the worker thread (and a plain executor call
+    # does not): async_to_sync() inside runs on the caller's loop.
+    async def running_loop() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    def loop_seen_from_the_thread() -> tuple[asyncio.AbstractEventLoop, str]:
+        count_items()
+        return async_to_sync(running_loop)(), threading.current_thread().name
+
+    caller = asyncio.get_running_loop()
+    for wrapped in (
+        db_sync_to_async(loop_seen_from_the_thread),
+        db_sync_to_async(loop_seen_from_the_thread, executor=pinned),
+    ):
+        # The design rule: asgiref's SyncToAsync through its public executor=,
+        # not a subclass of it.
+        assert not isinstance(wrapped, SyncToAsync)
+        assert "loop_seen_from_the_thread" in repr(wrapped)
+        loop, thread = await wrapped()
+        assert loop is caller
+        assert thread.startswith(("dbbridge-", "pinned-"))
 
 
 # -- thread_sensitive=, executor=, context= ---------------------------------------------
