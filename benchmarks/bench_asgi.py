@@ -45,28 +45,39 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import os
 import platform
-import re
-import resource
 import secrets
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Final
 
-ROOT: Final = Path(__file__).resolve().parent.parent
+# Run as a script, benchmarks/ is sys.path[0]: the repository root makes the
+# shared helpers (and the served project) importable as the benchmarks package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _common
+from benchmarks._common import (
+    CpuSnapshot,
+    Sampler,
+    UvicornServer,
+    WrkResult,
+    clean_exit,
+    cpu_per_request,
+    error_summary,
+    open_files,
+    settle,
+    split_option,
+)
+
+ROOT: Final = _common.ROOT
 DB_NAME: Final = "dbbridge_bench_asgi"
 SETTINGS_MODULE: Final = "benchmarks.asgi_project.settings"
 APPLICATION: Final = "benchmarks.asgi_project.asgi:application"
@@ -83,10 +94,6 @@ VIEWS: Final = {"sync": "/sync/", "async-orm": "/async-orm/", "db-call": "/db-ca
 TARGET_VIEWS: Final = ("sync", "async-orm")
 POOL_TARGET: Final = 1.15
 STOCK0_TARGET: Final = 2.0
-
-
-class HarnessError(RuntimeError):
-    """The benchmark itself failed (as opposed to a configuration doing badly)."""
 
 
 # -- configuration --------------------------------------------------------------------
@@ -247,7 +254,7 @@ class SessionCounter:
 
     def count(self, pid: int) -> int:
         if self.database.backend == "sqlite":
-            return _open_files(pid, self.database.name)
+            return open_files(pid, self.database.name)
         from async_dbbridge.testing import server_session_count
 
         # Every session on the database, whoever holds it: one server runs at
@@ -255,326 +262,47 @@ class SessionCounter:
         return server_session_count("admin")
 
     def settle(self, pid: int, timeout: float, stable: float) -> int:
-        """The count once it is 0, or has not changed for ``stable`` s (bounded).
-
-        A server drops a closed session a moment after the client closed it;
-        a held one never goes, so waiting for 0 would only burn the timeout.
-        """
-        deadline = time.monotonic() + timeout
-        last = self.count(pid)
-        since = time.monotonic()
-        while last:
-            now = time.monotonic()
-            if now >= deadline or now - since >= stable:
-                break
-            time.sleep(0.02)
-            count = self.count(pid)
-            if count != last:
-                last, since = count, time.monotonic()
-        return last
-
-
-def _open_files(pid: int, path: str) -> int:
-    """Descriptors of process ``pid`` on ``path``: SQLite's open connections (0 once it exited)."""
-    target = os.path.realpath(path)
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except (FileNotFoundError, ProcessLookupError):
-        return 0
-    count = 0
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                count += 1
-        except OSError:
-            continue
-    return count
-
-
-class Sampler:
-    """Samples the session count from a thread of its own while wrk runs."""
-
-    def __init__(self, counter: SessionCounter, pid: int, interval: float) -> None:
-        self._counter = counter
-        self._pid = pid
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
-        self.samples: list[int] = []
-        self.error: BaseException | None = None
-
-    def _run(self) -> None:
-        try:
-            while True:
-                self.samples.append(self._counter.count(self._pid))
-                if self._stop.wait(self._interval):
-                    return
-        except BaseException as exc:
-            self.error = exc
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        if self.error is not None:
-            raise HarnessError(f"counting sessions failed: {self.error!r}") from self.error
+        """The count once it is 0, or unchanged for ``stable`` s (bounded): see `settle`."""
+        return settle(lambda: self.count(pid), timeout, stable)
 
 
 # -- wrk ------------------------------------------------------------------------------
 
 
-@dataclass
-class WrkResult:
-    requests: int
-    seconds: float
-    requests_per_s: float
-    non_2xx: int
-    socket_errors: dict[str, int]
-    latency_ms: dict[str, float]
-
-    @property
-    def ok_per_s(self) -> float:
-        """Responses below 400 per second: what the server really served."""
-        return (self.requests - self.non_2xx) / self.seconds if self.seconds else 0.0
-
-
-_UNITS: Final = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_wrk(output: str) -> WrkResult:
-    total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)\b", output)
-    rate = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
-    if total is None or rate is None:
-        raise HarnessError(f"cannot read wrk's output:\n{output}")
-    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
-    sockets = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
-    )
-    errors = dict.fromkeys(("connect", "read", "write", "timeout"), 0)
-    if sockets is not None:
-        errors = dict(zip(errors, (int(g) for g in sockets.groups()), strict=True))
-    latency = {
-        f"p{m[1]}": float(m[2]) * _UNITS[m[3]] * 1e3
-        for m in re.finditer(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.M)
-    }
-    return WrkResult(
-        requests=int(total[1]),
-        seconds=float(total[2]) * _UNITS[total[3]],
-        requests_per_s=float(rate[1]),
-        non_2xx=int(non_2xx[1]) if non_2xx else 0,
-        socket_errors=errors,
-        latency_ms=latency,
-    )
-
-
 def run_wrk(url: str, seconds: float, config: Config) -> WrkResult:
-    command = [
-        "wrk",
-        f"-t{config.wrk_threads}",
-        f"-c{config.connections}",
-        f"-d{max(1, round(seconds))}s",
-        "--latency",
-        url,
-    ]
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=seconds + 60, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise HarnessError(f"wrk did not finish: {' '.join(command)}") from exc
-    if done.returncode != 0:
-        raise HarnessError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
-    return parse_wrk(done.stdout)
+    return _common.run_wrk(url, seconds, connections=config.connections, threads=config.wrk_threads)
 
 
 # -- the server -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-class Server:
+class Server(UvicornServer):
     """One uvicorn process serving the project in one mode."""
 
     def __init__(self, mode: str, config: Config, database: Database, log: IO[bytes]) -> None:
         self.mode = mode
-        self.port = _free_port()
-        self.log = log
         env = {
-            **os.environ,
             **database.server_env(),
             "BENCH_MODE": mode,
             "BENCH_LANES": str(config.lanes),
             "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-            ),
         }
         # Only what was asked for: unset, the wrapper runs on the library's defaults.
+        unset = []
         for key, value in (
             ("BENCH_LANE_FULL", config.lane_full),
             ("BENCH_LANE_WAIT_TIMEOUT", config.lane_wait_timeout),
         ):
-            env.pop(key, None)
-            if value is not None:
+            if value is None:
+                unset.append(key)
+            else:
                 env[key] = value
         # Django's own handler rejects the lifespan protocol; the wrapper needs it.
         lifespan = "on" if mode == "lanes" else "off"
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            APPLICATION,
-            "--workers",
-            "1",
-            "--no-access-log",
-            "--lifespan",
-            lifespan,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-        ]
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise HarnessError(
-                    f"{self.mode}: uvicorn exited ({self.process.returncode}) before serving:\n"
-                    f"{self.log_text()}"
-                )
-            try:
-                status, _ = _get(self.port, "/ping/", timeout=1.0)
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            if time.monotonic() >= deadline:
-                raise HarnessError(f"{self.mode}: no answer within {timeout} s:\n{self.log_text()}")
-            time.sleep(0.05)
+        super().__init__(mode, APPLICATION, env=env, lifespan=lifespan, log=log, unset=unset)
 
     def stats(self) -> dict[str, Any]:
-        status, body = _get(self.port, "/stats/", timeout=10.0)
-        if status != 200:
-            raise HarnessError(f"{self.mode}: /stats/ answered {status}: {body[:200]!r}")
-        result: dict[str, Any] = json.loads(body)
-        return result
-
-    def stop(self, timeout: float) -> tuple[int | None, float]:
-        """SIGTERM (uvicorn's graceful shutdown), wait; SIGKILL past ``timeout``.
-
-        Returns the exit status (None: it had to be killed) and the seconds it took.
-        """
-        started = time.monotonic()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-            code = None
-        return code, time.monotonic() - started
-
-    def log_text(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-
-def _error_summary(log: str) -> dict[str, int]:
-    """The server's error lines, most frequent first, counted (numbers and ids folded)."""
-    counts: dict[str, int] = {}
-    for line in log.splitlines():
-        if not line.startswith(("ERROR", "WARNING", "CRITICAL")) and "Error" not in line:
-            continue
-        key = re.sub(r"\d+", "N", " ".join(line.split()))
-        if len(key) > 170:
-            # The cause ("too many clients") is at the end of a driver's message.
-            key = f"{key[:70]} … {key[-90:]}"
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items(), key=lambda item: -item[1]))
-
-
-# -- CPU accounting -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CpuSnapshot:
-    """CPU seconds used so far: by the server process, by waited-for children (wrk), by all."""
-
-    server: float
-    children: float
-    machine: float
-    at: float
-
-    @classmethod
-    def take(cls, pid: int) -> CpuSnapshot | None:
-        try:
-            tick = os.sysconf("SC_CLK_TCK")
-            with open(f"/proc/{pid}/stat") as f:
-                # Fields after the command name, which may hold spaces: state is
-                # the first, utime and stime the 12th and 13th.
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open("/proc/stat") as f:
-                cpu = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError, IndexError):
-            return None  # not Linux, or the server is gone: no CPU figures
-        # user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait.
-        busy = sum(cpu) - cpu[3] - (cpu[4] if len(cpu) > 4 else 0)
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return cls(
-            server=(int(fields[11]) + int(fields[12])) / tick,
-            children=children.ru_utime + children.ru_stime,
-            machine=busy / tick,
-            at=time.monotonic(),
-        )
-
-
-def cpu_per_request(
-    start: CpuSnapshot | None, end: CpuSnapshot | None, requests: int
-) -> dict[str, float]:
-    """Milliseconds of CPU per request: uvicorn, wrk, the rest (DB server, harness, others)."""
-    if start is None or end is None or not requests:
-        return {}
-    server = end.server - start.server
-    wrk = end.children - start.children
-    machine = end.machine - start.machine
-    return {
-        "server_ms": server / requests * 1e3,
-        "wrk_ms": wrk / requests * 1e3,
-        "rest_ms": max(0.0, machine - server - wrk) / requests * 1e3,
-        "machine_busy": machine / ((end.at - start.at) * (os.cpu_count() or 1)),
-    }
+        return self.get_json("/stats/")
 
 
 # -- one measurement ------------------------------------------------------------------
@@ -624,7 +352,7 @@ def measure(mode: str, view: str, round_no: int, config: Config, database: Datab
             # Threads, connections, the pool and the lanes start during the
             # burst; the measured run sees a server in its steady state.
             run_wrk(url, config.warmup, config)
-            with Sampler(counter, server.pid, config.sample_interval) as sampler:
+            with Sampler(lambda: counter.count(server.pid), config.sample_interval) as sampler:
                 cpu_start = CpuSnapshot.take(server.pid)
                 result = run_wrk(url, config.duration, config)
                 cpu_end = CpuSnapshot.take(server.pid)
@@ -633,7 +361,7 @@ def measure(mode: str, view: str, round_no: int, config: Config, database: Datab
         finally:
             exit_code, stop_seconds = server.stop(config.stop_timeout)
         after = counter.settle(server.pid, config.after_timeout, config.settle_stable)
-        errors = _error_summary(server.log_text())
+        errors = error_summary(server.log_text())
     samples = sampler.samples or [0]
     return Sample(
         mode=mode,
@@ -661,11 +389,6 @@ def measure(mode: str, view: str, round_no: int, config: Config, database: Datab
         errors=errors,
         cpu=cpu_per_request(cpu_start, cpu_end, result.requests),
     )
-
-
-def _clean_exit(code: int | None) -> bool:
-    # uvicorn re-raises the signal it shut down on, so a clean stop is -SIGTERM.
-    return code in (0, -signal.SIGTERM)
 
 
 # -- results --------------------------------------------------------------------------
@@ -758,7 +481,7 @@ def summarize(samples: Sequence[Sample], config: Config) -> list[Summary]:
                     sessions_after=max(s.sessions_after for s in mine),
                     connects_per_request=connects / served if served else 0.0,
                     temporary_share=temporary_share,
-                    unclean_exits=sum(not _clean_exit(s.exit_code) for s in mine),
+                    unclean_exits=sum(not clean_exit(s.exit_code) for s in mine),
                     cpu={
                         key: statistics.median(s.cpu[key] for s in mine)
                         for key in mine[0].cpu
@@ -1032,16 +755,6 @@ def write_chart(report: Report, config: Config, path: Path) -> None:
 # -- main -----------------------------------------------------------------------------
 
 
-def _split(value: str, choices: Sequence[str], option: str) -> tuple[str, ...]:
-    items = tuple(item.strip() for item in value.split(",") if item.strip())
-    unknown = [item for item in items if item not in choices]
-    if unknown or not items:
-        raise argparse.ArgumentTypeError(
-            f"{option}: choose from {', '.join(choices)} (comma-separated), not {value!r}"
-        )
-    return items
-
-
 def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
@@ -1096,8 +809,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         if args.modes is None:
             modes = tuple(m for m in MODES if m != "pool" or args.backend == "postgresql")
         else:
-            modes = _split(args.modes, MODES, "--modes")
-        views = _split(args.views, tuple(VIEWS), "--views")
+            modes = split_option(args.modes, MODES, "--modes")
+        views = split_option(args.views, tuple(VIEWS), "--views")
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
     if "pool" in modes and args.backend != "postgresql":
