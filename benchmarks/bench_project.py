@@ -1,0 +1,1078 @@
+"""A project-shaped app under uvicorn: stock Django, Django's pool and the wrapper, one run.
+
+One uvicorn worker serves ``benchmarks/project`` — the settings ``django-admin
+startproject`` generates (its seven middleware, admin, auth, contenttypes,
+sessions, messages, staticfiles; sessions and auth migrated) plus one app —
+and ``wrk`` drives it. Every request carries the session cookie of a user
+logged in at setup (64 users, one session each, taken in turn), so the views
+that look at ``request.user`` load a session row and a user row through the
+middleware before running their own queries. Three variants:
+
+* ``stock`` — Django's ASGI handler, ``CONN_MAX_AGE=0``;
+* ``djpool`` — Django's handler with psycopg's pool (``min_size = max_size =
+  --pool-size``), ``CONN_MAX_AGE=0`` (PostgreSQL only);
+* ``wrapper`` — ``async_dbbridge.asgi.get_asgi_application``, ``CONN_MAX_AGE=60``,
+  ``ASYNC_DBBRIDGE`` from ``wrapper_settings()`` below (plus ``--wrapper-settings``),
+  passed to the server as JSON.
+
+Workloads (``--only``), each with the issue's target for the wrapper:
+
+* ``a`` — async view awaiting 200 ms of I/O, no database, 64 clients:
+  ≥ 0.95x stock req/s and p99 ≤ 1.1x stock's;
+* ``b`` — async view: a query, 100 ms of I/O, a query, 64 clients:
+  ≥ 2x Django's pool req/s (PostgreSQL) on ≤ pool-size server sessions;
+* ``c`` — a one-query sync view and a one-query async-ORM view, 32 clients:
+  ≥ 1.3x Django's pool (PostgreSQL), ≥ 2x stock (MariaDB);
+* ``d`` — sync view with a 50 ms query (``pg_sleep`` / ``SLEEP``), 200 clients:
+  sessions never above the pool size, no "too many connections", every
+  response a 2xx or a 503 (PostgreSQL and MariaDB only).
+
+Every (variant, workload) pair gets its own server per round: started,
+checked (a request with a session cookie must be logged in, one without must
+not), warmed up, measured while another connection samples the server's
+sessions on the benchmark database (``pg_stat_activity`` / ``PROCESSLIST``; on
+SQLite the server's descriptors on the file), left idle until its session
+count settles, stopped with SIGTERM, and its sessions counted again once it
+has exited. Rounds interleave the pairs (orders rotated each round); figures
+are medians, ratios medians of per-round ratios.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_project.py [--backend postgresql|mysql|sqlite]
+        [--quick] [--rounds N] [--duration S] [--variants stock,djpool,wrapper]
+        [--only a,b,c,d] [--pool-size N] [--wrapper-settings JSON]
+        [--wrapper-src DIR] [--json FILE] [--chart PNG | --no-chart]
+    .venv/bin/python benchmarks/bench_project.py --replot FILE.json [--chart PNG]
+
+It creates its database, ``dbbridge_bench_project``, and a role of that name
+the servers connect as, capped by the database server at ``--session-cap``
+sessions (70) so that stock Django at 200 clients cannot take every slot of a
+shared server; it drops whatever a crashed run left first, and drops both at
+the end. The exit status is 0 when the run completed, whatever the targets
+say; 2 if the harness itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+# Run as a script, benchmarks/ is sys.path[0]: the repository root makes the
+# shared helpers (and the served project) importable as the benchmarks package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _common
+from benchmarks._common import (
+    ROOT,
+    CpuSnapshot,
+    HarnessError,
+    Sampler,
+    UvicornServer,
+    clean_exit,
+    cpu_per_request,
+    error_summary,
+    open_files,
+    settle,
+    split_option,
+)
+
+DB_NAME: Final = "dbbridge_bench_project"
+SETTINGS_MODULE: Final = "benchmarks.project.settings"
+APPLICATION: Final = "benchmarks.project.asgi:application"
+WRK_SCRIPT: Final = ROOT / "benchmarks" / "project" / "wrk_statuses.lua"
+
+VARIANTS: Final = ("stock", "djpool", "wrapper")
+BACKENDS: Final = ("postgresql", "mysql", "sqlite")
+
+
+def wrapper_settings(pool_size: int) -> dict[str, Any]:
+    """The wrapper variant's ``ASYNC_DBBRIDGE``: the one place to change when the library's do.
+
+    Today's library bounds a process's connections by its lanes (one per
+    request in flight) and the bridge's threads; the pooled design adds
+    ``POOL_SIZE``, ``POOL_TIMEOUT`` and ``HOLD``. Whatever this returns
+    (merged with ``--wrapper-settings``) reaches the server as JSON, unchanged.
+    """
+    return {"MAX_WORKERS": pool_size, "LANES": pool_size}
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    #: The letter ``--only`` selects and the targets are named by.
+    group: str
+    path: str
+    connections: int
+    title: str
+
+
+WORKLOADS: Final = (
+    Workload("a", "a", "/io/", 64, "async view, 200 ms of I/O, no database"),
+    Workload("b", "b", "/query-io-query/", 64, "async ORM: query, 100 ms of I/O, query"),
+    Workload("c-sync", "c", "/one-query/sync/", 32, "sync view, one query"),
+    Workload("c-async", "c", "/one-query/async/", 32, "async view, one async-ORM query"),
+    Workload("d", "d", "/slow-query/", 200, "sync view, one 50 ms query"),
+)
+WORKLOAD_BY_KEY: Final = {w.key: w for w in WORKLOADS}
+GROUPS: Final = ("a", "b", "c", "d")
+
+# The issue's targets for the wrapper (acceptance 1 of #10).
+A_RATE: Final = 0.95
+A_P99: Final = 1.1
+B_VS_POOL: Final = 2.0
+C_VS_POOL: Final = 1.3
+C_VS_STOCK: Final = 2.0
+
+#: A server refusing a session, as drivers word it (PostgreSQL: past max_connections or
+#: the role's limit; MariaDB: past max_connections or MAX_USER_CONNECTIONS).
+TOO_MANY: Final = re.compile(
+    r"too many (clients|connections)|remaining connection slots|max_user_connections",
+    re.IGNORECASE,
+)
+
+
+# -- configuration --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str
+    variants: tuple[str, ...]
+    workloads: tuple[str, ...]
+    rounds: int
+    #: Seconds of each measured wrk run, and of the warm-up burst before it.
+    duration: float
+    warmup: float
+    pool_size: int
+    #: ASYNC_DBBRIDGE for the wrapper variant, as passed to the server.
+    wrapper_settings: dict[str, Any]
+    #: A checkout whose async_dbbridge the servers import first (None: this repository's).
+    wrapper_src: str | None
+    #: Logged-in users (one session each) whose cookies the requests carry in turn.
+    sessions: int
+    #: The most sessions the servers' role may hold (0: no cap).
+    session_cap: int
+    wrk_threads: int
+    #: wrk's per-request timeout: longer than any queue the slow workloads build.
+    wrk_timeout: float = 10.0
+    start_timeout: float = 60.0
+    stop_timeout: float = 30.0
+    settle_stable: float = 0.3
+    idle_timeout: float = 2.0
+    after_timeout: float = 5.0
+    sample_interval: float = 0.05
+
+    @property
+    def session_bound(self) -> int:
+        """The server sessions the wrapper may hold: its pool, once it has one."""
+        return int(self.wrapper_settings.get("POOL_SIZE", self.pool_size))
+
+
+# -- the database ---------------------------------------------------------------------
+
+
+def _setup_django(database: Database) -> None:
+    # The harness reads the servers' settings module as the stock variant:
+    # alias "default" is the servers' role (it migrates, so the role owns the
+    # tables), "admin" creates the database and counts sessions.
+    os.environ.update(
+        {
+            **database.server_env(),
+            "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
+            "BENCH_VARIANT": "stock",
+        }
+    )
+    import django
+
+    django.setup()
+
+
+@dataclass
+class Database:
+    """The benchmark database, the role the servers connect as, and the logged-in sessions."""
+
+    backend: str
+    name: str
+    user: str
+    password: str
+    session_cap: int
+    version: str = ""
+    session_keys: list[str] = field(default_factory=list)
+
+    def server_env(self) -> dict[str, str]:
+        return {
+            "BENCH_BACKEND": self.backend,
+            "BENCH_DB_NAME": self.name,
+            "BENCH_DB_USER": self.user,
+            "BENCH_DB_PASSWORD": self.password,
+        }
+
+    def create(self, sessions: int) -> None:
+        """Drop what a crashed run left, then create, migrate, seed and log users in."""
+        from django.core.management import call_command
+        from django.db import connections
+
+        if self.backend == "sqlite":
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.name)
+        else:
+            self._drop_objects()
+            with connections["admin"]._nodb_cursor() as cursor:
+                if self.backend == "postgresql":
+                    # The cap is the database's: PostgreSQL exempts superusers,
+                    # hence a role of our own.
+                    limit = self.session_cap or -1
+                    cursor.execute(f"CREATE ROLE {self.user} LOGIN PASSWORD '{self.password}'")
+                    cursor.execute(
+                        f"CREATE DATABASE {self.name} OWNER {self.user} CONNECTION LIMIT {limit}"
+                    )
+                else:
+                    cursor.execute(
+                        f"CREATE USER '{self.user}'@'%' IDENTIFIED BY '{self.password}' "
+                        f"WITH MAX_USER_CONNECTIONS {self.session_cap}"
+                    )
+                    cursor.execute(f"CREATE DATABASE {self.name} CHARACTER SET utf8mb4")
+                    cursor.execute(f"GRANT ALL PRIVILEGES ON {self.name}.* TO '{self.user}'@'%'")
+        call_command("migrate", database="default", interactive=False, verbosity=0)
+        self._seed(sessions)
+        self.version = _server_version()
+        # The harness holds no session on the database while servers run.
+        connections.close_all()
+
+    def _seed(self, sessions: int) -> None:
+        from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+        from django.contrib.auth.hashers import make_password
+        from django.contrib.auth.models import User
+        from django.contrib.sessions.backends.db import SessionStore
+
+        from benchmarks.project.benchapp.models import Item
+
+        Item.objects.bulk_create(Item(pk=n, name=f"item {n}", value=n) for n in range(1, 11))
+        # Unusable passwords: hashing 64 real ones would take longer than the
+        # run, and a session's auth hash only needs the stored value.
+        User.objects.bulk_create(
+            User(username=f"bench-{n}", password=make_password(None)) for n in range(sessions)
+        )
+        # What django.contrib.auth.login() leaves in the session store, without
+        # a request (MariaDB's bulk_create does not set primary keys: read back).
+        self.session_keys = []
+        for user in User.objects.filter(username__startswith="bench-").order_by("pk"):
+            store = SessionStore()
+            store[SESSION_KEY] = user._meta.pk.value_to_string(user)
+            store[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+            store[HASH_SESSION_KEY] = user.get_session_auth_hash()
+            store.create()
+            assert store.session_key is not None
+            self.session_keys.append(store.session_key)
+
+    def drop(self) -> None:
+        from django.db import connections
+
+        from async_dbbridge.testing import close_monitor
+
+        connections.close_all()
+        close_monitor()
+        if self.backend == "sqlite":
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.name)
+            return
+        self._drop_objects()
+
+    def _drop_objects(self) -> None:
+        from django.db import connections
+
+        with connections["admin"]._nodb_cursor() as cursor:
+            if self.backend == "postgresql":
+                # FORCE ends the sessions of a server a crashed run left behind.
+                cursor.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+                cursor.execute(f"DROP ROLE IF EXISTS {self.user}")
+            else:
+                cursor.execute(f"DROP DATABASE IF EXISTS {self.name}")
+                cursor.execute(f"DROP USER IF EXISTS '{self.user}'@'%'")
+
+
+def _server_version() -> str:
+    from django.db import connections
+
+    conn = connections["default"]
+    sql = "SELECT sqlite_version()" if conn.vendor == "sqlite" else "SELECT VERSION()"
+    with conn.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    version = str(row[0]) if row else "?"
+    return f"{conn.vendor} {version.split(' (')[0].removeprefix('PostgreSQL ')}"
+
+
+def _count_sessions(database: Database, pid: int) -> int:
+    """The sessions on the benchmark database, counted from outside the server."""
+    if database.backend == "sqlite":
+        return open_files(pid, database.name)
+    from async_dbbridge.testing import server_session_count
+
+    # Every session on the database, whoever holds it: one server runs at a
+    # time, and the harness holds none (its counting session is excluded).
+    return server_session_count("admin")
+
+
+# -- one measurement ------------------------------------------------------------------
+
+
+class Server(UvicornServer):
+    """One uvicorn process serving the project as one variant."""
+
+    def __init__(self, variant: str, config: Config, database: Database, log: Any) -> None:
+        env = {
+            **database.server_env(),
+            "BENCH_VARIANT": variant,
+            "BENCH_POOL_SIZE": str(config.pool_size),
+            "BENCH_ASYNC_DBBRIDGE": json.dumps(config.wrapper_settings),
+            "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
+        }
+        wrapper = variant == "wrapper"
+        super().__init__(
+            variant,
+            APPLICATION,
+            env=env,
+            # Django's own handler raises on the lifespan protocol, which
+            # uvicorn's "on" turns into a failed startup; the wrapper needs it.
+            lifespan="on" if wrapper else "off",
+            log=log,
+            pythonpath=[config.wrapper_src] if wrapper and config.wrapper_src else (),
+        )
+
+    def check_login(self, session_key: str) -> None:
+        """A cookie must log the request in, and no cookie must not: else nothing is measured."""
+        cookie = {"Cookie": f"sessionid={session_key}"}
+        status, body = _common.http_get(self.port, "/whoami/", timeout=10.0, headers=cookie)
+        if status != 200 or not body.startswith(b"bench-"):
+            raise HarnessError(f"{self.label}: a logged-in request got {status}: {body[:200]!r}")
+        status, body = _common.http_get(self.port, "/whoami/", timeout=10.0)
+        if status != 403:
+            raise HarnessError(f"{self.label}: an anonymous request got {status}, not 403")
+
+
+@dataclass
+class Sample:
+    """One (variant, workload) server in one round."""
+
+    variant: str
+    workload: str
+    round: int
+    ok_per_s: float
+    requests: int
+    seconds: float
+    #: Responses by HTTP status (the wrk script's count).
+    statuses: dict[str, int]
+    non_2xx: int
+    socket_errors: dict[str, int]
+    latency_ms: dict[str, float]
+    sessions_before: int
+    sessions_peak: int
+    sessions_mean: float
+    sessions_idle: int
+    sessions_after: int
+    #: Server log lines, during the measured run, saying the database refused a session.
+    too_many: int
+    exit_code: int | None
+    stop_seconds: float
+    stats: dict[str, Any]
+    errors: dict[str, int]
+    cpu: dict[str, float]
+
+
+def _wrk(url: str, seconds: float, workload: Workload, config: Config, database: Database) -> Any:
+    return _common.run_wrk(
+        url,
+        seconds,
+        connections=workload.connections,
+        threads=config.wrk_threads,
+        timeout=config.wrk_timeout,
+        script=WRK_SCRIPT,
+        script_args=[",".join(database.session_keys)],
+    )
+
+
+def measure(
+    variant: str, workload: Workload, round_no: int, config: Config, database: Database
+) -> Sample:
+    def count() -> int:
+        return _count_sessions(database, server.pid)
+
+    with tempfile.TemporaryFile() as log:
+        server = Server(variant, config, database, log)
+        try:
+            server.wait_ready(config.start_timeout)
+            server.check_login(database.session_keys[0])
+            before = settle(count, config.idle_timeout, config.settle_stable)
+            url = server.url(workload.path)
+            # Threads, connections and pools start during the burst; the
+            # measured run sees a server in its steady state.
+            _wrk(url, config.warmup, workload, config, database)
+            # The server's log from here on is the measured run's (and after).
+            measured_from = os.fstat(log.fileno()).st_size
+            with Sampler(count, config.sample_interval) as sampler:
+                cpu_start = CpuSnapshot.take(server.pid)
+                result = _wrk(url, config.duration, workload, config, database)
+                cpu_end = CpuSnapshot.take(server.pid)
+            measured_to = os.fstat(log.fileno()).st_size
+            idle = settle(count, config.idle_timeout, config.settle_stable)
+            stats = server.get_json("/stats/")
+        finally:
+            exit_code, stop_seconds = server.stop(config.stop_timeout)
+        after = settle(count, config.after_timeout, config.settle_stable)
+        text = server.log_text()
+        log.seek(measured_from)
+        measured_log = log.read(measured_to - measured_from).decode(errors="replace")
+    if not result.statuses and result.requests:
+        raise HarnessError(f"{variant}/{workload.key}: the wrk script counted no statuses")
+    ok = sum(n for status, n in result.statuses.items() if status.startswith("2"))
+    samples = sampler.samples or [0]
+    return Sample(
+        variant=variant,
+        workload=workload.key,
+        round=round_no,
+        ok_per_s=ok / result.seconds if result.seconds else 0.0,
+        requests=result.requests,
+        seconds=result.seconds,
+        statuses=result.statuses,
+        non_2xx=sum(result.statuses.values()) - ok,
+        socket_errors=result.socket_errors,
+        latency_ms=result.latency_ms,
+        sessions_before=before,
+        sessions_peak=max(samples),
+        sessions_mean=statistics.fmean(samples),
+        sessions_idle=idle,
+        sessions_after=after,
+        too_many=sum(1 for line in measured_log.splitlines() if TOO_MANY.search(line)),
+        exit_code=exit_code,
+        stop_seconds=stop_seconds,
+        stats=stats,
+        errors=dict(list(error_summary(text).items())[:5]),
+        cpu=cpu_per_request(cpu_start, cpu_end, result.requests),
+    )
+
+
+# -- results --------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    variant: str
+    workload: str
+    ok_per_s: float
+    ok_per_s_min: float
+    ok_per_s_max: float
+    p50_ms: float
+    p99_ms: float
+    vs_stock: float | None
+    vs_djpool: float | None
+    p99_vs_stock: float | None
+    requests: int
+    #: Non-2xx responses by status, summed over the rounds.
+    non_2xx: dict[str, int]
+    socket_errors: int
+    too_many: int
+    sessions_peak: int
+    sessions_idle: int
+    sessions_after: int
+    connects_per_request: float
+    unclean_exits: int
+    cpu: dict[str, float]
+
+
+@dataclass
+class Check:
+    workload: str
+    #: PASS, FAIL, or INFO (not measurable here).
+    status: str
+    text: str
+
+    @property
+    def mark(self) -> str:
+        return {"PASS": "✅", "FAIL": "❌"}.get(self.status, "—")
+
+
+@dataclass
+class Report:
+    environment: dict[str, Any]
+    config: dict[str, Any]
+    samples: list[Sample] = field(default_factory=list)
+    summary: list[Summary] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+
+
+def _paired(
+    samples: Sequence[Sample],
+    variant: str,
+    base: str,
+    workload: str,
+    value: Callable[[Sample], float],
+) -> float | None:
+    """Median over rounds of value(variant) / value(base), each pair from the same round."""
+    by_round: dict[int, dict[str, Sample]] = {}
+    for s in samples:
+        if s.workload == workload:
+            by_round.setdefault(s.round, {})[s.variant] = s
+    ratios = [
+        value(row[variant]) / value(row[base])
+        for row in by_round.values()
+        if variant in row and base in row and value(row[base]) > 0
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
+def _rate(s: Sample) -> float:
+    return s.ok_per_s
+
+
+def _p99(s: Sample) -> float:
+    return s.latency_ms.get("p99", 0.0)
+
+
+def summarize(samples: Sequence[Sample], config: Config) -> list[Summary]:
+    summaries = []
+    for key in config.workloads:
+        for variant in config.variants:
+            mine = [s for s in samples if s.variant == variant and s.workload == key]
+            if not mine:
+                continue
+            rates = [s.ok_per_s for s in mine]
+            non_2xx: dict[str, int] = {}
+            for s in mine:
+                for status, n in s.statuses.items():
+                    if not status.startswith("2"):
+                        non_2xx[status] = non_2xx.get(status, 0) + n
+            requests = sum(s.requests for s in mine)
+            connects = sum(int(s.stats.get("connects", 0)) for s in mine)
+            summaries.append(
+                Summary(
+                    variant=variant,
+                    workload=key,
+                    ok_per_s=statistics.median(rates),
+                    ok_per_s_min=min(rates),
+                    ok_per_s_max=max(rates),
+                    p50_ms=statistics.median(s.latency_ms.get("p50", 0.0) for s in mine),
+                    p99_ms=statistics.median(_p99(s) for s in mine),
+                    vs_stock=_paired(samples, variant, "stock", key, _rate),
+                    vs_djpool=_paired(samples, variant, "djpool", key, _rate),
+                    p99_vs_stock=_paired(samples, variant, "stock", key, _p99),
+                    requests=requests,
+                    non_2xx=dict(sorted(non_2xx.items())),
+                    socket_errors=sum(sum(s.socket_errors.values()) for s in mine),
+                    too_many=sum(s.too_many for s in mine),
+                    sessions_peak=max(s.sessions_peak for s in mine),
+                    sessions_idle=max(s.sessions_idle for s in mine),
+                    sessions_after=max(s.sessions_after for s in mine),
+                    # Warm-ups included in the connects, not in the requests:
+                    # an upper bound, good enough to tell 1 per request from 0.
+                    connects_per_request=connects / requests if requests else 0.0,
+                    unclean_exits=sum(not clean_exit(s.exit_code) for s in mine),
+                    cpu={
+                        k: statistics.median(s.cpu[k] for s in mine)
+                        for k in mine[0].cpu
+                        if all(k in s.cpu for s in mine)
+                    },
+                )
+            )
+    return summaries
+
+
+def check_targets(summary: Sequence[Summary], config: Config) -> list[Check]:
+    """The issue's targets, for the wrapper's rows: PASS, FAIL, or INFO when not measurable."""
+    by_key = {(s.variant, s.workload): s for s in summary}
+    checks: list[Check] = []
+    server = config.backend != "sqlite"
+
+    def ratio(key: str, value: float | None, op: str, bound: float, what: str) -> None:
+        if value is None:
+            checks.append(Check(key, "INFO", f"{what} {op} {bound:g}x: not measured in this run"))
+            return
+        ok = value >= bound if op == ">=" else value <= bound
+        checks.append(Check(key, "PASS" if ok else "FAIL", f"{what} {op} {bound:g}x: {value:.2f}x"))
+
+    def sessions(key: str, wrapper: Summary) -> None:
+        bound = config.session_bound
+        ok = wrapper.sessions_peak <= bound
+        checks.append(
+            Check(
+                key,
+                "PASS" if ok else "FAIL",
+                f"server sessions <= {bound}: peak {wrapper.sessions_peak}",
+            )
+        )
+
+    for key in config.workloads:
+        wrapper = by_key.get(("wrapper", key))
+        if wrapper is None:
+            continue
+        if key == "a":
+            ratio(key, wrapper.vs_stock, ">=", A_RATE, "req/s vs stock")
+            ratio(key, wrapper.p99_vs_stock, "<=", A_P99, "p99 vs stock")
+        elif key == "b":
+            if config.backend == "postgresql":
+                ratio(key, wrapper.vs_djpool, ">=", B_VS_POOL, "req/s vs Django's pool")
+            if server:
+                sessions(key, wrapper)
+        elif key in ("c-sync", "c-async"):
+            if config.backend == "postgresql":
+                ratio(key, wrapper.vs_djpool, ">=", C_VS_POOL, "req/s vs Django's pool")
+            elif config.backend == "mysql":
+                ratio(key, wrapper.vs_stock, ">=", C_VS_STOCK, "req/s vs stock")
+        elif key == "d":
+            sessions(key, wrapper)
+            checks.append(
+                Check(
+                    key,
+                    "PASS" if wrapper.too_many == 0 else "FAIL",
+                    f"'too many connections': {wrapper.too_many}",
+                )
+            )
+            # A socket error (timeout, reset) is a request that got no response at all.
+            bad = sum(n for status, n in wrapper.non_2xx.items() if status != "503")
+            bad += wrapper.socket_errors
+            checks.append(
+                Check(
+                    key,
+                    "PASS" if bad == 0 else "FAIL",
+                    f"responses other than 2xx/503 (socket errors included): {bad}",
+                )
+            )
+    return checks
+
+
+# -- the report -----------------------------------------------------------------------
+
+
+def _variant_label(variant: str, config: Config) -> str:
+    if variant == "stock":
+        return "stock, CONN_MAX_AGE=0"
+    if variant == "djpool":
+        return f"Django pool ({config.pool_size}), CONN_MAX_AGE=0"
+    return "wrapper, CONN_MAX_AGE=60"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def _non_2xx(s: Summary) -> str:
+    parts = [f"{n:,} x {status}" for status, n in s.non_2xx.items()]
+    if s.socket_errors:
+        parts.append(f"{s.socket_errors:,} socket")
+    return ", ".join(parts) if parts else "0"
+
+
+def markdown_table(report: Report, config: Config) -> str:
+    checks: dict[str, list[Check]] = {}
+    for check in report.checks:
+        checks.setdefault(check.workload, []).append(check)
+    lines = [
+        "| workload | variant | req/s (2xx) | p99 ms | non-2xx | too many conns "
+        "| peak sessions | vs stock | vs Django pool | p99 vs stock | targets |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in report.summary:
+        targets = ""
+        if s.variant == "wrapper":
+            targets = "<br>".join(f"{c.mark} {c.text}" for c in checks.get(s.workload, []))
+        lines.append(
+            f"| {s.workload} | {_variant_label(s.variant, config)} | {s.ok_per_s:,.0f} "
+            f"| {s.p99_ms:,.0f} | {_non_2xx(s)} | {s.too_many:,} | {s.sessions_peak} "
+            f"| {_ratio(s.vs_stock)} | {_ratio(s.vs_djpool)} | {_ratio(s.p99_vs_stock)} "
+            f"| {targets} |"
+        )
+    return "\n".join(lines)
+
+
+def print_report(report: Report, config: Config) -> None:
+    env = report.environment
+    print(
+        f"## bench_project: {env['server']}, Python {env['python']}, Django {env['django']}, "
+        f"asgiref {env['asgiref']}, uvicorn {env['uvicorn']}, async_dbbridge "
+        f"{env['async_dbbridge']}, {env['cpus']} CPUs"
+    )
+    print()
+    cap = f"{config.session_cap}" if config.session_cap else "none"
+    print(
+        f"uvicorn, 1 worker; wrk -t{config.wrk_threads}, {config.duration:g} s per run after a "
+        f"{config.warmup:g} s warm-up; {config.rounds} interleaved round(s), medians. "
+        f"Django pool: {config.pool_size}. Wrapper ASYNC_DBBRIDGE="
+        f"{json.dumps(config.wrapper_settings)}"
+        + (f" (library from {config.wrapper_src})" if config.wrapper_src else "")
+        + f". Session cap on the servers' role: {cap}. "
+        f"Load average before/after: {env['loadavg_before']} / {env['loadavg_after']}."
+    )
+    print()
+    for key in config.workloads:
+        w = WORKLOAD_BY_KEY[key]
+        print(f"- {key}: {w.title}, {w.connections} clients (`{w.path}`)")
+    print()
+    print(markdown_table(report, config))
+    print()
+    print(
+        "req/s counts 2xx responses only; non-2xx by status, plus requests that got no "
+        "response (socket errors). Ratios are medians of per-round ratios. too many conns: "
+        "server log lines where the database refused a session. peak sessions: the most "
+        "sampled on the benchmark database during the measured run."
+    )
+    errors: dict[str, dict[str, int]] = {}
+    for sample in report.samples:
+        for line, n in sample.errors.items():
+            per = errors.setdefault(f"{sample.variant}/{sample.workload}", {})
+            per[line] = per.get(line, 0) + n
+    if errors:
+        print()
+        print("Server log lines (most frequent):")
+        for where, lines in errors.items():
+            for line, n in sorted(lines.items(), key=lambda item: -item[1])[:2]:
+                print(f"- {where}: {n:,} x `{line}`")
+    left = [s for s in report.summary if s.sessions_after or s.unclean_exits]
+    if left:
+        print()
+        for s in left:
+            print(
+                f"- {s.variant}/{s.workload}: {s.sessions_after} session(s) after exit, "
+                f"{s.unclean_exits} unclean exit(s)"
+            )
+    print()
+    for check in report.checks:
+        print(f"{check.status} {check.workload}: {check.text}")
+
+
+# -- the chart ------------------------------------------------------------------------
+
+_COLORS: Final = {"stock": "#9e9e9e", "djpool": "#5b8fd9", "wrapper": "#3aa675"}
+
+
+def write_chart(report: Report, config: Config, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report.summary
+    keys = [k for k in config.workloads if any(s.workload == k for s in summary)]
+    if not keys:
+        return
+    by_key = {(s.variant, s.workload): s for s in summary}
+    fig, axes = plt.subplots(
+        2, len(keys), figsize=(3.0 * len(keys) + 1, 6), squeeze=False, height_ratios=(3, 2)
+    )
+    for col, key in enumerate(keys):
+        rate_ax, session_ax = axes[0][col], axes[1][col]
+        rows = [by_key[(v, key)] for v in config.variants if (v, key) in by_key]
+        xs = list(range(len(rows)))
+        colors = [_COLORS[s.variant] for s in rows]
+        rate_ax.bar(
+            xs,
+            [s.ok_per_s for s in rows],
+            color=colors,
+            yerr=[
+                [s.ok_per_s - s.ok_per_s_min for s in rows],
+                [s.ok_per_s_max - s.ok_per_s for s in rows],
+            ],
+            capsize=3,
+        )
+        for x, s in zip(xs, rows, strict=True):
+            text = f"{s.ok_per_s:,.0f}\np99 {s.p99_ms / 1e3:.2f} s"
+            bad = sum(s.non_2xx.values()) + s.socket_errors
+            if bad:
+                text += f"\n{bad:,} err"
+            rate_ax.annotate(
+                text,
+                (x, s.ok_per_s_max),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+        w = WORKLOAD_BY_KEY[key]
+        rate_ax.set_title(f"{key}: {w.connections} clients", fontsize=9)
+        rate_ax.margins(y=0.35)
+        session_ax.bar(xs, [s.sessions_peak for s in rows], color=colors)
+        if config.backend != "sqlite":
+            session_ax.axhline(config.session_bound, color="#c0392b", linestyle="--", linewidth=1)
+        for ax in (rate_ax, session_ax):
+            ax.set_xticks(xs, [s.variant for s in rows], fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+            ax.set_axisbelow(True)
+    axes[0][0].set_ylabel("requests/s (2xx), median")
+    axes[1][0].set_ylabel(f"peak server sessions\n(dashed: {config.session_bound})")
+    env = report.environment
+    fig.suptitle(
+        f"bench_project — {env['server']}, startproject middleware, uvicorn 1 worker, "
+        f"wrk {config.duration:g} s x {config.rounds} round(s), {env['cpus']} CPUs",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main -----------------------------------------------------------------------------
+
+
+def _wrapper_settings_option(value: str, pool_size: int) -> dict[str, Any]:
+    try:
+        extra = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--wrapper-settings is not JSON: {exc}") from exc
+    if not isinstance(extra, dict):
+        raise argparse.ArgumentTypeError("--wrapper-settings must be a JSON object")
+    merged = {**wrapper_settings(pool_size), **extra}
+    # null removes a key: a setting the library under test no longer has.
+    return {key: v for key, v in merged.items() if v is not None}
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--backend", choices=BACKENDS, default="postgresql")
+    parser.add_argument(
+        "--variants",
+        help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; djpool on "
+        "PostgreSQL only)",
+    )
+    parser.add_argument(
+        "--only",
+        help="workloads, comma-separated, from a,b,c,d (default: all; d not on SQLite)",
+    )
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (3; --quick: 1)")
+    parser.add_argument("--duration", type=float, help="seconds per measured run (5; --quick: 3)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up (1)")
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=8,
+        help="Django's pool min_size = max_size, and the wrapper's default settings' size (8)",
+    )
+    parser.add_argument(
+        "--wrapper-settings",
+        metavar="JSON",
+        default="{}",
+        help="ASYNC_DBBRIDGE keys merged over the defaults (null removes a key), e.g. "
+        '\'{"POOL_SIZE": 8, "LANES": null}\'',
+    )
+    parser.add_argument(
+        "--wrapper-src",
+        metavar="DIR",
+        help="a checkout whose async_dbbridge the wrapper variant imports (default: this one)",
+    )
+    parser.add_argument(
+        "--sessions", type=int, default=64, help="logged-in users whose cookies requests carry"
+    )
+    parser.add_argument(
+        "--session-cap",
+        type=int,
+        default=70,
+        help="most sessions the servers' role may hold (70; 0: no cap)",
+    )
+    parser.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (2)")
+    parser.add_argument("--quick", action="store_true", help="1 round of 3 s runs (CI smoke)")
+    parser.add_argument(
+        "--json", metavar="FILE", help="raw results (default: bench_project_<backend>.json)"
+    )
+    parser.add_argument(
+        "--chart",
+        metavar="PNG",
+        help="where to write the chart (default: docs/img/bench_project_<backend>.png)",
+    )
+    parser.add_argument("--no-chart", action="store_true", help="write no chart")
+    parser.add_argument(
+        "--replot", metavar="JSON", help="only redraw the chart from an earlier run's JSON"
+    )
+    args = parser.parse_args(argv)
+    backend = args.backend
+    try:
+        if args.variants is None:
+            variants = tuple(v for v in VARIANTS if v != "djpool" or backend == "postgresql")
+        else:
+            variants = split_option(args.variants, VARIANTS, "--variants")
+        groups = split_option(args.only or ",".join(GROUPS), GROUPS, "--only")
+        wrapper = _wrapper_settings_option(args.wrapper_settings, args.pool_size)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if "djpool" in variants and backend != "postgresql":
+        parser.error("--variants: djpool (psycopg's pool) needs --backend postgresql")
+    if backend == "sqlite":
+        if args.only is not None and "d" in groups:
+            parser.error("--only: workload d needs a database server (pg_sleep / SLEEP)")
+        groups = tuple(g for g in groups if g != "d")
+    workloads = tuple(w.key for w in WORKLOADS if w.group in groups)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    duration = args.duration if args.duration is not None else (3.0 if args.quick else 5.0)
+    if rounds < 1 or duration < 1 or args.warmup < 1:
+        parser.error("--rounds, --duration and --warmup must be at least 1")
+    if args.pool_size < 1 or args.sessions < 1 or args.wrk_threads < 1:
+        parser.error("--pool-size, --sessions and --wrk-threads must be at least 1")
+    if args.session_cap < 0:
+        parser.error("--session-cap must be 0 or more")
+    src = None
+    if args.wrapper_src is not None:
+        src = str(Path(args.wrapper_src).resolve())
+        if not (Path(src) / "async_dbbridge" / "__init__.py").is_file():
+            parser.error(f"--wrapper-src: no async_dbbridge package in {src}")
+    config = Config(
+        backend=backend,
+        variants=variants,
+        workloads=workloads,
+        rounds=rounds,
+        duration=duration,
+        warmup=args.warmup,
+        pool_size=args.pool_size,
+        wrapper_settings=wrapper,
+        wrapper_src=src,
+        sessions=args.sessions,
+        session_cap=args.session_cap,
+        wrk_threads=args.wrk_threads,
+    )
+    return config, args
+
+
+def schedule(config: Config) -> Iterator[tuple[int, str, str]]:
+    """(round, variant, workload): workload by workload, variants rotated each round.
+
+    The variants a ratio compares run back to back, so the machine's drift hits
+    both sides alike; rotating the order keeps any variant from always going first.
+    """
+    for round_no in range(config.rounds):
+        shift = round_no % len(config.variants)
+        variants = config.variants[shift:] + config.variants[:shift]
+        w_shift = round_no % len(config.workloads)
+        workloads = config.workloads[w_shift:] + config.workloads[:w_shift]
+        for workload in workloads:
+            for variant in variants:
+                yield round_no, variant, workload
+
+
+def _environment(database: Database, config: Config) -> dict[str, Any]:
+    import asgiref
+    import django
+    import uvicorn
+
+    import async_dbbridge
+
+    return {
+        "server": database.version,
+        "python": platform.python_version(),
+        "django": django.get_version(),
+        "asgiref": asgiref.__version__,
+        "uvicorn": uvicorn.__version__,
+        "async_dbbridge": async_dbbridge.__version__,
+        "wrapper_src": config.wrapper_src or str(ROOT),
+        "cpus": os.cpu_count(),
+        "loadavg_before": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+
+
+def _progress(s: Sample) -> str:
+    statuses = ",".join(f"{k}:{v}" for k, v in sorted(s.statuses.items()))
+    sockets = sum(s.socket_errors.values())
+    return (
+        f"[round {s.round + 1}] {s.variant:8} {s.workload:8} {s.ok_per_s:8,.0f} req/s  "
+        f"p99 {s.latency_ms.get('p99', 0):6,.0f} ms  [{statuses}] socket {sockets}  "
+        f"too-many {s.too_many}  sessions peak {s.sessions_peak} after {s.sessions_after}"
+    )
+
+
+def _default_chart(backend: str) -> Path:
+    return ROOT / "docs" / "img" / f"bench_project_{backend}.png"
+
+
+def _config_from_json(data: dict[str, Any]) -> Config:
+    fields: dict[str, Any] = {
+        key: tuple(value) if isinstance(value, list) else value for key, value in data.items()
+    }
+    return Config(**fields)
+
+
+def replot(source: Path, chart: Path | None) -> Path:
+    """Redraw the chart of an earlier run from its JSON: no servers, no database."""
+    data = json.loads(source.read_text())
+    config = _config_from_json(data["config"])
+    report = Report(
+        environment=data["environment"],
+        config=data["config"],
+        summary=[Summary(**item) for item in data["summary"]],
+    )
+    path = chart or _default_chart(config.backend)
+    write_chart(report, config, path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, args = parse_args(argv)
+    if args.replot:
+        print(f"chart: {replot(Path(args.replot), Path(args.chart) if args.chart else None)}")
+        return 0
+    if shutil.which("wrk") is None:
+        print("bench_project: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    if config.backend == "sqlite":
+        name = os.path.join(tempfile.gettempdir(), f"{DB_NAME}-{os.getpid()}.sqlite3")
+    else:
+        name = DB_NAME
+    database = Database(
+        backend=config.backend,
+        name=name,
+        user=DB_NAME,
+        # The role exists only during the run; a fresh password each time.
+        password=secrets.token_hex(16),
+        session_cap=config.session_cap,
+    )
+    _setup_django(database)
+    started = time.monotonic()
+    report: Report | None = None
+    try:
+        database.create(config.sessions)
+        report = Report(environment=_environment(database, config), config=asdict(config))
+        for round_no, variant, key in schedule(config):
+            sample = measure(variant, WORKLOAD_BY_KEY[key], round_no, config, database)
+            print(_progress(sample), file=sys.stderr)
+            report.samples.append(sample)
+    except Exception as exc:
+        # A database error outside a server (creating the database, counting
+        # sessions) is the harness's too: the servers' own errors are in their logs.
+        print(f"bench_project: the harness failed: {exc}", file=sys.stderr)
+        report = None
+    finally:
+        try:
+            database.drop()
+        except Exception as exc:
+            print(f"bench_project: could not drop {database.name}: {exc}", file=sys.stderr)
+            report = None
+    if report is None:
+        return 2
+    report.environment["loadavg_after"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    report.environment["seconds"] = round(time.monotonic() - started, 1)
+    report.summary = summarize(report.samples, config)
+    report.checks = check_targets(report.summary, config)
+    print_report(report, config)
+    if not args.no_chart:
+        chart = Path(args.chart) if args.chart else _default_chart(config.backend)
+        write_chart(report, config, chart)
+        print(f"\nchart: {chart}")
+    out = Path(args.json or f"bench_project_{config.backend}.json")
+    out.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    print(f"raw results: {out}")
+    print(f"({report.environment['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

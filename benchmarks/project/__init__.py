@@ -1,0 +1,1 @@
+"""The project-shaped Django project bench_project.py serves: startproject's settings, one app."""

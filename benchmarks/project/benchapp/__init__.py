@@ -1,0 +1,1 @@
+"""The benchmark's one app: a small table and the views the workloads request."""

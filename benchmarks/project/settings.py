@@ -1,0 +1,218 @@
+"""Settings for the project ``bench_project.py`` serves: ``startproject``'s, plus one app.
+
+Everything ``startproject`` (Django 5.2) generates is kept as generated —
+INSTALLED_APPS, MIDDLEWARE, TEMPLATES, password validators, i18n — except
+DEBUG (off, as in production), ALLOWED_HOSTS and DATABASES. What is measured
+comes from the environment, which the harness sets for each server:
+
+* ``BENCH_VARIANT`` — ``stock``: Django's own ASGI handler, ``CONN_MAX_AGE=0``;
+  ``djpool``: the same with psycopg's pool (PostgreSQL only; Django requires
+  ``CONN_MAX_AGE=0`` with it), ``min_size = max_size = BENCH_POOL_SIZE``;
+  ``wrapper``: ``async_dbbridge.asgi``, ``CONN_MAX_AGE=60``, ``async_dbbridge``
+  in INSTALLED_APPS, and ``ASYNC_DBBRIDGE`` read from ``BENCH_ASYNC_DBBRIDGE``
+  (a JSON object, passed through as is, so a new library setting needs no
+  change here).
+* The database: ``BENCH_BACKEND`` (postgresql, mysql, sqlite),
+  ``BENCH_DB_NAME`` (the database, or the SQLite file), ``BENCH_DB_USER`` /
+  ``BENCH_DB_PASSWORD`` (the role the servers connect as, whose sessions the
+  database server caps), and the usual ``PGHOST``/``PGPORT``,
+  ``MYSQL_HOST``/``MYSQL_PORT``. The alias ``admin`` (``BENCH_ADMIN_USER``,
+  default ``postgres`` / ``root``) is only for the harness: it creates the
+  database and counts sessions; the servers never open it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("stock", "djpool", "wrapper")
+
+BENCH_VARIANT = os.environ.get("BENCH_VARIANT", "wrapper")
+if BENCH_VARIANT not in VARIANTS:
+    raise RuntimeError(f"BENCH_VARIANT must be one of {', '.join(VARIANTS)}, not {BENCH_VARIANT!r}")
+BACKEND = os.environ.get("BENCH_BACKEND", "postgresql")
+DB_NAME = os.environ.get("BENCH_DB_NAME", "dbbridge_bench_project")
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+# The benchmark's own, never deployed.
+SECRET_KEY = "benchmarks-only-not-secret"
+
+DEBUG = False
+
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+
+
+# Application definition
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "benchmarks.project.benchapp",
+]
+if BENCH_VARIANT == "wrapper":
+    # What a project adopting the wrapper adds (it registers the system checks).
+    INSTALLED_APPS.append("async_dbbridge")
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "benchmarks.project.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+# Database
+
+# The pool requires CONN_MAX_AGE=0 (Django refuses persistent connections with
+# it): closing a connection gives it back to the pool. The wrapper's whole point
+# is to make persistent connections safe, so it runs with them.
+CONN_MAX_AGE = 60 if BENCH_VARIANT == "wrapper" else 0
+
+
+def _database(*, admin: bool) -> dict[str, Any]:
+    if BACKEND == "sqlite":
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": DB_NAME,
+            "CONN_MAX_AGE": CONN_MAX_AGE,
+            "OPTIONS": {"timeout": 20},
+        }
+    if BACKEND == "postgresql":
+        default_user = os.environ.get("PGUSER", "postgres")
+        database: dict[str, Any] = {
+            "ENGINE": "django.db.backends.postgresql",
+            "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+            "PORT": os.environ.get("PGPORT", "5432"),
+        }
+        admin_password = os.environ.get("PGPASSWORD", "")
+    elif BACKEND == "mysql":
+        default_user = os.environ.get("MYSQL_USER", "root")
+        database = {
+            "ENGINE": "django.db.backends.mysql",
+            "HOST": os.environ.get("MYSQL_HOST", "127.0.0.1"),
+            "PORT": os.environ.get("MYSQL_PORT", "3306"),
+            "OPTIONS": {"charset": "utf8mb4"},
+        }
+        admin_password = os.environ.get("MYSQL_PASSWORD", "")
+    else:
+        raise RuntimeError(f"BENCH_BACKEND must be sqlite, postgresql or mysql, not {BACKEND!r}")
+    database["NAME"] = DB_NAME
+    if admin:
+        database["USER"] = os.environ.get("BENCH_ADMIN_USER", default_user)
+        database["PASSWORD"] = os.environ.get("BENCH_ADMIN_PASSWORD", admin_password)
+        return database
+    database["USER"] = os.environ.get("BENCH_DB_USER", default_user)
+    database["PASSWORD"] = os.environ.get("BENCH_DB_PASSWORD", admin_password)
+    database["CONN_MAX_AGE"] = CONN_MAX_AGE
+    if BENCH_VARIANT == "djpool":
+        if BACKEND != "postgresql":
+            raise RuntimeError("BENCH_VARIANT=djpool needs BENCH_BACKEND=postgresql")
+        size = int(os.environ.get("BENCH_POOL_SIZE", "8"))
+        database["OPTIONS"] = {"pool": {"min_size": size, "max_size": size}}
+    return database
+
+
+DATABASES = {"default": _database(admin=False)}
+if BACKEND != "sqlite":
+    DATABASES["admin"] = _database(admin=True)
+
+
+def _bridge_settings() -> dict[str, Any]:
+    raw = os.environ.get("BENCH_ASYNC_DBBRIDGE", "{}")
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise RuntimeError(f"BENCH_ASYNC_DBBRIDGE is not JSON: {exc}: {raw!r}") from exc
+    if not isinstance(value, dict):
+        raise RuntimeError(f"BENCH_ASYNC_DBBRIDGE must be a JSON object, not {raw!r}")
+    return value
+
+
+# The library validates the keys itself (an unknown one stops the server with
+# an error naming it), so whatever the harness passes is what runs.
+ASYNC_DBBRIDGE: dict[str, Any] = _bridge_settings()
+
+
+# Password validation
+
+AUTH_PASSWORD_VALIDATORS = [
+    {
+        "NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator",
+    },
+    {
+        "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+    },
+    {
+        "NAME": "django.contrib.auth.password_validation.CommonPasswordValidator",
+    },
+    {
+        "NAME": "django.contrib.auth.password_validation.NumericPasswordValidator",
+    },
+]
+
+
+# Internationalization
+
+LANGUAGE_CODE = "en-us"
+
+TIME_ZONE = "UTC"
+
+USE_I18N = True
+
+USE_TZ = True
+
+
+# Static files (CSS, JavaScript, Images)
+
+STATIC_URL = "static/"
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Errors (stock Django out of connections) go to stderr once each, without the
+# traceback: the harness counts them ("too many clients"), and a traceback per
+# failed request would make the server spend its time formatting them.
+LOGGING: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"one_line": {"()": "benchmarks.asgi_project.log.OneLineErrors"}},
+    "formatters": {"short": {"format": "%(levelname)s %(name)s: %(message)s"}},
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "short",
+            "filters": ["one_line"],
+        }
+    },
+    "loggers": {
+        "django.request": {"handlers": ["stderr"], "level": "ERROR", "propagate": False},
+        "async_dbbridge": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+    },
+}
