@@ -36,13 +36,15 @@ count settles, stopped with SIGTERM, and its sessions counted again once it
 has exited. Rounds interleave the pairs (orders rotated each round); figures
 are medians, ratios medians of per-round ratios.
 
-Run from the repository root::
+Run from the repository root (docs/bench-project.md says more):
 
-    .venv/bin/python benchmarks/bench_project.py [--backend postgresql|mysql|sqlite]
-        [--quick] [--rounds N] [--duration S] [--variants stock,djpool,wrapper]
-        [--only a,b,c,d] [--pool-size N] [--wrapper-settings JSON]
-        [--wrapper-src DIR] [--json FILE] [--chart PNG | --no-chart]
-    .venv/bin/python benchmarks/bench_project.py --replot FILE.json [--chart PNG]
+```console
+.venv/bin/python benchmarks/bench_project.py [--backend postgresql|mysql|sqlite]
+    [--quick] [--rounds N] [--duration S] [--variants stock,djpool,wrapper]
+    [--only a,b,c,d] [--pool-size N] [--wrapper-settings JSON]
+    [--wrapper-src DIR] [--json FILE] [--chart PNG | --no-chart]
+.venv/bin/python benchmarks/bench_project.py --replot FILE.json [--chart PNG]
+```
 
 It creates its database, ``dbbridge_bench_project``, and a role of that name
 the servers connect as, capped by the database server at ``--session-cap``
@@ -317,6 +319,19 @@ def _server_version() -> str:
     return f"{conn.vendor} {version.split(' (')[0].removeprefix('PostgreSQL ')}"
 
 
+def _max_connections() -> int | None:
+    """The database server's own limit on sessions (every database, every role), or None."""
+    from django.db import connections
+
+    conn = connections["admin"]
+    sql = "SHOW max_connections" if conn.vendor == "postgresql" else "SELECT @@max_connections"
+    with conn.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    connections["admin"].close()
+    return int(row[0]) if row else None
+
+
 def _count_sessions(database: Database, pid: int) -> int:
     """The sessions on the benchmark database, counted from outside the server."""
     if database.backend == "sqlite":
@@ -422,6 +437,10 @@ def measure(
             # Threads, connections and pools start during the burst; the
             # measured run sees a server in its steady state.
             _wrk(url, config.warmup, workload, config, database)
+            # wrk closes its connections, but the server finishes the requests
+            # it had in flight: let them drain (bounded), so that their errors
+            # are not counted against the measured run.
+            settle(count, config.idle_timeout, config.settle_stable)
             # The server's log from here on is the measured run's (and after).
             measured_from = os.fstat(log.fileno()).st_size
             with Sampler(count, config.sample_interval) as sampler:
@@ -713,7 +732,8 @@ def print_report(report: Report, config: Config) -> None:
         f"Django pool: {config.pool_size}. Wrapper ASYNC_DBBRIDGE="
         f"{json.dumps(config.wrapper_settings)}"
         + (f" (library from {config.wrapper_src})" if config.wrapper_src else "")
-        + f". Session cap on the servers' role: {cap}. "
+        + f". Session cap on the servers' role: {cap} (the server's max_connections: "
+        f"{env.get('max_connections') or '-'}). "
         f"Load average before/after: {env['loadavg_before']} / {env['loadavg_after']}."
     )
     print()
@@ -976,6 +996,8 @@ def _environment(database: Database, config: Config) -> dict[str, Any]:
         "async_dbbridge": async_dbbridge.__version__,
         "wrapper_src": config.wrapper_src or str(ROOT),
         "cpus": os.cpu_count(),
+        # Shared with whatever else uses the server: the cap only helps below it.
+        "max_connections": _max_connections() if database.backend != "sqlite" else None,
         "loadavg_before": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
@@ -1063,13 +1085,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.summary = summarize(report.samples, config)
     report.checks = check_targets(report.summary, config)
     print_report(report, config)
-    if not args.no_chart:
-        chart = Path(args.chart) if args.chart else _default_chart(config.backend)
-        write_chart(report, config, chart)
-        print(f"\nchart: {chart}")
     out = Path(args.json or f"bench_project_{config.backend}.json")
     out.write_text(json.dumps(asdict(report), indent=2) + "\n")
     print(f"raw results: {out}")
+    if not args.no_chart:
+        chart = Path(args.chart) if args.chart else _default_chart(config.backend)
+        try:
+            write_chart(report, config, chart)
+            print(f"\nchart: {chart}")
+        except ImportError as exc:
+            # The results are in the JSON: --replot draws the chart where matplotlib is.
+            print(f"\nno chart ({exc}): use --replot with the JSON where matplotlib is installed")
     print(f"({report.environment['seconds']} s)")
     return 0
 
