@@ -71,7 +71,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 # Run as a script, benchmarks/ is sys.path[0]: the repository root makes the
 # shared helpers (and the served project) importable as the benchmarks package.
@@ -84,6 +84,7 @@ from benchmarks._common import (
     HarnessError,
     Sampler,
     UvicornServer,
+    WrkResult,
     clean_exit,
     cpu_per_request,
     error_summary,
@@ -349,7 +350,7 @@ def _count_sessions(database: Database, pid: int) -> int:
 class Server(UvicornServer):
     """One uvicorn process serving the project as one variant."""
 
-    def __init__(self, variant: str, config: Config, database: Database, log: Any) -> None:
+    def __init__(self, variant: str, config: Config, database: Database, log: IO[bytes]) -> None:
         env = {
             **database.server_env(),
             "BENCH_VARIANT": variant,
@@ -409,7 +410,9 @@ class Sample:
     cpu: dict[str, float]
 
 
-def _wrk(url: str, seconds: float, workload: Workload, config: Config, database: Database) -> Any:
+def _wrk(
+    url: str, seconds: float, workload: Workload, config: Config, database: Database
+) -> WrkResult:
     return _common.run_wrk(
         url,
         seconds,
