@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, OperationalError, connections, transaction
 
 from async_dbbridge import PoolTimeout, TransactionLeftOpenWarning, _pool
@@ -29,6 +30,7 @@ from async_dbbridge._pool import (
     make_pooled,
     release_all,
 )
+from async_dbbridge.conf import parse_settings
 from async_dbbridge.testing import server_session_count, wait_for_server_sessions
 from tests.conftest import SetSetting, backend_id, kill_backend
 from tests.test_fork import run_forked
@@ -593,3 +595,82 @@ def test_a_failed_connect_frees_its_slot_and_raises_the_driver_error() -> None:
     assert counts("in_use", "opened", pool=pool) == (1, 1)
     pool.release(entry)
     assert pool.stats().in_use == 0
+
+
+def test_make_pooled_refuses_what_it_cannot_pool(
+    pool_config: Callable[..., None], db_settings: SetSetting
+) -> None:
+    errors: list[str] = []
+
+    def run() -> None:
+        conn = connections["default"]
+        try:
+            conn.ensure_connection()
+            with pytest.raises(ValueError, match="before the thread's first query"):
+                make_pooled(conn)
+            conn.close()
+            db_settings(aliases=("default",), OPTIONS={"pool": True})
+            with pytest.raises(ImproperlyConfigured, match=r"OPTIONS\['pool'\]"):
+                make_pooled(conn)
+        except BaseException:
+            errors.append(traceback.format_exc())
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(DEADLINE)
+    assert not errors, errors[0]
+    assert _pool.pool_stats() == {}  # nothing was pooled
+
+
+def test_a_copy_of_a_pooled_wrapper_is_not_pooled(
+    pool_config: Callable[..., None], threads: Callable[..., PooledThread]
+) -> None:
+    pool_config(POOL_SIZE=1)
+    worker = threads("worker")
+
+    def copy_and_query() -> tuple[bool, int]:
+        copy = connections["default"].copy()
+        try:
+            with copy.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            return type(copy) is type(connections["default"]), get_pool("default").stats().opened
+        finally:
+            copy.close()
+
+    # Same (pooled) class, but its connection is its own: the pool opened none.
+    assert worker.call(copy_and_query) == (True, 0)
+    worker.call(backend_id)
+    assert counts("opened") == (1,)
+
+
+@pytest.mark.vendor("sqlite")
+def test_an_in_memory_sqlite_database_is_not_pooled() -> None:
+    conn = connections["default"].copy()
+    conn.settings_dict["NAME"] = ":memory:"
+    assert make_pooled(conn) is False
+    assert type(conn) is type(connections["default"])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("POOL_SIZE", 0, "a positive integer"),
+        ("POOL_SIZE", True, "a positive integer"),
+        ("POOL_TIMEOUT", 0, "> 0"),
+        ("POOL_TIMEOUT", None, "a number of seconds"),
+        ("HOLD", "call", "'transaction' or 'request'"),
+    ],
+)
+def test_pool_settings_are_validated(key: str, value: object, expected: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=f"ASYNC_DBBRIDGE\\['{key}'\\]") as raised:
+        parse_settings({key: value})
+    assert expected in str(raised.value)
+
+
+def test_pool_settings_defaults() -> None:
+    parsed = parse_settings({"MAX_WORKERS": 3})
+    assert (parsed.pool_size, parsed.pool_timeout, parsed.hold) == (3, 5.0, "transaction")
+    parsed = parse_settings({"POOL_SIZE": 20, "POOL_TIMEOUT": 0.5, "HOLD": "request"})
+    assert (parsed.pool_size, parsed.pool_timeout, parsed.hold) == (20, 0.5, "request")
