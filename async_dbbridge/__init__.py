@@ -9,6 +9,7 @@ from ._call import db_call, db_sync_to_async
 from ._connections import Policy, TransactionLeftOpenWarning
 from ._executor import DBExecutor, ExecutorStats
 from ._install import get_bridge_executor, install_default_executor, reset_bridge_executor
+from ._pool import PoolStats, PoolTimeout
 from .threads import ConnectionScope, DBThread, db_connection_scope
 
 __version__ = "0.1.0.dev0"
@@ -19,6 +20,8 @@ __all__ = (
     "DBThread",
     "ExecutorStats",
     "Policy",
+    "PoolStats",
+    "PoolTimeout",
     "TransactionLeftOpenWarning",
     "__version__",
     "db_call",

@@ -112,6 +112,12 @@ def _after_fork_in_child() -> None:
         lanes = sys.modules.get("async_dbbridge._lanes")
         if lanes is not None:
             lanes._reinit_after_fork()
+        # _fork child hook: the connection pools (only if one was ever built).
+        # After the wrappers above: a wrapper's checked-out connection is
+        # discarded with it; the pools' idle ones are discarded here.
+        pool = sys.modules.get("async_dbbridge._pool")
+        if pool is not None:
+            pool._reset_after_fork()
     except Exception:
         # An exception here would be printed and ignored by os.fork(); say
         # what failed instead, through the library's logger.

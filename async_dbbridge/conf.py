@@ -44,6 +44,9 @@ _KEYS: Final = frozenset(
         "LANE_WAIT_TIMEOUT",
         "LANE_IDLE_TIMEOUT",
         "SHUTDOWN_TIMEOUT",
+        "POOL_SIZE",
+        "POOL_TIMEOUT",
+        "HOLD",
     }
 )
 
@@ -57,6 +60,14 @@ _KEYS: Final = frozenset(
 LANE_FULL_CHOICES: Final = ("temporary", "wait")
 DEFAULT_LANE_WAIT_TIMEOUT: Final = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
+
+#: How long a thread waits for one of its alias's pooled connections before
+#: `PoolTimeout`: long enough to ride out a burst, short enough that a client
+#: gets a 503 rather than a hung request when the pool is exhausted for good.
+DEFAULT_POOL_TIMEOUT: Final = 5.0
+#: When a request thread gives a pooled connection back: "transaction" (after
+#: each sync call, when it is idle) or "request" (at the request's end).
+HOLD_CHOICES: Final = ("transaction", "request")
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,15 @@ class BridgeSettings:
     lane_wait_timeout: float | None = DEFAULT_LANE_WAIT_TIMEOUT
     lane_idle_timeout: float | None = 60.0
     shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT
+    # The connection pool (one per alias per process). pool_size None: the
+    # same as max_workers (parse_settings() always fills it in).
+    pool_size: int | None = None
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT
+    hold: str = "transaction"
+
+    @property
+    def effective_pool_size(self) -> int:
+        return self.max_workers if self.pool_size is None else self.pool_size
 
     def executor_kwargs(self) -> dict[str, Any]:
         return {
@@ -183,6 +203,22 @@ def parse_settings(raw: object) -> BridgeSettings:
         positive=False,
     )
 
+    # A pooled connection serves one thread at a time, and the bridge's workers
+    # are the threads that use it most: the same budget sizes both by default.
+    pool_size = raw.get("POOL_SIZE", max_workers)
+    if not is_positive_int(pool_size):
+        raise _error("POOL_SIZE", pool_size, "a positive integer (connections per alias)")
+    pool_timeout = _number(
+        "POOL_TIMEOUT",
+        raw.get("POOL_TIMEOUT", DEFAULT_POOL_TIMEOUT),
+        allow_none=False,
+        positive=True,
+    )
+    assert pool_timeout is not None  # allow_none=False
+    hold = raw.get("HOLD", "transaction")
+    if hold not in HOLD_CHOICES:
+        raise _error("HOLD", hold, "'transaction' or 'request'")
+
     return BridgeSettings(
         max_workers=max_workers,
         policy=policy,
@@ -194,6 +230,9 @@ def parse_settings(raw: object) -> BridgeSettings:
         lane_wait_timeout=lane_wait_timeout,
         lane_idle_timeout=lane_idle_timeout,
         shutdown_timeout=shutdown_timeout,
+        pool_size=pool_size,
+        pool_timeout=pool_timeout,
+        hold=hold,
     )
 
 

@@ -1,0 +1,153 @@
+"""Every private internal in async_dbbridge._compat has the shape it relies on.
+
+Run under each supported Django series (the two venvs): a failure here names
+the internal that a new version changed, before anything subtler breaks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+from async_dbbridge import _compat
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+
+BACKEND_MODULES = (
+    "django.db.backends.sqlite3.base",
+    "django.db.backends.postgresql.base",
+    "django.db.backends.mysql.base",
+)
+
+
+def backend_class(module: str) -> type[BaseDatabaseWrapper]:
+    wrapper_class: type[BaseDatabaseWrapper] = importlib.import_module(module).DatabaseWrapper
+    return wrapper_class
+
+
+@pytest.fixture
+def fresh_wrapper() -> Iterator[BaseDatabaseWrapper]:
+    """A wrapper of the running backend of its own, closed at the end."""
+    conn = connections["default"].copy()
+    yield conn
+    conn.close()
+
+
+@pytest.mark.parametrize("module", BACKEND_MODULES)
+def test_every_backend_has_the_pool_hooks(module: str) -> None:
+    _compat.check_wrapper_class(backend_class(module))
+
+
+def test_a_missing_hook_is_named() -> None:
+    class Broken(backend_class("django.db.backends.sqlite3.base")):  # type: ignore[misc]
+        chunked_cursor = None
+
+    with pytest.raises(_compat.IncompatibleVersionError, match="missing chunked_cursor"):
+        _compat.check_wrapper_class(Broken)
+
+
+def test_a_wrapper_has_the_state_the_pool_reads(fresh_wrapper: BaseDatabaseWrapper) -> None:
+    _compat.check_wrapper_state(fresh_wrapper)  # before connecting
+    fresh_wrapper.ensure_connection()
+    _compat.check_wrapper_state(fresh_wrapper)
+    del fresh_wrapper.close_at
+    with pytest.raises(_compat.IncompatibleVersionError, match="close_at"):
+        _compat.check_wrapper_state(fresh_wrapper)
+
+
+def test_connect_sets_close_at_before_get_new_connection(
+    fresh_wrapper: BaseDatabaseWrapper,
+) -> None:
+    """The pooled wrapper sets close_at in get_new_connection(); connect() must not undo it."""
+    sentinel = 12345.0
+
+    class Probe(type(fresh_wrapper)):  # type: ignore[misc]
+        def get_new_connection(self, conn_params: Any) -> Any:
+            raw = super().get_new_connection(conn_params)
+            self.close_at = sentinel
+            self.health_check_done = False
+            return raw
+
+    _compat.swap_class(fresh_wrapper, Probe)
+    fresh_wrapper.ensure_connection()
+    assert fresh_wrapper.close_at == sentinel
+
+
+def test_close_calls_the_private_close_hook_then_forgets_the_connection(
+    fresh_wrapper: BaseDatabaseWrapper,
+) -> None:
+    calls: list[object] = []
+
+    class Probe(type(fresh_wrapper)):  # type: ignore[misc]
+        def _close(self) -> None:
+            calls.append(self.connection)
+            super()._close()
+
+    _compat.swap_class(fresh_wrapper, Probe)
+    fresh_wrapper.ensure_connection()
+    raw = fresh_wrapper.connection
+    fresh_wrapper.close()
+    assert calls == [raw]
+    assert fresh_wrapper.connection is None
+
+
+def test_swap_class_needs_a_subclass(fresh_wrapper: BaseDatabaseWrapper) -> None:
+    with pytest.raises(TypeError, match="not a subclass"):
+        _compat.swap_class(fresh_wrapper, BaseDatabaseWrapper)
+
+    class Slotted(type(fresh_wrapper)):  # type: ignore[misc]
+        __slots__ = ("extra",)
+
+    with pytest.raises(_compat.IncompatibleVersionError, match="swapping"):
+        _compat.swap_class(fresh_wrapper, Slotted)
+
+
+def test_ping_raw_checks_another_connection_and_restores_the_wrapper(
+    fresh_wrapper: BaseDatabaseWrapper,
+) -> None:
+    other = connections["default"].copy()
+    other.ensure_connection()
+    raw = other.connection
+    other.connection = None  # the test owns the raw connection now
+    try:
+        assert fresh_wrapper.connection is None
+        assert _compat.ping_raw(fresh_wrapper, raw) is True
+        assert fresh_wrapper.connection is None
+    finally:
+        raw.close()
+    if fresh_wrapper.vendor != "sqlite":  # SQLite's is_usable() is always True
+        assert _compat.ping_raw(fresh_wrapper, raw) is False
+        assert fresh_wrapper.connection is None
+
+
+def test_new_connection_side_effects(fresh_wrapper: BaseDatabaseWrapper) -> None:
+    fresh_wrapper.ensure_connection()
+    effects = _compat.new_connection_side_effects(fresh_wrapper)
+    if fresh_wrapper.vendor == "postgresql":
+        assert effects == {"isolation_level": getattr(fresh_wrapper, "isolation_level")}  # noqa: B009
+    assert set(effects) <= set(_compat.NEW_CONNECTION_SIDE_EFFECTS)
+
+
+def test_on_cursor_close_sees_every_close_of_a_chunked_cursor(
+    fresh_wrapper: BaseDatabaseWrapper,
+) -> None:
+    closed: list[str] = []
+    cursor = fresh_wrapper.chunked_cursor()
+    _compat.on_cursor_close(cursor, lambda: closed.append("closed"))
+    cursor.execute("SELECT 1")
+    assert closed == []
+    with cursor:  # __exit__ closes through the instance attribute
+        pass
+    assert closed == ["closed"]
+    cursor.close()  # closing again: the callback does not run twice
+    assert closed == ["closed"]
+
+
+def test_on_cursor_close_names_a_cursor_without_close() -> None:
+    with pytest.raises(_compat.IncompatibleVersionError, match="close"):
+        _compat.on_cursor_close(object(), lambda: None)
