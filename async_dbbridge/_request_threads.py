@@ -1,0 +1,460 @@
+"""Request threads: an elastic set of reused threads, each serving one ASGI request at a time.
+
+A request's thread-sensitive work must run on one thread for the request's
+whole life (asgiref's contract for `ThreadSensitiveContext`; request-scoped
+``threading.local`` state relies on it). Django makes a thread per request for
+that. Here threads are reused instead, and they hold nothing between requests:
+their connections come from the pool (``_pool``) and go back to it — after each
+call when idle (hold mode ``"transaction"``) and at the request's end in any
+case — so a thread is cheap to keep and the set never needs a bound:
+
+* `RequestThreads.acquire()` never waits: it takes the most recently idle
+  thread (LIFO: a light load keeps reusing one hot thread, so the ones below
+  stay idle long enough to retire), or starts a new one.
+* A thread goes back to the set by itself after running the request's
+  end-of-request job (see ``_binding.RequestBinding.end``).
+* An idle thread retires once it has waited ``idle_timeout`` seconds for a
+  request: its own queue wait times out, so no reaper thread is needed.
+
+Threads are bound to requests by ``_binding.RequestBinding``; connections are
+the pool's business. This module only runs calls and keeps count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextvars
+import enum
+import itertools
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from queue import Empty, SimpleQueue
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
+
+from django.db import connections
+
+from ._connections import discard_inherited
+from ._executor import _LoopItem, _WorkItem, run_plain
+from ._pool import end_of_request, give_back, make_pooled
+from ._validation import is_number
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+__all__ = ("HOLD_CHOICES", "Hold", "RequestThread", "RequestThreadStats", "RequestThreads")
+
+logger = logging.getLogger("async_dbbridge")
+
+#: When a request thread gives its connections back to the pool:
+#: ``"transaction"``: after every call that leaves a connection idle (autocommit,
+#: outside an atomic block and any open chunked cursor) and at request end;
+#: ``"request"``: only at request end (for session state: SET, advisory locks,
+#: temporary tables).
+Hold = Literal["transaction", "request"]
+HOLD_CHOICES: Final = ("transaction", "request")
+
+# How long, at interpreter exit, busy request threads get to finish and give
+# their connections back (they are daemon threads: nobody else waits for them).
+_EXIT_TIMEOUT: Final = 5.0
+
+# Every live set, so fork and interpreter exit can reach them.
+_sets: weakref.WeakSet[RequestThreads] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class RequestThreadStats:
+    """A snapshot of a [`RequestThreads`][async_dbbridge._request_threads.RequestThreads] set.
+
+    Attributes:
+        busy: Threads serving a request now.
+        idle: Threads waiting for a request.
+        started: Threads started since the set was made (or since fork).
+        retired: Threads that have ended: idle too long, or closed.
+        closing: Whether `close()` has been called.
+    """
+
+    busy: int
+    idle: int
+    started: int
+    retired: int
+    closing: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        return asdict(self)
+
+
+class _Stop(enum.Enum):
+    STOP = "stop"
+
+
+class _EndOfRequest:
+    """A request's last job: clean up its connections, then go back to the set."""
+
+    __slots__ = ("finished", "future")
+
+    def __init__(self, finished: Callable[[], object], future: Future[list[str]]) -> None:
+        self.finished = finished
+        self.future = future
+
+
+_Call = _WorkItem | _LoopItem
+_Item = _Call | _EndOfRequest | _Stop
+
+
+class RequestThread(threading.Thread):
+    """One thread of a `RequestThreads` set; runs the calls queued on it, in order."""
+
+    def __init__(self, threads: RequestThreads, name: str) -> None:
+        # Daemon: an idle thread blocks on its queue, and a non-daemon thread
+        # would hang interpreter exit (the atexit hook closes the set instead).
+        super().__init__(name=name, daemon=True)
+        self._threads = threads
+        self._queue: SimpleQueue[_Item] = SimpleQueue()
+        # This thread's wrapper of every alias, made pooled at start; written
+        # once by the thread itself, read after fork by the child.
+        self.wrappers: tuple[BaseDatabaseWrapper, ...] = ()
+        # Why the wrappers could not be made pooled: every call then fails
+        # with it rather than open connections outside the pool's bound.
+        self._broken: BaseException | None = None
+
+    # -- used by the binding (any thread) ---------------------------------------
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Future[Any]:
+        """Queue a call; on an event loop, returns the loop's own future (see the binding)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            future: Future[Any] = Future()
+            self._queue.put(_WorkItem(future, fn, args, kwargs))
+            return future
+        # The loop's own future, completed with one call_soon_threadsafe: no
+        # concurrent Future (a Condition per call) and no chaining between
+        # the two on every sync call of every request. run_in_executor() hands
+        # it back unchanged, because asyncio.wrap_future() returns anything
+        # asyncio.isfuture() accepts as is (Python 3.11 and 3.13).
+        on_loop: asyncio.Future[Any] = loop.create_future()
+        # No context: asgiref's callable enters the request's context itself.
+        self._queue.put(_LoopItem(loop, on_loop, None, fn, args, kwargs))
+        return cast("Future[Any]", on_loop)
+
+    def end_request(self, finished: Callable[[], object]) -> Future[list[str]]:
+        """Queue the request's last job; ``finished`` runs on this thread before it goes back."""
+        future: Future[list[str]] = Future()
+        # Running from the start: cancelling an asyncio future that wraps it
+        # (a cancelled request) must not cancel this one, which the thread
+        # completes regardless.
+        future.set_running_or_notify_cancel()
+        self._queue.put(_EndOfRequest(finished, future))
+        return future
+
+    def _stop(self) -> None:
+        self._queue.put(_Stop.STOP)
+
+    # -- the thread ---------------------------------------------------------------
+
+    def run(self) -> None:
+        # A fresh context: no request's context lives on in a reused thread.
+        # Python 3.14 can make new threads inherit their starter's context
+        # (Thread(context=...), sys.flags.thread_inherit_context), and the
+        # starter is a request. Each call still runs in its request's context,
+        # which asgiref enters in the callable it submits.
+        contextvars.Context().run(self._run)
+
+    def _run(self) -> None:
+        try:
+            self._set_up()
+            self._serve()
+        finally:
+            # Nothing should be held here (every request ends by giving its
+            # connections back), but a pooled connection left on a dead
+            # thread would be a pool slot lost for good.
+            self._end_connections()
+            self._threads._exited(self)
+
+    def _set_up(self) -> None:
+        try:
+            self.wrappers = tuple(connections[alias] for alias in connections)
+            for conn in self.wrappers:
+                make_pooled(conn)
+        except Exception as exc:
+            self._broken = exc
+            logger.error(
+                "request thread %s could not make its database connections pooled; its calls fail",
+                self.name,
+                exc_info=True,
+            )
+
+    def _serve(self) -> None:
+        queue, threads = self._queue, self._threads
+        idle = False  # started by acquire(): serving a request
+        while True:
+            try:
+                # Only an idle thread times out; one serving a request waits
+                # as long as the request takes to send its next call.
+                item = queue.get(timeout=threads.idle_timeout) if idle else queue.get()
+            except Empty:
+                if threads._retire(self):
+                    return
+                # Taken by a request just as the wait timed out: its call is
+                # on the way (queued right after acquire() under the binding's lock).
+                idle = False
+                continue
+            if isinstance(item, _EndOfRequest):
+                if not self._end_request(item):
+                    return
+                idle = True
+            elif isinstance(item, _Stop):
+                return
+            else:
+                idle = False
+                self._call(item)
+            del item  # nothing of a finished call stays alive while idling
+
+    def _call(self, item: _Call) -> None:
+        if self._broken is not None:
+            error = RuntimeError(
+                f"request thread {self.name} could not make its database connections "
+                f"pooled: {self._broken!r}"
+            )
+            error.__cause__ = self._broken
+            item.fail(error)
+            return
+        if not item.execute(run_plain):
+            return  # cancelled before it started: nothing ran
+        if self._threads.hold == "transaction":
+            # Before the result is delivered: by the time the request goes on,
+            # an idle connection is back in the pool for others.
+            self._give_back_idle()
+        item.deliver()
+
+    def _give_back_idle(self) -> None:
+        # Runs after every call: a few attribute reads when nothing is held.
+        for conn in self.wrappers:
+            if conn.connection is not None:
+                try:
+                    give_back(conn)
+                except Exception:
+                    # The call's work is done (and committed, in autocommit);
+                    # failing it now would invite a retry of done work. Django
+                    # has forgotten the connection either way.
+                    logger.warning("giving %r back after a call failed", conn.alias, exc_info=True)
+
+    def _end_connections(self) -> list[str]:
+        """Roll back what the request left open, give everything back: aliases rolled back."""
+        leftovers: list[str] = []
+        for conn in self.wrappers:
+            try:
+                if end_of_request(conn):
+                    leftovers.append(conn.alias)
+            except Exception:
+                logger.warning(
+                    "giving %r back at the end of a request failed", conn.alias, exc_info=True
+                )
+        return leftovers
+
+    def _end_request(self, item: _EndOfRequest) -> bool:
+        """The request's last job. True: the thread stays in the set (idle)."""
+        leftovers = self._end_connections()
+        try:
+            item.finished()  # the binding is DONE before anyone else may take this thread
+        except Exception:
+            logger.warning("ending a request's binding failed", exc_info=True)
+        # A broken thread leaves: the next request starts a fresh one, which
+        # tries again to make its connections pooled.
+        stays = self._threads._release(self, keep=self._broken is None)
+        # Completed after the release, so "done" means "the thread is back".
+        item.future.set_result(leftovers)
+        return stays
+
+
+class RequestThreads:
+    """An elastic set of reused threads that serve ASGI requests, one request each.
+
+    `acquire()` never waits: it returns the most recently idle thread, or
+    starts a new one. A thread serves its request's calls in order, gives idle
+    connections back to the pool after each call (`hold="transaction"`) and
+    everything at the request's end, then returns to the set by itself. Idle
+    threads retire after `idle_timeout` seconds.
+
+    Args:
+        hold: `"transaction"` or `"request"`: see [`Hold`][async_dbbridge._request_threads.Hold].
+        idle_timeout: Seconds an idle thread waits for a request before it
+            ends; `None` keeps idle threads until `close()`.
+        thread_name_prefix: Threads are named `<prefix>-request-N`.
+
+    Raises:
+        ValueError: `hold` is not one of `HOLD_CHOICES`, or `idle_timeout`
+            is not a number of seconds > 0 or `None`.
+    """
+
+    def __init__(
+        self, *, hold: Hold, idle_timeout: float | None, thread_name_prefix: str = "dbbridge"
+    ) -> None:
+        if hold not in HOLD_CHOICES:
+            raise ValueError(f"hold must be 'transaction' or 'request', not {hold!r}")
+        if idle_timeout is not None and not (is_number(idle_timeout) and idle_timeout > 0):
+            raise ValueError(
+                f"idle_timeout must be a number of seconds > 0 or None, not {idle_timeout!r}"
+            )
+        self.hold: Hold = hold
+        self.idle_timeout = float(idle_timeout) if idle_timeout is not None else None
+        self._prefix = thread_name_prefix or "dbbridge"
+        self._closing = False
+        self._reset_state()
+        _sets.add(self)
+
+    def _reset_state(self) -> None:
+        self._lock = threading.Lock()
+        # Notified whenever a thread ends: what close() waits on.
+        self._thread_ended = threading.Condition(self._lock)
+        # Idle threads, the most recently idle last (LIFO).
+        self._idle: list[RequestThread] = []
+        self._busy: set[RequestThread] = set()
+        # Every started thread until its very end, busy, idle or retiring.
+        self._alive: set[RequestThread] = set()
+        self._counter = itertools.count()
+        self._started = 0
+        self._retired = 0
+
+    @property
+    def closing(self) -> bool:
+        """Whether `close()` has been called."""
+        return self._closing
+
+    def acquire(self) -> RequestThread:
+        """A thread for one request: the most recently idle one, or a new one. Never waits.
+
+        The caller queues the request's calls on it and ends with its
+        end-of-request job, after which the thread comes back by itself.
+
+        Raises:
+            RuntimeError: No thread could be started (the set is unchanged).
+        """
+        with self._lock:
+            if self._idle:
+                thread = self._idle.pop()
+                self._busy.add(thread)
+                return thread
+            # After close() too: a request still in flight must finish; its
+            # thread ends when the request does (see _release).
+            thread = RequestThread(self, f"{self._prefix}-request-{next(self._counter)}")
+            self._busy.add(thread)
+            self._alive.add(thread)
+            self._started += 1
+        try:
+            # Outside the lock: starting a thread is the one pause acquire()
+            # may make (the same one asyncio's default executor makes).
+            thread.start()
+        except BaseException:
+            # "can't start new thread": forget it, so nothing counts a thread
+            # that will never run.
+            with self._lock:
+                self._busy.discard(thread)
+                self._alive.discard(thread)
+                self._started -= 1
+                self._thread_ended.notify_all()
+            raise
+        return thread
+
+    def stats(self) -> RequestThreadStats:
+        """A snapshot: threads busy and idle now, started and retired so far."""
+        with self._lock:
+            return RequestThreadStats(
+                busy=len(self._busy),
+                idle=len(self._idle),
+                started=self._started,
+                retired=self._retired,
+                closing=self._closing,
+            )
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop keeping threads; wait up to `timeout` seconds for every thread to end.
+
+        Idle threads end at once; busy ones once their request has ended and
+        its connections are back (a request arriving meanwhile still gets a
+        thread, which ends with it). Blocks: from an event loop, call it
+        through a thread (the ASGI wrapper's shutdown does), or with
+        `timeout=0` to only start closing. Called on one of the set's own
+        threads, it does not wait for that thread.
+
+        Returns:
+            Whether every thread had ended within `timeout`.
+        """
+        with self._lock:
+            self._closing = True
+            idle, self._idle = self._idle, []
+        for thread in idle:
+            thread._stop()
+        current = threading.current_thread()
+        with self._thread_ended:
+            return self._thread_ended.wait_for(
+                lambda: all(thread is current for thread in self._alive), timeout
+            )
+
+    # -- used by the threads --------------------------------------------------------
+
+    def _release(self, thread: RequestThread, *, keep: bool) -> bool:
+        """After a request's last job: back to the idle stack (True), or end (False)."""
+        with self._lock:
+            self._busy.discard(thread)
+            if self._closing or not keep:
+                return False
+            self._idle.append(thread)
+            return True
+
+    def _retire(self, thread: RequestThread) -> bool:
+        """An idle thread's wait timed out: leave, unless a request took it meanwhile."""
+        with self._lock:
+            if thread in self._idle:
+                self._idle.remove(thread)
+                return True
+            return False
+
+    def _exited(self, thread: RequestThread) -> None:
+        with self._lock:
+            self._alive.discard(thread)
+            self._busy.discard(thread)
+            if thread in self._idle:
+                self._idle.remove(thread)
+            self._retired += 1
+            self._thread_ended.notify_all()
+
+    def __repr__(self) -> str:
+        stats = self.stats()
+        state = "closing" if stats.closing else "open"
+        return (
+            f"<{type(self).__name__} {state} hold={self.hold} busy={stats.busy} idle={stats.idle}>"
+        )
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: the parent's threads do not exist here; start with none.
+
+    Their connections are the parent's sessions: discarded without network
+    I/O (``_fork`` does so too; discarding twice is harmless, so the order of
+    the two hooks does not matter). Locks are made anew: another thread may
+    have held one at the fork. A set closed in the parent stays closed.
+    """
+    for threads in list(_sets):
+        for thread in list(threads._alive):
+            for conn in thread.wrappers:
+                discard_inherited(conn)
+        threads._reset_state()
+
+
+def _close_all_at_exit() -> None:
+    for threads in list(_sets):
+        if not threads.close(_EXIT_TIMEOUT):
+            logger.warning("%r: request threads still busy at exit", threads)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+atexit.register(_close_all_at_exit)
