@@ -14,12 +14,19 @@ from typing import Any
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.core.handlers.asgi import ASGIHandler
+from django.core.signals import request_finished, request_started
 from django.db import connection, transaction
+from pytest_django.fixtures import Settings as SettingsWrapper
 
 from async_dbbridge import DBExecutor, _request_threads
 from async_dbbridge._binding import BindingState, RequestBinding, current_request_state
 from async_dbbridge._pool import end_of_request
+from async_dbbridge._request_threads import RequestThreads
+from async_dbbridge.asgi import ASGIApp
 from tests.conftest import eventually, off_loop
+from tests.e2e_project.driver import call_http
+from tests.e2e_project.settings import OVERRIDES
 from tests.test_request_threads import (
     WAIT,
     MakeThreads,
@@ -311,3 +318,69 @@ async def test_shutdown_ends_the_request(make_threads: MakeThreads) -> None:
     await off_loop(binding.shutdown, wait=True)
     assert state_of(binding) is BindingState.DONE
     assert threads.stats().idle == 1
+
+
+@pytest.fixture
+def project(settings: SettingsWrapper) -> SettingsWrapper:
+    for key, value in OVERRIDES.items():
+        setattr(settings, key, value)
+    return settings
+
+
+def served_by(threads: RequestThreads, bindings: list[RequestBinding]) -> ASGIApp:
+    """Django's handler, run the way the ASGI wrapper runs it on request threads."""
+    handler = ASGIHandler()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        binding = RequestBinding(threads)
+        bindings.append(binding)
+        token = current_request_state.set(binding.request_state)
+        try:
+            async with ThreadSensitiveContext(executor=binding):
+                await handler(scope, receive, send)
+        finally:
+            current_request_state.reset(token)
+            leftovers = await asyncio.wrap_future(binding.end())
+        app.leftovers.append(leftovers)  # type: ignore[attr-defined]
+
+    app.leftovers = []  # type: ignore[attr-defined]
+    return app
+
+
+async def test_a_django_request_runs_on_one_request_thread_signals_included(
+    make_threads: MakeThreads, project: SettingsWrapper
+) -> None:
+    threads = make_threads()
+    bindings: list[RequestBinding] = []
+    app = served_by(threads, bindings)
+    seen: list[tuple[str, str]] = []
+
+    def started(**kwargs: Any) -> None:
+        seen.append(("request_started", thread_name()))
+
+    def finished(**kwargs: Any) -> None:
+        # Django's own close_old_connections runs here too, unpatched.
+        seen.append(("request_finished", thread_name()))
+
+    request_started.connect(started)
+    request_finished.connect(finished)
+    try:
+        first = await call_http(app, "/sync-query/")
+        second = await call_http(app, "/leave-atomic/")
+        assert second.status == 200
+    finally:
+        request_started.disconnect(started)
+        request_finished.disconnect(finished)
+    name = bindings[0].thread_name
+    assert name is not None
+    assert first.status == 200
+    assert first.json()["thread"] == name
+    assert first.headers[b"x-middleware-thread"] == name.encode()
+    # Signals, middleware, view, response.close(): one thread, reused by the
+    # next request, which left a transaction open: rolled back at its end.
+    assert seen == [("request_started", name), ("request_finished", name)] * 2
+    assert bindings[1].thread_name == name
+    assert app.leftovers == [[], ["default"]]  # type: ignore[attr-defined]
+    (count,), _, _ = await run_request(threads, Item.objects.count)
+    assert count == 0
+    assert threads.stats().started == 1
