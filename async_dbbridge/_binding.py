@@ -118,18 +118,20 @@ class RequestBinding(Executor):
     waits for a busy thread (the set starts one). A request that makes no
     thread-sensitive call takes no thread.
 
-    **Late calls:** once `end()` has been called (states `ENDING` and `DONE`),
-    calls go to `fallback` — the process-wide bridge, which cleans up after
-    each call — or, without one, raise `RuntimeError`. They cannot queue behind
-    the cleanup: the thread goes back to the set right after it. They come
-    from a task the request spawned and did not await (an
-    `asyncio.create_task()` in an async view) that makes a thread-sensitive
-    call after the app returned but before the `ThreadSensitiveContext`
-    exits — the wrapper ends the binding when Django's handler returns,
-    i.e. after `response.close()` already ran on the thread, and there is
-    nothing of the request left to share a thread with — and from code that
-    kept this executor and submits to it directly. (After the context exits,
-    asgiref itself rejects thread-sensitive calls of such tasks.)
+    **Late calls:** once `end()` has been called (states `ENDING` and
+    `DONE`), calls go to `fallback` — the process-wide bridge, which cleans up
+    after each call — or, without one, raise `RuntimeError`. They cannot
+    queue behind the cleanup: the thread goes back to the set right after it.
+    The request's own calls all come before `end()`, which the wrapper calls
+    once the app has returned, so after Django's `response.close()` ran on
+    the thread. Late calls come from:
+
+    * a task the request spawned and did not await (`asyncio.create_task()`
+      in an async view) making a thread-sensitive call after `end()` while
+      the `ThreadSensitiveContext` is still entered (once it has exited,
+      asgiref itself rejects such calls with `RuntimeError`);
+    * code that kept this executor and submits to it directly
+      (`loop.run_in_executor(binding, ...)`).
 
     Args:
         threads: The [`RequestThreads`][async_dbbridge._request_threads.RequestThreads]

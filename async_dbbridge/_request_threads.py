@@ -305,7 +305,7 @@ class RequestThreads:
             )
         self.hold: Hold = hold
         self.idle_timeout = float(idle_timeout) if idle_timeout is not None else None
-        self._prefix = thread_name_prefix or "dbbridge"
+        self._prefix = thread_name_prefix
         self._closing = False
         self._reset_state()
         _sets.add(self)
