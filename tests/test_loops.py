@@ -33,7 +33,7 @@ from tests.conftest import SetSetting, backend_id, off_loop, sessions_become
 from tests.testapp.models import Item
 
 pytestmark = [
-    pytest.mark.django_db(transaction=True),
+    pytest.mark.django_db(transaction=True, databases=["default", "other"]),
     pytest.mark.usefixtures("main_thread_closed"),
 ]
 
