@@ -160,12 +160,12 @@ class LoopExecutor(ThreadPoolExecutor):
         """The threads a shutdown must not wait for: its own, and the loop's."""
         idents = {threading.get_ident()}
         loop = self._loop_ref()
-        # BaseEventLoop._thread_id (private; Python 3.4 to 3.13): the thread
-        # running the loop, set while it runs. asyncio.run() shuts the default
-        # executor down from a helper thread while the loop still runs, so when
-        # the loop runs inside a pool call, its worker is busy waiting for this
-        # shutdown. Without the attribute (another loop implementation) that
-        # case is not recognised.
+        # BaseEventLoop._thread_id, private (checked on Python 3.11 and 3.13;
+        # there since 3.4): the ident of the thread running the loop, set while
+        # it runs. asyncio.run() shuts the default executor down from a helper
+        # thread while the loop still runs, so when the loop runs inside a pool
+        # call, that worker is busy waiting for this very shutdown. Without the
+        # attribute (another loop implementation) that case goes unrecognised.
         thread_id = getattr(loop, "_thread_id", None)
         if isinstance(thread_id, int):
             idents.add(thread_id)
