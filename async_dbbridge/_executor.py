@@ -13,13 +13,14 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.thread import BrokenThreadPool
 from dataclasses import asdict, dataclass
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
+from django.conf import settings as django_settings
 from django.db import connections
 from django.db.backends.signals import connection_created
 
@@ -178,6 +179,10 @@ class _Worker(OwnerThread):
         # Work is handed to a worker directly (see DBExecutor._idle); None stops it.
         self.inbox: SimpleQueue[_Item | None] = SimpleQueue()
         self.busy = False
+        # The call running now: a loop's default executor handle must not wait
+        # for a call running on the very thread that asks it to shut down
+        # (see calls_running_on).
+        self.current: _Item | None = None
         self.calls = 0
         self.errors = 0
 
@@ -484,6 +489,18 @@ class DBExecutor(ThreadPoolExecutor):
         Called from one of the pool's own threads, it does not wait for that
         thread (which would wait for itself).
         """
+        self._shutdown_sparing(wait, cancel_futures=cancel_futures, spare=())
+
+    def _shutdown_sparing(
+        self, wait: bool, *, cancel_futures: bool, spare: Collection[int]
+    ) -> None:
+        """``shutdown()``, not waiting for the workers whose thread ident is in ``spare``.
+
+        A worker that runs the event loop being shut down (``asyncio.run()``
+        called inside a call) waits for that shutdown to finish: joining it
+        would wait for ever. Spared workers stop on their own once their call
+        returns, closing their connections as every worker does.
+        """
         with self._state_lock:
             self._closing = True
             if cancel_futures:
@@ -497,7 +514,7 @@ class DBExecutor(ThreadPoolExecutor):
         if wait:
             current = threading.current_thread()
             for worker in workers:
-                if worker is not current:
+                if worker is not current and worker.ident not in spare:
                     worker.join()
 
     def stats(self) -> ExecutorStats:
@@ -560,7 +577,17 @@ class DBExecutor(ThreadPoolExecutor):
                 worker = _Worker(self, f"{self._prefix}-{next(self._counter)}")
                 worker.inbox.put(item)
                 self._workers.add(worker)
-                worker.start()
+                try:
+                    worker.start()
+                except BaseException:
+                    # "can't start new thread" (a thread or memory limit): the
+                    # caller gets the error, as from the standard library's
+                    # pool. The thread never ran, so it must not count: a
+                    # phantom worker would fill the pool (later calls queued
+                    # for ever) and make shutdown join a thread never started.
+                    # Its call goes with it, never run and never reported.
+                    self._workers.discard(worker)
+                    raise
             else:
                 self._backlog.append(item)
 
@@ -623,7 +650,12 @@ class DBExecutor(ThreadPoolExecutor):
                     return
             self._serve(worker)
         finally:
-            close_all_for_exit()
+            # Settings never loaded: Django cannot have connected anything in
+            # this process, and asking its connection handler would load them
+            # — ImproperlyConfigured, printed from the exiting thread, in a
+            # script that uses the pool without configuring Django.
+            if django_settings.configured:
+                close_all_for_exit()
             with self._state_lock:
                 self._workers.discard(worker)
                 self._retired_calls += worker.calls
@@ -638,10 +670,12 @@ class DBExecutor(ThreadPoolExecutor):
         item = inbox.get()  # a new worker is started with its first call
         while item is not None:
             worker.busy = True
+            worker.current = item
             try:
                 ran = item.execute(run)
             finally:
                 worker.busy = False
+                worker.current = None
                 # Become available before delivering the result: a caller that
                 # submits again as soon as it wakes then reuses this thread and
                 # its connection instead of starting another.
@@ -691,6 +725,21 @@ class DBExecutor(ThreadPoolExecutor):
             f"<{type(self).__name__} {state} max_workers={self._max_workers} "
             f"workers={len(self._workers)} policy={self._policy.kind}>"
         )
+
+
+def calls_running_on(idents: Collection[int]) -> set[Future[Any]]:
+    """Futures of the ``submit()`` calls that workers on these threads are running now.
+
+    For a shutdown that must not wait for its own thread: such a call cannot
+    finish before the shutdown returns.
+    """
+    running: set[Future[Any]] = set()
+    for thread in threading.enumerate():
+        if isinstance(thread, _Worker) and thread.ident in idents:
+            item = thread.current
+            if isinstance(item, _WorkItem):
+                running.add(item.future)
+    return running
 
 
 def _validate_aliases(databases: Iterable[str] | None) -> tuple[str, ...] | None:
