@@ -32,7 +32,7 @@ from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
 
 from ._connections import TransactionLeftOpenWarning
 from ._executor import DBExecutor, _deliver
-from ._install import install_default_executor
+from ._install import get_bridge_executor, install_default_executor
 from ._lanes import LANES_SUPPORTED, LaneSet, current_request_lane, end_request_cleanup
 from .conf import DEFAULT_SHUTDOWN_TIMEOUT, BridgeSettings, get_settings
 
@@ -183,8 +183,11 @@ class DBBridgeASGIApp:
         started = time.monotonic()
         with self._lock:
             lanes = self._lanes
-            executor = self._executors.get(loop)
+            started_here = self._mode is not None
             timeout = self._shutdown_timeout
+        # The process-wide bridge, whichever loop started it: loops ending no
+        # longer shut it down, so the explicit close is where it closes.
+        executor = get_bridge_executor() if started_here else None
         open_before = _open_connections(lanes, executor)
         # Refuse new work at once (on the loop, both calls only flip flags and
         # queue stop markers); the joins happen below, off the loop.

@@ -340,7 +340,9 @@ def test_quick_start_views_work() -> None:
 
 
 @pytest.mark.usefixtures("myapp")
-@pytest.mark.django_db(transaction=True)
+# The sample bumps pks 0-99: sequences start afresh so the three rows are among them
+# whatever tests ran before (a transactional flush keeps PostgreSQL's sequences).
+@pytest.mark.django_db(transaction=True, reset_sequences=True)
 def test_readme_executor_sample_updates_rows() -> None:
     items = [Item.objects.create(name=f"i{n}") for n in range(3)]
     block = next(b for b in python_blocks((ROOT / "README.md").read_text()) if "def bump" in b)

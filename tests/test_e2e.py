@@ -242,9 +242,8 @@ def test_without_lifespan_the_first_request_sets_up_and_aclose_cleans_up(
         opened = lanes.stats().connections_opened["default"]
     assert statuses == {200: 100}
     assert 1 <= opened <= 4
-    # The loop's end shut the bridge down (it was the loop's default
-    # executor); the lanes outlive the server until aclose() (or idle
-    # retirement, or interpreter exit).
+    # The loop's end leaves the shared bridge and the lanes up: they outlive
+    # the server until aclose() (or idle retirement, or interpreter exit).
     assert lanes.counts()[0] >= 1
     asyncio.run(app.aclose())
     assert lane_threads() == []
