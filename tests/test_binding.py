@@ -146,7 +146,7 @@ def end_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
     """Records (event, thread, alias) of every end_of_request() call, with the calls."""
     log: list[tuple[str, str, str]] = []
 
-    def spy(conn: Any) -> bool:
+    def spy(conn: Any) -> str | None:
         log.append(("end_of_request", thread_name(), conn.alias))
         return end_of_request(conn)
 
