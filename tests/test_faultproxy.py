@@ -491,6 +491,7 @@ def test_held_bytes_counts_what_a_stall_holds_in_each_direction() -> None:
         FaultProxy(HOST, listener.getsockname()[1]) as proxy,
         socket.create_connection((HOST, proxy.port), timeout=DEADLINE) as client,
     ):
+        listener.settimeout(DEADLINE)
         server, _ = listener.accept()  # the proxy connects upstream on admission
         with server:
             server.settimeout(DEADLINE)
