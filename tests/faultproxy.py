@@ -19,28 +19,36 @@ Design notes (the *why*):
   daemon thread that multiplexes both sockets with a selector. All threads are
   named ``faultproxy-...`` so tests can assert that none outlive ``stop()``.
 * Every fault operation is *synchronous*: when ``drop_all()``, ``stall()`` or
-  ``stop()`` returns, the fault is fully in effect. Tests can therefore assert
-  right after the call, without sleeps or retries.
-* Only the thread that owns a connection ever touches its sockets. Closing a
+  ``stop()`` returns, the fault is fully in effect *in the proxy*. Tests can
+  therefore assert on the proxy right after the call, without sleeps or
+  retries. What a client observes comes through its own kernel, which is not
+  the proxy's to control: see ``held_bytes()``/``wait_for_held()`` (a stalled
+  request really is held) and ``wait_for_hangup()`` (a client socket has
+  really processed the reset).
+* Only the thread that owns a connection ever acts on its sockets. Closing a
   socket from another thread while it is inside ``select()`` is racy (the file
   descriptor number can be reused under the selector's feet), so fault
   operations ask the owner thread to act, wake it through a socketpair, and
-  wait for it.
+  wait for it. The one exception only reads: ``held_bytes()`` asks the kernel
+  how much is queued on a socket, under the lock the owner closes it under.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
+import select
 import selectors
 import socket
 import struct
+import termios
 import threading
 import time
 from types import TracebackType
-from typing import Final
+from typing import Final, NamedTuple
 
-__all__ = ["FaultProxy"]
+__all__ = ["FaultProxy", "HeldBytes", "wait_for_hangup"]
 
 _RECV_SIZE: Final = 64 * 1024
 # Per-direction userspace buffer. When full we stop reading from the sender so
@@ -54,6 +62,61 @@ _LINGER_RST: Final = struct.pack("ii", 1, 0)
 
 _READ: Final = selectors.EVENT_READ
 _WRITE: Final = selectors.EVENT_WRITE
+# Interval of the bounded polling in wait_for_held(): the bytes it waits for
+# arrive in a kernel buffer that nothing in the proxy is notified about.
+_POLL_INTERVAL: Final = 0.005
+
+
+class HeldBytes(NamedTuple):
+    """Bytes the proxy has received (or can receive) and not yet forwarded.
+
+    ``from_client`` is on its way to the upstream server, ``from_upstream`` to
+    the client. Both count the proxy's own buffer plus what waits unread in the
+    kernel's receive buffer of the socket it reads from.
+    """
+
+    from_client: int
+    from_upstream: int
+
+
+def wait_for_hangup(fd: int, timeout: float = 10.0) -> None:
+    """Block until the socket ``fd`` has fully processed its peer's RST or FIN.
+
+    ``FaultProxy.drop_all()`` returns once the proxy has sent its RSTs, but the
+    client's kernel processes an RST on its own time (on loopback usually at
+    once; under load its softirq work can be deferred to ``ksoftirqd``). While
+    it does, a concurrent ``poll()`` can see the reset half done: Linux's
+    ``tcp_done_with_error()`` sets ``sk_err`` before ``tcp_done()`` sets
+    ``sk_shutdown``, and ``tcp_poll()`` reads both without the socket lock, so
+    it can report ``POLLERR``/``POLLHUP`` *without* ``POLLIN`` (checked on
+    Linux 6.18). psycopg 3.3's wait functions (checked on 3.3.9) then raise
+    ``OperationalError("connection socket closed")`` without asking libpq,
+    which still believes the connection is fine with a query in progress:
+    ``broken`` stays false and the next command (such as the ``COMMIT`` of
+    ``with conn:``) fails with "another command is already in progress".
+    Waiting here first means the client meets the reset only once it is
+    complete, when ``poll()`` reports it readable and libpq reads the error
+    itself. (A client already blocked in a query when the RST arrives cannot be
+    protected this way: see ``test_pg_drop_all_while_stalled``.)
+
+    ``POLLRDHUP`` is the observable end state: only a shut-down read side sets
+    it, which ``tcp_done()`` (or a FIN) does. Raises ``TimeoutError`` if it
+    does not happen within ``timeout`` seconds.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"socket {fd}: no RST or FIN processed within {timeout}s")
+        # A half-processed reset can wake this with POLLERR alone; poll again
+        # then (the rest of the reset is microseconds behind).
+        for _, events in poller.poll(remaining * 1000):
+            if events & select.POLLNVAL:
+                raise ValueError(f"wait_for_hangup(): {fd} is not an open file descriptor")
+            if events & select.POLLRDHUP:
+                return
 
 
 def _abort_socket(sock: socket.socket) -> None:
@@ -107,6 +170,12 @@ def _recv(sock: socket.socket) -> bytes | None:
         return None
 
 
+def _unread(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s kernel receive buffer (FIONREAD)."""
+    answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, struct.pack("i", 0))
+    return int(struct.unpack("i", answer)[0])
+
+
 def _send(sock: socket.socket, data: bytearray) -> int:
     """Non-blocking send: the number of bytes the kernel accepted (maybe 0)."""
     try:
@@ -153,6 +222,11 @@ class _Connection:
     ``io_lock`` once: any forwarding that was in progress has finished by then,
     and the thread re-reads the flag under ``io_lock`` before moving anything
     else. That is what makes ``stall()`` take effect exactly when it returns.
+
+    ``io_lock`` also guards the buffers and the sockets' lifetime: the thread
+    closes its sockets under it (after clearing ``sockets_open``), so ``held()``
+    can query them from another thread without meeting a closed, or reused,
+    file descriptor.
     """
 
     def __init__(
@@ -163,6 +237,10 @@ class _Connection:
         self._upstream = upstream
         self._waker = _Waker()
         self.io_lock = threading.Lock()
+        # Guarded by io_lock.
+        self.to_upstream = bytearray()
+        self.to_client = bytearray()
+        self.sockets_open = True
         # Guarded by proxy._lock.
         self.abort_requested = False
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -175,10 +253,20 @@ class _Connection:
         with self._proxy._lock:
             return self.abort_requested, self._proxy._stalled
 
+    def held(self) -> HeldBytes:
+        """What this connection holds back, in each direction (see ``HeldBytes``)."""
+        with self.io_lock:
+            if not self.sockets_open:
+                return HeldBytes(0, 0)
+            return HeldBytes(
+                len(self.to_upstream) + _unread(self._client),
+                len(self.to_client) + _unread(self._upstream),
+            )
+
     def _run(self) -> None:
         client, upstream = self._client, self._upstream
-        to_upstream = bytearray()
-        to_client = bytearray()
+        # Modified in place only, under io_lock, so held() sees them whole.
+        to_upstream, to_client = self.to_upstream, self.to_client
         client_eof = upstream_eof = False  # we have read EOF from that peer
         client_shut = upstream_shut = False  # we have sent EOF to that peer
         graceful = False
@@ -252,12 +340,14 @@ class _Connection:
             graceful = False
         finally:
             sel.close()
-            if graceful:
-                client.close()
-                upstream.close()
-            else:
-                _abort_socket(client)
-                _abort_socket(upstream)
+            with self.io_lock:
+                self.sockets_open = False
+                if graceful:
+                    client.close()
+                    upstream.close()
+                else:
+                    _abort_socket(client)
+                    _abort_socket(upstream)
             self._waker.close()
             self._proxy._forget(self)
 
@@ -372,6 +462,10 @@ class FaultProxy:
         connection that existed are closed with an RST (see ``_abort_socket``):
         the server sees its session's socket reset, and the client's next use
         of its connection fails. New connections are still accepted afterwards.
+
+        The RSTs are sent, not necessarily processed by the receiving kernels
+        yet. A test that asserts on how a client reacts to the reset should
+        first wait for its socket to have processed it: ``wait_for_hangup()``.
         """
         with self._admit_lock:
             with self._lock:
@@ -454,6 +548,47 @@ class FaultProxy:
         """Client connections reset because the upstream could not be reached."""
         with self._lock:
             return self._upstream_failures
+
+    def held_bytes(self) -> HeldBytes:
+        """Bytes held back by the proxy, summed over its connections.
+
+        Meaningful while stalled (otherwise they are moving): after ``stall()``
+        whatever a peer sends stays in the proxy, and this counts it.
+        """
+        with self._lock:
+            connections = list(self._connections)
+        held = [conn.held() for conn in connections]
+        return HeldBytes(sum(h.from_client for h in held), sum(h.from_upstream for h in held))
+
+    def wait_for_held(
+        self, *, from_client: int = 0, from_upstream: int = 0, timeout: float = 10.0
+    ) -> HeldBytes:
+        """Block until the proxy holds at least these many bytes; return ``held_bytes()``.
+
+        Use it after ``stall()`` to know that a request (or a reply) really was
+        sent and is now held by the proxy, rather than not sent yet: only then
+        does "it did not complete" prove anything, and only then does a fault
+        injected next hit a request in flight. Raises ``TimeoutError`` after
+        ``timeout`` seconds.
+        """
+        if from_client < 0 or from_upstream < 0 or from_client + from_upstream == 0:
+            raise ValueError(
+                "wait_for_held() needs from_client and/or from_upstream > 0 (and neither "
+                f"negative), got from_client={from_client}, from_upstream={from_upstream}"
+            )
+        # Bounded polling: the bytes land in a kernel buffer that a stalled
+        # connection thread deliberately does not watch.
+        deadline = time.monotonic() + timeout
+        while True:
+            held = self.held_bytes()
+            if held.from_client >= from_client and held.from_upstream >= from_upstream:
+                return held
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"FaultProxy: expected to hold from_client>={from_client}, "
+                    f"from_upstream>={from_upstream} byte(s) within {timeout}s, hold {held}"
+                )
+            time.sleep(_POLL_INTERVAL)
 
     def wait_for_active(self, n: int, timeout: float = 10.0) -> None:
         """Block until exactly ``n`` connections are active, or raise TimeoutError.

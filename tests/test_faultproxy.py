@@ -10,6 +10,7 @@ The remaining tests use a local echo server and need no database.
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ import MySQLdb  # type: ignore[import-untyped,unused-ignore]  # no stubs install
 import psycopg
 import pytest
 
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import FaultProxy, HeldBytes, wait_for_hangup
 
 HOST = "127.0.0.1"
 PG_PORT = 5432
@@ -169,6 +170,12 @@ def test_pg_drop_all(pg_proxy: FaultProxy) -> None:
         assert pg_proxy.drop_all() == 1
         assert pg_proxy.active_connections == 0
 
+        # The RST is sent; wait until this client's kernel has processed all of
+        # it. Otherwise psycopg's poll() can run while the kernel is half way
+        # through and see an error without the socket being readable; psycopg
+        # then raises without telling libpq, and ``conn.broken`` stays false
+        # (see ``wait_for_hangup``). Seen under load on a clean-clone CI run.
+        wait_for_hangup(conn.pgconn.socket)
         with pytest.raises(psycopg.OperationalError) as excinfo:
             conn.execute("SELECT 1")
         assert "closed" in str(excinfo.value) or "reset" in str(excinfo.value)
@@ -207,6 +214,9 @@ def test_pg_stall_and_resume(pg_proxy: FaultProxy) -> None:
         pg_proxy.stall()
         try:
             job = Background(lambda: pg_query(conn, "SELECT 42"))
+            # The query was sent and is held: only then does "not completed" mean
+            # the stall held it (and not that the thread had yet to send it).
+            pg_proxy.wait_for_held(from_client=1)
             assert not job.done.wait(STALL_PROBE), "query completed through a stalled proxy"
         finally:
             pg_proxy.resume()
@@ -219,8 +229,10 @@ def test_pg_stall_holds_new_connections(pg_proxy: FaultProxy) -> None:
     pg_proxy.stall()
     try:
         job = Background(lambda: pg_connect(pg_proxy.port))
-        # The TCP connection is accepted and forwarded, but no bytes move.
+        # The TCP connection is accepted and forwarded, but no bytes move: the
+        # driver's first message is held.
         pg_proxy.wait_for_active(1)
+        pg_proxy.wait_for_held(from_client=1)
         assert not job.done.wait(STALL_PROBE), "connect completed through a stalled proxy"
     finally:
         pg_proxy.resume()
@@ -230,14 +242,38 @@ def test_pg_stall_holds_new_connections(pg_proxy: FaultProxy) -> None:
 
 @pytest.mark.requires_server
 def test_pg_drop_all_while_stalled(pg_proxy: FaultProxy) -> None:
-    with pg_connect(pg_proxy.port) as conn:
+    direct = pg_connect(PG_PORT)
+    # Not ``with pg_connect(...) as conn``: its exit COMMITs, see the end.
+    conn = pg_connect(pg_proxy.port)
+    try:
+        pid = pg_query(conn, "SELECT pg_backend_pid()")
         pg_proxy.stall()
         job = Background(lambda: conn.execute("SELECT 1"))
-        assert not job.done.wait(STALL_PROBE)
-        # Dropping does not wait for resume(): the blocked query fails at once.
+        # The query was sent and is held by the proxy, so the drop below hits a
+        # query in flight (a loaded machine may otherwise not have run the
+        # thread yet, and the test would only show that a dead connection fails).
+        pg_proxy.wait_for_held(from_client=1)
+        assert not job.done.wait(STALL_PROBE), "query completed through a stalled proxy"
+        # Dropping does not wait for resume(): the blocked query fails at once...
         assert pg_proxy.drop_all() == 1
         with pytest.raises(psycopg.OperationalError):
             job.join()
+        # ... and the server's session really ends.
+        wait_until(lambda: not pg_session_exists(direct, pid), f"backend {pid} to exit")
+    finally:
+        # The race this test used to lose under load (issue #9): the job thread
+        # is inside psycopg's poll() when the RST arrives, and psycopg 3.3 polls
+        # again every 0.1 s. A poll() that runs while the kernel is half way
+        # through the reset sees POLLERR/POLLHUP without POLLIN, and psycopg
+        # (checked on 3.3.9) raises OperationalError("connection socket closed")
+        # without telling libpq, which keeps the connection OK with the query
+        # "in progress" (see ``wait_for_hangup``). The failure asserted above is
+        # the same either way, but then a COMMIT (the exit of ``with conn:``)
+        # fails with "another command is already in progress". Nothing outside
+        # psycopg can keep its poll() from overlapping the reset, so the test
+        # closes the connection, which is safe in both states, and commits nothing.
+        conn.close()
+        direct.close()
         pg_proxy.resume()
 
 
@@ -327,12 +363,36 @@ def test_my_stall_and_resume(my_proxy: FaultProxy) -> None:
         my_proxy.stall()
         try:
             job = Background(lambda: my_query(conn, "SELECT 42"))
+            my_proxy.wait_for_held(from_client=1)  # sent, and held
             assert not job.done.wait(STALL_PROBE), "query completed through a stalled proxy"
         finally:
             my_proxy.resume()
         assert job.join() == (42,)
     finally:
         conn.close()
+
+
+@pytest.mark.requires_server
+def test_my_drop_all_while_stalled(my_proxy: FaultProxy) -> None:
+    direct = my_connect(MY_PORT)
+    conn = my_connect(my_proxy.port)
+    try:
+        (conn_id,) = my_query(conn, "SELECT CONNECTION_ID()")
+        my_proxy.stall()
+        job = Background(lambda: my_query(conn, "SELECT 1"))
+        my_proxy.wait_for_held(from_client=1)  # the drop hits a query in flight
+        assert not job.done.wait(STALL_PROBE), "query completed through a stalled proxy"
+        assert my_proxy.drop_all() == 1
+        with pytest.raises(MySQLdb.OperationalError) as excinfo:
+            job.join()
+        # Connector/C is blocked reading the reply: 2013 "Lost connection to
+        # server during query".
+        assert excinfo.value.args[0] == 2013
+        wait_until(lambda: not my_session_exists(direct, conn_id), f"thread {conn_id} to exit")
+    finally:
+        conn.close()
+        direct.close()
+        my_proxy.resume()
 
 
 @pytest.mark.requires_server
@@ -423,6 +483,83 @@ def test_stall_holds_data_without_losing_it(echo: EchoServer) -> None:
         sock.settimeout(DEADLINE)
         assert recv_exactly(sock, len(payload)) == payload
         sender.join()
+
+
+def test_held_bytes_counts_what_a_stall_holds_in_each_direction() -> None:
+    with (
+        socket.create_server((HOST, 0)) as listener,
+        FaultProxy(HOST, listener.getsockname()[1]) as proxy,
+        socket.create_connection((HOST, proxy.port), timeout=DEADLINE) as client,
+    ):
+        listener.settimeout(DEADLINE)
+        server, _ = listener.accept()  # the proxy connects upstream on admission
+        with server:
+            server.settimeout(DEADLINE)
+            client.sendall(b"hi")
+            assert recv_exactly(server, 2) == b"hi"
+            assert proxy.held_bytes() == HeldBytes(0, 0)
+
+            proxy.stall()
+            server.sendall(b"s" * 700)
+            assert proxy.wait_for_held(from_upstream=700) == HeldBytes(0, 700)
+            client.sendall(b"c" * 300)
+            assert proxy.wait_for_held(from_client=300) == HeldBytes(300, 700)
+
+            proxy.resume()
+            assert recv_exactly(client, 700) == b"s" * 700
+            assert recv_exactly(server, 300) == b"c" * 300
+            assert proxy.held_bytes() == HeldBytes(0, 0)
+            assert proxy.drop_all() == 1
+            assert proxy.held_bytes() == HeldBytes(0, 0)
+
+
+def test_wait_for_held_rejects_bad_arguments_and_times_out(echo: EchoServer) -> None:
+    with (
+        FaultProxy(HOST, echo.port) as proxy,
+        socket.create_connection((HOST, proxy.port), timeout=DEADLINE),
+    ):
+        proxy.wait_for_active(1)
+        with pytest.raises(ValueError, match=r"from_client=0, from_upstream=0"):
+            proxy.wait_for_held()
+        with pytest.raises(ValueError, match=r"from_client=-1, from_upstream=1"):
+            proxy.wait_for_held(from_client=-1, from_upstream=1)
+        proxy.stall()
+        with pytest.raises(
+            TimeoutError,
+            match=r"from_client>=1, from_upstream>=0 byte\(s\) within 0.1s, hold HeldBytes",
+        ):
+            proxy.wait_for_held(from_client=1, timeout=0.1)
+
+
+def test_wait_for_hangup_returns_once_the_reset_is_processed(echo: EchoServer) -> None:
+    with (
+        FaultProxy(HOST, echo.port) as proxy,
+        socket.create_connection((HOST, proxy.port), timeout=DEADLINE) as sock,
+    ):
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"x"
+        with pytest.raises(TimeoutError, match=r"no RST or FIN processed within 0\.1s"):
+            wait_for_hangup(sock.fileno(), timeout=0.1)
+
+        assert proxy.drop_all() == 1
+        wait_for_hangup(sock.fileno())
+        # All of the reset is in: poll() reports it readable, with the error,
+        # without waiting.
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        [(_, events)] = poller.poll(0)
+        assert events & select.POLLIN
+        assert events & select.POLLERR
+        with pytest.raises(ConnectionResetError):
+            sock.recv(1)
+
+
+def test_wait_for_hangup_rejects_a_closed_descriptor() -> None:
+    sock = socket.socket()
+    fd = sock.fileno()
+    sock.close()
+    with pytest.raises(ValueError, match=rf"{fd} is not an open file descriptor"):
+        wait_for_hangup(fd, timeout=DEADLINE)
 
 
 def test_graceful_close_propagates(echo: EchoServer) -> None:
