@@ -372,7 +372,8 @@ class _Sampler:
 
 
 class _Counting(logging.Handler):
-    """Counts the library's records without keeping them (and without printing them)."""
+    """Counts the library's cleanup records without keeping them (or printing them);
+    `leftover` is filled in from the warnings caught during the run."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -381,9 +382,7 @@ class _Counting(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if "returned inside a transaction" in message:
-            self.leftover += 1
-        elif "cleanup" in message or "closing" in message:
+        if "cleanup" in message or "closing" in message:
             self.cleanup += 1
 
 
@@ -583,9 +582,13 @@ def run_soak(config: SoakConfig) -> SoakReport:
 
     sampler.start()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TransactionLeftOpenWarning)
-            asyncio.run(drive())  # the loop's end shuts the pool down, closing its connections
+        # The library reports a rescued transaction once, as a warning (not a log
+        # record): count them. record=True swaps the process-wide showwarning, so
+        # warnings issued on the pool's threads are caught too.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TransactionLeftOpenWarning)
+            asyncio.run(drive())
+        counting.leftover = sum(issubclass(w.category, TransactionLeftOpenWarning) for w in caught)
         report.elapsed = time.monotonic() - started
         executor.shutdown(wait=True)
         stats_now = executor.stats()
