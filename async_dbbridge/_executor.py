@@ -217,7 +217,7 @@ def _on_connection_created(
 connection_created.connect(_on_connection_created, dispatch_uid="async_dbbridge.owner")
 
 
-# Runs one call: the executor's per-call wrapper, or a plain call on a lane.
+# Runs one call: the executor's per-call wrapper, or a plain call on a request thread.
 _Runner = Callable[
     [Callable[..., Any], tuple[Any, ...], Mapping[str, Any], "contextvars.Context | None"], Any
 ]
@@ -229,7 +229,7 @@ def run_plain(
     kwargs: Mapping[str, Any],
     context: contextvars.Context | None,
 ) -> Any:
-    """A runner without per-call cleanup (request lanes clean up per request)."""
+    """A runner without per-call cleanup (request threads clean up per request)."""
     return fn(*args, **kwargs) if context is None else context.run(fn, *args, **kwargs)
 
 
