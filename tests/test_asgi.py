@@ -481,7 +481,7 @@ async def test_pool_timeout_is_answered_503_with_retry_after(
     assert pool().timeouts == 1
     probe.gates["hold"].set()
     assert (await first).status == 200
-    # A 500 for another reason stays a 500.
+    # Once the connection is back, the next request gets it.
     assert (await call_http(app, "/sync-query/")).status == 200
 
 
