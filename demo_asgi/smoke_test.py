@@ -123,11 +123,13 @@ def _expect_products(body: Any) -> str | None:
     return None
 
 
-#: The keys of /stats, and of its "bridge" and "lanes" objects: each figure once.
+#: The keys of /stats, and of its "bridge", "request_threads" and per-alias "pools"
+#: objects: each figure once.
 STATS_KEYS = frozenset(
     {
         "request_mode",
-        "lanes",
+        "request_threads",
+        "pools",
         "bridge",
         "server_sessions",
         "process_connections",
@@ -146,26 +148,21 @@ BRIDGE_KEYS = frozenset(
         "errors",
         "connection_policy",
         "shutting_down",
-        "connections_open",
-        "connections_opened",
-        "connections_closed",
     }
 )
-LANE_KEYS = frozenset(
+REQUEST_THREAD_KEYS = frozenset({"busy", "idle", "started", "retired", "closing"})
+POOL_KEYS = frozenset(
     {
-        "size",
-        "lane_full",
-        "threads",
+        "max_size",
         "in_use",
         "idle",
-        "temporary",
         "waiting",
-        "requests_served",
-        "temporaries_started",
-        "waits_expired",
-        "connections_open",
-        "connections_opened",
-        "shutting_down",
+        "opened",
+        "closed",
+        "checkouts",
+        "timeouts",
+        "wait_time_total",
+        "wait_time_max",
     }
 )
 
@@ -175,11 +172,17 @@ def _expect_stats(body: Any) -> str | None:
         return "expected a JSON object"
     if set(body) != STATS_KEYS:
         return f"keys {sorted(body)}, expected {sorted(STATS_KEYS)}"
-    if set(body["bridge"]) != BRIDGE_KEYS:
-        return f"'bridge' has keys {sorted(body['bridge'])}, expected {sorted(BRIDGE_KEYS)}"
-    lanes = body["lanes"]
-    if lanes is not None and set(lanes) != LANE_KEYS:
-        return f"'lanes' has keys {sorted(lanes)}, expected {sorted(LANE_KEYS)}"
+    bridge = body["bridge"]
+    if bridge is not None and set(bridge) != BRIDGE_KEYS:
+        return f"'bridge' has keys {sorted(bridge)}, expected {sorted(BRIDGE_KEYS)}"
+    threads = body["request_threads"]
+    if threads is not None and set(threads) != REQUEST_THREAD_KEYS:
+        return (
+            f"'request_threads' has keys {sorted(threads)}, expected {sorted(REQUEST_THREAD_KEYS)}"
+        )
+    for alias, pool in body["pools"].items():
+        if set(pool) != POOL_KEYS:
+            return f"pool {alias!r} has keys {sorted(pool)}, expected {sorted(POOL_KEYS)}"
     return None
 
 

@@ -151,3 +151,35 @@ def test_on_cursor_close_sees_every_close_of_a_chunked_cursor(
 def test_on_cursor_close_names_a_cursor_without_close() -> None:
     with pytest.raises(_compat.IncompatibleVersionError, match="close"):
         _compat.on_cursor_close(object(), lambda: None)
+
+
+async def test_context_has_own_thread_follows_asgirefs_per_context_executors() -> None:
+    from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
+
+    # The private map the per-request fallback reads (asgiref < 3.13 path).
+    assert hasattr(SyncToAsync, "context_to_thread_executor")
+    context = ThreadSensitiveContext()
+    async with context:
+        # No thread-sensitive call yet: asgiref made no thread for the context.
+        assert not _compat.context_has_own_thread(context)
+        await sync_to_async(lambda: None)()
+        assert _compat.context_has_own_thread(context)
+
+
+def test_context_has_own_thread_fails_loudly_without_the_map(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asgiref.sync import SyncToAsync, ThreadSensitiveContext
+
+    monkeypatch.delattr(SyncToAsync, "context_to_thread_executor")
+    with pytest.raises(_compat.IncompatibleVersionError, match="context_to_thread_executor"):
+        _compat.context_has_own_thread(ThreadSensitiveContext())
+
+
+def test_request_threads_supported_matches_the_installed_asgiref() -> None:
+    import inspect
+
+    from asgiref.sync import ThreadSensitiveContext
+
+    takes_executor = "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
+    assert takes_executor == _compat.REQUEST_THREADS_SUPPORTED

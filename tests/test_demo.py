@@ -37,6 +37,8 @@ def test_demo_serves_every_view_and_leaves_no_session(
     demo_database_url: str | None, tmp_path: Path
 ) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    # This checkout's package, not whichever one the environment has installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if demo_database_url:
         env["DATABASE_URL"] = demo_database_url
     stats_json = tmp_path / "stats.json"
@@ -56,29 +58,37 @@ def test_demo_serves_every_view_and_leaves_no_session(
     assert result.returncode == 0, result.stdout + result.stderr
 
     # /stats says each thing once, under names that say what they are: how
-    # requests run at the top, the lanes' figures only under "lanes", the
-    # bridge's (its connection policy by that name) only under "bridge".
+    # requests run at the top, the request threads' figures under
+    # "request_threads", each alias's pool under "pools", the bridge's threads
+    # and calls (its connection policy by that name) under "bridge".
     stats = json.loads(stats_json.read_text())
     assert set(stats) == {
         "request_mode",
-        "lanes",
+        "request_threads",
+        "pools",
         "bridge",
         "server_sessions",
         "process_connections",
         "vendors",
         "time",
     }
-    assert stats["request_mode"] == "lanes"
-    bridge, lanes = stats["bridge"], stats["lanes"]
-    assert not {"lanes", "lanes_in_use", "request_mode", "policy"} & set(bridge)
+    assert stats["request_mode"] == "request-threads"
+    bridge, threads, pools = stats["bridge"], stats["request_threads"], stats["pools"]
     assert bridge["connection_policy"] == "request"
     assert bridge["max_workers"] == 8  # the demo's MAX_WORKERS
+    # Connection figures are the pools', shown once: not under "bridge".
+    assert not {"connections_open", "connections_opened", "policy"} & set(bridge)
     # db_call, @db_sync_to_async, the orders (GET and POST): calls on the bridge.
     assert bridge["calls"] >= 4
-    assert lanes["size"] == 8  # LANES defaults to MAX_WORKERS
-    assert lanes["lane_full"] == "wait"
-    assert not {"lanes", "full", "requests", "closing"} & set(lanes)
-    # The sync view and the async ORM ran on lanes.
-    assert lanes["requests_served"] >= 2
-    assert lanes["threads"] >= 1
+    # The sync view and the async ORM ran on request threads.
+    assert set(threads) == {"busy", "idle", "started", "retired", "closing"}
+    assert threads["started"] >= 1
+    assert threads["busy"] + threads["idle"] >= 1
+    # One pool for the default alias, of POOL_SIZE (defaults to MAX_WORKERS).
+    pool = pools["default"]
+    assert pool["max_size"] == 8
+    assert pool["opened"] >= 1
+    assert pool["checkouts"] >= 4
+    assert pool["in_use"] + pool["idle"] <= pool["max_size"]
+    assert pool["timeouts"] == 0
     assert stats["vendors"]["default"] == connections["default"].vendor

@@ -475,7 +475,8 @@ PROBES: list[dict[str, object]] = [
     {},
     {"MAX_WORKERS": 3},
     {"IDLE_TIMEOUT": 7.5},
-    {"LANE_FULL": "temporary"},
+    {"POOL_SIZE": 2},
+    {"HOLD": "request"},
     {"POLICY": "max_age"},
     {"POLICY": "close"},
 ]

@@ -508,7 +508,7 @@ def test_stats_has_counts_only_never_settings() -> None:
         assert secret not in text
     assert set(data) >= {
         "workers", "busy", "idle", "queued", "calls", "errors",
-        "connections_open", "connections_opened", "connections_closed", "lanes_in_use",
+        "connections_open", "connections_opened", "connections_closed", "pooled",
     }  # fmt: skip
 
 
@@ -574,3 +574,97 @@ def test_a_private_wrapper_connected_on_a_worker_is_not_the_workers(
         assert stats.connections_opened == {"default": 1}
         # The worker's own connection, still open under CONN_MAX_AGE=60.
         assert stats.connections_open == {"default": 1}
+
+
+# -- pooled executors (the process-wide bridge is one) -------------------------------
+
+
+def test_a_pooled_executor_refuses_a_max_age_policy() -> None:
+    with pytest.raises(
+        ValueError, match="lifetime of pooled connections is each alias's CONN_MAX_AGE"
+    ):
+        DBExecutor(max_workers=1, pooled=True, policy=Policy.max_age(5))
+
+
+def test_a_pooled_executor_gives_its_connection_back_after_each_call(
+    db_settings: SetSetting,
+) -> None:
+    from async_dbbridge import stats
+
+    db_settings(CONN_MAX_AGE=60)
+    with DBExecutor(max_workers=2, pooled=True) as executor:
+        first = executor.submit(backend_id).result()
+        # Back in the pool (and open: CONN_MAX_AGE=60), not kept by the worker.
+        pool = stats().pools["default"]
+        assert (pool.opened, pool.in_use, pool.idle) == (1, 0, 1)
+        assert executor.submit(backend_id).result() == first
+        assert stats().pools["default"].opened == 1
+        executor_stats = executor.stats()
+        assert executor_stats.pooled
+        assert executor_stats.connections_opened == {"default": 1}
+        assert executor_stats.connections_open == {"default": 1}
+        # The worker's wrapper holds nothing between calls.
+        assert executor.submit(open_connection_aliases).result() == []
+    # Its workers exited; the pool keeps the idle connection until it is closed.
+    assert server_session_count() == 1
+
+
+def test_a_pooled_executor_rolls_back_a_leftover_transaction_and_gives_the_connection_back(
+    db_settings: SetSetting,
+) -> None:
+    from async_dbbridge import stats
+
+    db_settings(CONN_MAX_AGE=60)
+
+    def leave_open() -> int:
+        transaction.set_autocommit(False)
+        Item.objects.create(name="leftover", value=-1)
+        return backend_id()
+
+    with DBExecutor(max_workers=1, pooled=True) as executor:
+        with pytest.warns(TransactionLeftOpenWarning, match="before the connection went back"):
+            session = executor.submit(leave_open).result()
+        pool = stats().pools["default"]
+        assert (pool.in_use, pool.idle, pool.closed) == (0, 1, 0)
+        # The same connection, clean: in autocommit, the row rolled back.
+        assert executor.submit(backend_id).result() == session
+        assert not executor.submit(Item.objects.filter(name="leftover").exists).result()
+
+
+def test_a_pooled_executor_closes_a_connection_after_a_database_error(
+    db_settings: SetSetting,
+) -> None:
+    from django.db import DatabaseError
+
+    from async_dbbridge import stats
+
+    db_settings(CONN_MAX_AGE=60)
+
+    def broken_query() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT * FROM no_such_table_anywhere")
+
+    with DBExecutor(max_workers=1, pooled=True) as executor:
+        executor.submit(Item.objects.count).result()
+        assert stats().pools["default"].idle == 1
+        with pytest.raises(DatabaseError):
+            executor.submit(broken_query).result()
+        pool = stats().pools["default"]
+        # Really closed, never given back: the next call opens a fresh one.
+        assert (pool.in_use, pool.idle, pool.closed, pool.opened) == (0, 0, 1, 1)
+        executor.submit(Item.objects.count).result()
+        assert stats().pools["default"].opened == 2
+
+
+def test_a_pooled_executor_under_always_close_closes_after_each_call(
+    db_settings: SetSetting,
+) -> None:
+    from async_dbbridge import stats
+
+    db_settings(CONN_MAX_AGE=60)
+    with DBExecutor(max_workers=1, pooled=True, policy="close") as executor:
+        for _ in range(3):
+            executor.submit(Item.objects.count).result()
+        pool = stats().pools["default"]
+        assert (pool.opened, pool.closed, pool.in_use, pool.idle) == (3, 3, 0, 0)
+    wait_for_server_sessions("default", 0)

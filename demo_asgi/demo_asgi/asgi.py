@@ -1,9 +1,10 @@
 """The ASGI entry point: ``uvicorn demo_asgi.asgi:application`` (from ``demo_asgi/``).
 
-async_dbbridge's wrapper around Django's ASGI handler gives each request a
-long-lived lane thread for its sync work (sync views, the async ORM, request
-signals), so ``CONN_MAX_AGE`` connections are reused instead of stranded, and
-shuts the bridge down (closing its connections) at lifespan shutdown.
+async_dbbridge's wrapper around Django's ASGI handler runs each request's sync
+work (sync views, the async ORM, request signals) on a reused request thread,
+with connections from one bounded pool per database alias (``POOL_SIZE``), so
+``CONN_MAX_AGE`` connections are reused instead of stranded; lifespan shutdown
+closes them all.
 """
 
 from __future__ import annotations

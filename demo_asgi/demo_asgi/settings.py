@@ -62,7 +62,7 @@ _default_db: dict[str, Any] = dict(
 )
 _options: dict[str, Any] = _default_db.setdefault("OPTIONS", {})
 if _default_db["ENGINE"] == "django.db.backends.sqlite3":
-    # Several threads write at once (bridge workers, lanes): IMMEDIATE takes
+    # Several threads write at once (bridge workers, request threads): IMMEDIATE takes
     # the write lock at BEGIN, so a transaction never fails halfway on
     # "database is locked", and the timeout makes writers queue instead.
     # Not WAL: its connections hold a lock on the file for their whole life,

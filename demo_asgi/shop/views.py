@@ -6,7 +6,7 @@ query, so the difference between the paths is visible with curl:
 - ``/products/db-call``: ``await db_call(fn)`` runs ``fn`` on a bridge worker.
 - ``/products/sync-to-async``: a ``@db_sync_to_async`` function, same workers.
 - ``/products/sync``: a plain sync view; Django runs it on the request's
-  thread (a lane thread under the async_dbbridge ASGI wrapper).
+  thread (a request thread under the async_dbbridge ASGI wrapper).
 - ``/products/async-orm``: Django's async ORM (``async for``), which runs on
   the same thread as a sync view would.
 
@@ -33,7 +33,8 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods
 
-from async_dbbridge import db_call, db_sync_to_async, get_bridge_executor
+import async_dbbridge
+from async_dbbridge import BridgeStats, db_call, db_sync_to_async
 from async_dbbridge.asgi import DBBridgeASGIApp
 from async_dbbridge.testing import process_open_connections, server_session_count
 from shop.models import Order, Product
@@ -229,38 +230,20 @@ def _wrapper() -> DBBridgeASGIApp | None:
 
 
 def _request_mode(app: DBBridgeASGIApp | None) -> str:
-    """How requests run: on lanes, on per-request threads, or under stock Django."""
+    """How requests run: on request threads, on per-request threads, or under stock Django."""
     if app is None:
         return "stock-django"
     return app.mode or "not-started"
 
 
-def _lane_figures(app: DBBridgeASGIApp | None) -> dict[str, Any] | None:
-    """The request lanes, each figure once (the bridge's stats do not repeat them)."""
-    lanes = app.lanes if app is not None else None
-    if lanes is None:
+def _bridge_figures(snapshot: BridgeStats) -> dict[str, Any] | None:
+    """The bridge (db_call, @db_sync_to_async, the default executor): threads and calls.
+
+    Its connections are the pools' (shown once, under "pools").
+    """
+    s = snapshot.bridge
+    if s is None:
         return None
-    s = lanes.stats()
-    return {
-        "size": s.size,  # LANES
-        "lane_full": s.full,  # LANE_FULL: what a request does when every lane is busy
-        "threads": s.lanes,  # lane threads alive, temporaries not counted
-        "in_use": s.in_use,  # serving a request, temporaries counted
-        "idle": s.idle,
-        "temporary": s.temporary,  # threads beyond LANES, closed when their request ends
-        "waiting": s.waiting,  # requests queued for a lane
-        "requests_served": s.requests,
-        "temporaries_started": s.temporaries_started,
-        "waits_expired": s.waits_expired,  # waited LANE_WAIT_TIMEOUT, then took a temporary
-        "connections_open": s.connections_open,
-        "connections_opened": s.connections_opened,
-        "shutting_down": s.closing,
-    }
-
-
-def _bridge_figures() -> dict[str, Any]:
-    """The bridge pool (db_call, @db_sync_to_async, the default executor), lanes left out."""
-    s = get_bridge_executor().stats()
     return {
         "max_workers": s.max_workers,  # MAX_WORKERS
         "workers": s.workers,
@@ -269,26 +252,29 @@ def _bridge_figures() -> dict[str, Any]:
         "queued": s.queued,
         "calls": s.calls,
         "errors": s.errors,
-        # POLICY: when a worker closes its connections ("request": as
-        # CONN_MAX_AGE says, "close": after every call, "max_age": its own).
+        # POLICY: what a worker does with its connections after a call
+        # ("request": give them back to the pool, "close": close them).
         "connection_policy": s.policy,
         "shutting_down": s.shutdown,
-        "connections_open": s.connections_open,
-        "connections_opened": s.connections_opened,
-        "connections_closed": s.connections_closed,
     }
 
 
 def _collect_stats() -> dict[str, Any]:
     aliases = list(settings.DATABASES)
     app = _wrapper()
+    snapshot = async_dbbridge.stats()
+    threads = snapshot.request_threads
     return {
-        # "lanes", "per-request" (LANES=0, or asgiref < 3.13: each request on a
-        # thread of its own, connections closed at its end) or "stock-django".
+        # "request-threads", "per-request" (asgiref < 3.13: each request on a
+        # thread of its own, connections closed at its end), "stock-django"
+        # or "not-started".
         "request_mode": _request_mode(app),
-        # Request lanes: the threads that run sync views and the async ORM.
-        "lanes": _lane_figures(app),
-        "bridge": _bridge_figures(),
+        # The threads that run each request's sync views and async ORM calls.
+        "request_threads": threads.as_dict() if threads is not None else None,
+        # One connection pool per database alias, shared by request threads
+        # and bridge workers: POOL_SIZE connections at most.
+        "pools": {alias: pool.as_dict() for alias, pool in snapshot.pools.items()},
+        "bridge": _bridge_figures(snapshot),
         "server_sessions": {alias: server_session_count(alias) for alias in aliases},
         # Django connections open on any thread of this process: under stock
         # Django's ASGI handler with CONN_MAX_AGE > 0 this grows with every
@@ -301,7 +287,7 @@ def _collect_stats() -> dict[str, Any]:
 
 @require_GET
 async def stats(request: HttpRequest) -> JsonResponse:
-    """How requests run, the lanes, the bridge, and the server's session count per database."""
+    """How requests run, the pools, the bridge, and the server's session count per database."""
     loop = asyncio.get_running_loop()
     return JsonResponse(await loop.run_in_executor(_stats_thread, _collect_stats))
 
