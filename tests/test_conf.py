@@ -74,39 +74,3 @@ def test_in_memory_sqlite_is_warned_about() -> None:
     assert in_memory_sqlite_aliases(databases) == ["memory", "shared_memory"]
     # The suite's own databases are files (or servers): nothing to report.
     assert check_in_memory_sqlite() == []
-
-
-@pytest.mark.requires_server
-@pytest.mark.django_db
-def test_connection_budget_is_compared_with_max_connections() -> None:
-    from django.db import connection
-
-    from async_dbbridge.checks import check_connection_budget, connection_budget
-
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute(
-                "SELECT current_setting('max_connections')::int, "
-                "current_setting('superuser_reserved_connections')::int"
-            )
-        else:
-            cursor.execute("SELECT @@max_connections, 1")
-        max_connections, reserved = map(int, cursor.fetchone())
-    usable = max_connections - reserved
-
-    with override_settings(ASYNC_DBBRIDGE={"MAX_WORKERS": 4, "LANES": 4}):
-        assert connection_budget() == 8
-        assert check_connection_budget(databases=["default"]) == []
-    # Half the server: a second process would not fit.
-    with override_settings(ASYNC_DBBRIDGE={"MAX_WORKERS": usable // 2 + 1, "LANES": 0}):
-        assert [m.id for m in check_connection_budget(databases=["default"])] == [
-            "async_dbbridge.W003"
-        ]
-    with override_settings(ASYNC_DBBRIDGE={"MAX_WORKERS": usable, "LANES": 1}):
-        messages = check_connection_budget(databases=["default"])
-        assert [m.id for m in messages] == ["async_dbbridge.E002"]
-        assert f"max_connections = {max_connections}" in messages[0].msg
-        with pytest.raises(SystemCheckError, match=r"async_dbbridge\.E002"):
-            call_command("check", databases=["default"])
-    # Without --database the server is not asked.
-    assert check_connection_budget() == []
