@@ -1,7 +1,15 @@
-"""System checks for the ``ASYNC_DBBRIDGE`` setting and the databases it serves."""
+"""System checks for the `ASYNC_DBBRIDGE` setting and the databases it serves.
+
+The connections they reason about: under the ASGI wrapper (asgiref >= 3.13)
+requests run on request threads, and those threads and the process-wide
+bridge's workers take their connections from one bounded pool per alias per
+process (`POOL_SIZE`), given back after each sync call when idle
+(`HOLD = "transaction"`) and at the request's end in any case.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,101 +17,183 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import Error as DjangoDatabaseError
 
-from .conf import SETTING_NAME, parse_settings
+from .conf import SETTING_NAME, BridgeSettings, parse_settings
 
 __all__ = (
     "check_connection_budget",
+    "check_django_pool",
     "check_in_memory_sqlite",
-    "check_request_connection_reuse",
+    "check_pooled_conn_max_age",
     "check_settings",
     "connection_budget",
 )
 
+# Said by every check that only matters to requests served through the wrapper.
+_NOT_SERVING_HINT = (
+    "Not serving through async_dbbridge.asgi? Add this ID to SILENCED_SYSTEM_CHECKS."
+)
+
+
+def _request_threads_supported() -> bool:
+    """Whether requests can run on request threads: `ThreadSensitiveContext(executor=...)`.
+
+    The same public-signature test the ASGI wrapper uses (asgiref >= 3.13);
+    tests replace this function to see the checks as on an older asgiref.
+    """
+    from asgiref.sync import ThreadSensitiveContext
+
+    return "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
+
+
+def _parsed_settings() -> BridgeSettings | None:
+    """The validated setting, or None when it is invalid (E001 reports that, once)."""
+    from django.conf import settings
+
+    try:
+        return parse_settings(getattr(settings, SETTING_NAME, None))
+    except ImproperlyConfigured:
+        return None
+
+
+def _conn_max_age(settings_dict: Mapping[str, Any]) -> Any:
+    # Django's own default when the key is absent (configure_settings() fills
+    # it in for the configured aliases; a hand-built dict may lack it).
+    return settings_dict.get("CONN_MAX_AGE", 0)
+
 
 @checks.register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """E001: ``ASYNC_DBBRIDGE`` is invalid. W001: lanes asked for, but asgiref is too old."""
+    """E001: `ASYNC_DBBRIDGE` is invalid. W001: asgiref is too old for request threads.
+
+    W001 also names every alias whose `CONN_MAX_AGE` asks for reuse that
+    requests then cannot get: one message for one cause.
+    """
     from django.conf import settings
 
-    from ._lanes import LANES_SUPPORTED
-
     try:
-        parsed = parse_settings(getattr(settings, SETTING_NAME, None))
+        parse_settings(getattr(settings, SETTING_NAME, None))
     except ImproperlyConfigured as exc:
         return [checks.Error(str(exc), id="async_dbbridge.E001")]
-    if parsed.lanes and not LANES_SUPPORTED:
-        return [
-            checks.Warning(
-                f"{SETTING_NAME}['LANES'] is {parsed.lanes}, but request lanes need "
-                "asgiref >= 3.13 (ThreadSensitiveContext(executor=...)).",
-                hint="Upgrade asgiref. Until then each request runs on its own thread, "
-                "whose connections are closed when the request ends: requests reuse "
-                f"none, whatever CONN_MAX_AGE says. Set {SETTING_NAME}['LANES'] = 0 if "
-                "that is intended.",
-                id="async_dbbridge.W001",
-            )
-        ]
-    return []
+    if _request_threads_supported():
+        return []
+    import asgiref
+
+    message = (
+        f"asgiref {asgiref.__version__} has no ThreadSensitiveContext(executor=...) "
+        "(asgiref >= 3.13): requests served by async_dbbridge.asgi cannot use request "
+        "threads and the connection pool. Each request falls back to a thread of its own, "
+        "whose connections are closed when the request ends: a connect per request that "
+        f"touches the database, and {SETTING_NAME}['POOL_SIZE'] does not bound them."
+    )
+    persistent = _persistent_aliases(settings.DATABASES)
+    if persistent:
+        ages = ", ".join(
+            f"DATABASES[{alias!r}]['CONN_MAX_AGE'] = {_conn_max_age(settings.DATABASES[alias])}"
+            for alias in persistent
+        )
+        message += f" {ages}: requests cannot reuse connections (db_call still does)."
+    return [
+        checks.Warning(
+            message,
+            hint=f"Upgrade asgiref to 3.13 or later. {_NOT_SERVING_HINT}",
+            id="async_dbbridge.W001",
+        )
+    ]
 
 
 def _persistent_aliases(databases: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Aliases whose ``CONN_MAX_AGE`` asks for reuse: above 0, or ``None`` (for ever)."""
+    """Aliases whose `CONN_MAX_AGE` asks for reuse: above 0, or `None` (for ever)."""
     return [
         alias
         for alias, settings_dict in databases.items()
-        if (max_age := settings_dict.get("CONN_MAX_AGE", 0)) is None
+        if (max_age := _conn_max_age(settings_dict)) is None
         or (isinstance(max_age, int | float) and max_age > 0)
     ]
 
 
-@checks.register()
-def check_request_connection_reuse(
-    app_configs: Any = None, **kwargs: Any
-) -> list[checks.CheckMessage]:
-    """W005: ``CONN_MAX_AGE`` asks for reuse that requests under the wrapper cannot get.
+def _django_pool_aliases(databases: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Aliases with Django's own connection pool: `OPTIONS["pool"]` set (and truthy).
 
-    Without lanes each request runs on a thread of its own, whose connections
-    the wrapper closes when the request ends: a sync view connects on every
-    request whatever ``CONN_MAX_AGE`` says, and runs at a fraction of the
-    speed the setting promises, with nothing else to tell why.
+    Truthy, as Django (5.1+, PostgreSQL) and `make_pooled()` both test it:
+    `{}` or `False` turns Django's pool off.
+    """
+    return [
+        alias
+        for alias, settings_dict in databases.items()
+        if (settings_dict.get("OPTIONS") or {}).get("pool")
+    ]
+
+
+@checks.register()
+def check_django_pool(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """E003: an alias uses Django's own connection pool, under the bridge's pool.
+
+    Every alias is pooled by the bridge (its request threads and bridge
+    workers), and `make_pooled()` refuses a wrapper whose alias has
+    `OPTIONS["pool"]`: two pools stacked would hold connections twice, and
+    neither bound would mean anything. Reported here, at `check` time,
+    rather than as failing calls once the server runs.
     """
     from django.conf import settings
 
-    from ._lanes import LANES_SUPPORTED
+    return [
+        checks.Error(
+            f"DATABASES[{alias!r}]['OPTIONS']['pool'] is set: Django's connection pool under "
+            "async_dbbridge's own, two pools stacked. async_dbbridge refuses to pool this "
+            "alias (ImproperlyConfigured at run time), so the threads that pool it, request "
+            "threads and the bridge's workers, fail their calls.",
+            hint=f"Remove OPTIONS['pool']: async_dbbridge's pool ({SETTING_NAME}['POOL_SIZE'] "
+            "connections per alias per process) replaces it. Then set CONN_MAX_AGE, which "
+            "Django's pool required to be 0, to a pooled connection's lifetime, e.g. 60.",
+            id="async_dbbridge.E003",
+        )
+        for alias in _django_pool_aliases(settings.DATABASES)
+    ]
 
-    try:
-        parsed = parse_settings(getattr(settings, SETTING_NAME, None))
-    except ImproperlyConfigured:
-        return []  # E001 reports it
-    if parsed.lanes:
-        # Lanes reuse connections; or, without asgiref 3.13, W001 already says
-        # that requests get no lanes, hence no reuse: one message per cause.
-        return []
-    aliases = _persistent_aliases(settings.DATABASES)
-    if not aliases:
-        return []
-    import asgiref
 
-    if LANES_SUPPORTED:
-        why = f"{SETTING_NAME}['LANES'] is 0"
-        fix = f"Set {SETTING_NAME}['LANES'] (default: MAX_WORKERS) so requests reuse connections"
-    else:
-        why = f"request lanes need asgiref >= 3.13 (installed: {asgiref.__version__})"
-        fix = f"Upgrade asgiref and leave {SETTING_NAME}['LANES'] at its default"
-    ages = ", ".join(
-        f"DATABASES[{alias!r}]['CONN_MAX_AGE'] = {settings.DATABASES[alias].get('CONN_MAX_AGE')}"
-        for alias in aliases
-    )
+@checks.register()
+def check_pooled_conn_max_age(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """W006: `CONN_MAX_AGE = 0` on a pooled alias: every give-back closes the connection.
+
+    `CONN_MAX_AGE` is a pooled connection's lifetime, so with 0 nothing is
+    ever reused. With `HOLD = "transaction"` a request gives its connection
+    back after each sync call, so it connects once per sync call that touches
+    the database: more often than stock Django, which connects once per
+    request. A Warning, not an Info: Django's default is 0, so this is what a
+    project gets by adding the wrapper and changing nothing; it costs a connect
+    per call (a reused connection served 6-21x the one-query calls per second
+    on PostgreSQL, see the benchmarks page) with nothing at run time to tell
+    why; and it needs a decision, to fix it or to keep it (where connecting is
+    cheap, e.g. a local pooler: silence it).
+    """
+    from django.conf import settings
+
+    parsed = _parsed_settings()
+    if parsed is None or parsed.hold != "transaction":
+        # E001 reports an invalid setting; HOLD = "request" gives back at the
+        # request's end, so CONN_MAX_AGE = 0 connects once per request, as
+        # stock Django does: nothing worse than what the project had.
+        return []
+    if not _request_threads_supported():
+        return []  # requests do not use the pool; W001 says so
+    databases = settings.DATABASES
+    # In-memory SQLite is never pooled (W002 is about it); an alias with
+    # Django's pool is refused outright (E003, whose hint covers CONN_MAX_AGE).
+    skipped = set(in_memory_sqlite_aliases(databases)) | set(_django_pool_aliases(databases))
     return [
         checks.Warning(
-            f"{ages}, but requests served by async_dbbridge.asgi cannot reuse connections: "
-            f"{why}, so each request runs on a thread of its own whose connections are "
-            "closed when it ends.",
-            hint=f"{fix}; or, if only db_call should keep connections, set CONN_MAX_AGE = 0 "
-            f"and {SETTING_NAME}['POLICY'] = 'max_age'. Not serving through "
-            "async_dbbridge.asgi? Add this ID to SILENCED_SYSTEM_CHECKS.",
-            id="async_dbbridge.W005",
+            f"DATABASES[{alias!r}]['CONN_MAX_AGE'] is 0: a pooled connection's lifetime, so "
+            "async_dbbridge's pool closes every connection given back to it. With "
+            f"{SETTING_NAME}['HOLD'] = 'transaction' a request gives its connection back "
+            "after each sync call, so it connects once per sync call that touches the "
+            "database, where stock Django connects once per request.",
+            hint="Set CONN_MAX_AGE = 60 (seconds; None: no limit), with CONN_HEALTH_CHECKS = "
+            f"True; the pool still bounds the sessions ({SETTING_NAME}['POOL_SIZE'] per alias "
+            f"per process). {_NOT_SERVING_HINT}",
+            id="async_dbbridge.W006",
         )
+        for alias, settings_dict in databases.items()
+        if alias not in skipped and _conn_max_age(settings_dict) == 0
     ]
 
 
@@ -130,7 +220,7 @@ def check_in_memory_sqlite(app_configs: Any = None, **kwargs: Any) -> list[check
 
 
 def in_memory_sqlite_aliases(databases: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Aliases of a ``DATABASES`` setting that are in-memory SQLite databases."""
+    """Aliases of a `DATABASES` setting that are in-memory SQLite databases."""
     return [
         alias
         for alias, settings_dict in databases.items()
@@ -140,21 +230,25 @@ def in_memory_sqlite_aliases(databases: Mapping[str, Mapping[str, Any]]) -> list
 
 
 def connection_budget() -> int:
-    """Connections per alias one process may open: bridge workers plus lanes.
+    """Connections per alias one process may open through the bridge: `POOL_SIZE`.
 
-    Lanes count only when they can exist (asgiref >= 3.13). With
-    ``LANE_FULL = "temporary"`` a burst beyond the lanes opens more, briefly.
+    The pool is the bound for everything the library runs on its own threads —
+    request threads and the process-wide bridge's workers share it. Not
+    counted: threads you run yourself (a `DBExecutor` made without
+    `pooled=True`, `DBThread`, `db_connection_scope`), each of which opens
+    connections of its own, and requests on an asgiref older than 3.13, which
+    cannot use the pool (W001).
+
+    Raises:
+        ImproperlyConfigured: `ASYNC_DBBRIDGE` is invalid.
     """
     from django.conf import settings
 
-    from ._lanes import LANES_SUPPORTED
-
-    parsed = parse_settings(getattr(settings, SETTING_NAME, None))
-    return parsed.max_workers + (parsed.lanes if LANES_SUPPORTED else 0)
+    return parse_settings(getattr(settings, SETTING_NAME, None)).effective_pool_size
 
 
 def _server_limits(alias: str) -> tuple[int, int] | None:
-    """(max_connections, reserved for superusers) of the server behind ``alias``."""
+    """(max_connections, reserved for superusers) of the server behind `alias`."""
     from django.db import connections
 
     conn = connections[alias]
@@ -172,20 +266,36 @@ def _server_limits(alias: str) -> tuple[int, int] | None:
     return int(row[0]), int(row[1])
 
 
+def _budget_source() -> str:
+    """How the budget was set, for messages: the key, or the default it came from."""
+    from django.conf import settings
+
+    raw = getattr(settings, SETTING_NAME, None) or {}
+    if "POOL_SIZE" in raw:
+        return f"{SETTING_NAME}['POOL_SIZE']"
+    return f"{SETTING_NAME}['POOL_SIZE'] (by default MAX_WORKERS)"
+
+
 @checks.register(checks.Tags.database)
 def check_connection_budget(
     app_configs: Any = None, databases: Any = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """E002 / W003: the per-process connection budget against the server's max_connections.
+    """E002 / W003: the pool's bound (`POOL_SIZE`) against the server's max_connections.
 
-    A database check: it runs with ``manage.py check --database <alias>`` (and
-    before ``migrate``), since it has to ask the server. W004: the server could
+    A database check: it runs with `manage.py check --database <alias>` (and
+    before `migrate`), since it has to ask the server. W004: the server could
     not be asked (down, unreachable, refused us).
     """
     try:
         budget = connection_budget()
     except ImproperlyConfigured:
         return []  # E001 reports it
+    source = _budget_source()
+    # Said in both messages: the check must not look like a guarantee it is not.
+    not_counted = (
+        "Not counted: connections of threads you run yourself (a DBExecutor without "
+        "pooled=True, DBThread, db_connection_scope)."
+    )
     messages: list[checks.CheckMessage] = []
     for alias in databases or ():
         try:
@@ -202,22 +312,25 @@ def check_connection_budget(
         max_connections, reserved = limits
         usable = max_connections - reserved
         where = f"database {alias!r} (max_connections = {max_connections}, {reserved} reserved)"
+        pool = (
+            f"One process's connection pool may open {budget} connections ({source}, shared "
+            f"by request threads and the bridge's workers) to {where}"
+        )
         if budget > usable:
             messages.append(
                 checks.Error(
-                    f"One process may open {budget} connections ({SETTING_NAME} MAX_WORKERS + "
-                    f"LANES) to {where}: more than the server accepts.",
-                    hint="Lower MAX_WORKERS / LANES, or raise max_connections.",
+                    f"{pool}: more than the server accepts. {not_counted}",
+                    hint=f"Lower {SETTING_NAME}['POOL_SIZE'], or raise max_connections.",
                     id="async_dbbridge.E002",
                 )
             )
         elif 2 * budget > usable:
             messages.append(
                 checks.Warning(
-                    f"One process may open {budget} connections ({SETTING_NAME} MAX_WORKERS + "
-                    f"LANES) to {where}: a second process (uvicorn --workers 2) would not fit.",
-                    hint="processes x (MAX_WORKERS + LANES) must stay below max_connections; "
-                    "see the deployment and sizing docs.",
+                    f"{pool}: a second process (uvicorn --workers 2) would not fit. {not_counted}",
+                    hint="processes x POOL_SIZE, plus the connections of your own threads, "
+                    "must stay below max_connections minus the reserved ones; see the "
+                    "deployment and sizing docs.",
                     id="async_dbbridge.W003",
                 )
             )

@@ -7,16 +7,21 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
-from django.db import connections
+from django.core.management.base import SystemCheckError
+from django.db import connection, connections
 from pytest_django.fixtures import Settings as SettingsWrapper
 from pytest_django.plugin import DjangoDbBlocker
 
-import async_dbbridge._lanes
+from async_dbbridge import checks
+from async_dbbridge._pool import make_pooled
 from async_dbbridge.checks import (
     check_connection_budget,
-    check_request_connection_reuse,
+    check_django_pool,
+    check_pooled_conn_max_age,
     check_settings,
+    connection_budget,
 )
 from tests.conftest import SetSetting
 
@@ -99,60 +104,190 @@ def test_check_command_reports_an_unreachable_server_without_a_traceback(
     assert "Traceback" not in output
 
 
-def test_conn_max_age_without_lanes_is_warned_about(
-    settings: SettingsWrapper, db_settings: SetSetting, monkeypatch: pytest.MonkeyPatch
+def _server_limits() -> tuple[int, int]:
+    """(max_connections, reserved) as the server says, asked here rather than by the check."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "SELECT current_setting('max_connections')::int, "
+                "current_setting('superuser_reserved_connections')::int"
+            )
+        else:
+            cursor.execute("SELECT @@max_connections, 1")
+        max_connections, reserved = map(int, cursor.fetchone())
+    return max_connections, reserved
+
+
+@pytest.mark.requires_server
+@pytest.mark.django_db
+def test_connection_budget_is_the_pool_size_against_the_servers_max_connections(
+    settings: SettingsWrapper,
 ) -> None:
-    # The same feature detection the wrapper uses, as on asgiref >= 3.13.
-    monkeypatch.setattr(async_dbbridge._lanes, "LANES_SUPPORTED", True)
-    settings.ASYNC_DBBRIDGE = {"LANES": 0}
-    assert check_request_connection_reuse() == []  # CONN_MAX_AGE = 0: nothing to reuse
-    db_settings(aliases=("default",), CONN_MAX_AGE=60)
-    db_settings(aliases=("other",), CONN_MAX_AGE=None)
-    [message] = check_request_connection_reuse()
-    assert message.id == "async_dbbridge.W005"
-    assert "DATABASES['default']['CONN_MAX_AGE'] = 60" in message.msg
-    assert "DATABASES['other']['CONN_MAX_AGE'] = None" in message.msg
-    assert "ASYNC_DBBRIDGE['LANES'] is 0" in message.msg
-    assert message.hint is not None
-    assert "Set ASYNC_DBBRIDGE['LANES']" in message.hint
-    # With lanes, requests reuse connections: nothing to say.
-    settings.ASYNC_DBBRIDGE = {"LANES": 4}
-    assert check_request_connection_reuse() == []
-    assert check_settings() == []
+    max_connections, reserved = _server_limits()
+    usable = max_connections - reserved
+
+    # The pool bounds what one process opens, whatever MAX_WORKERS says: the
+    # bridge's workers take their connections from it too.
+    settings.ASYNC_DBBRIDGE = {"MAX_WORKERS": usable + 5, "POOL_SIZE": 4}
+    assert connection_budget() == 4
+    assert check_connection_budget(databases=["default"]) == []
+
+    # Half the server and one: a second process would not fit.
+    settings.ASYNC_DBBRIDGE = {"POOL_SIZE": usable // 2 + 1}
+    [warning] = check_connection_budget(databases=["default"])
+    assert warning.id == "async_dbbridge.W003"
+    assert f"may open {usable // 2 + 1} connections (ASYNC_DBBRIDGE['POOL_SIZE']," in warning.msg
+    assert "Not counted: connections of threads you run yourself" in warning.msg
+    assert warning.hint is not None
+    assert "processes x POOL_SIZE" in warning.hint
+
+    settings.ASYNC_DBBRIDGE = {"POOL_SIZE": usable + 1}
+    [error] = check_connection_budget(databases=["default"])
+    assert error.id == "async_dbbridge.E002"
+    assert f"max_connections = {max_connections}, {reserved} reserved" in error.msg
+    assert "shared by request threads and the bridge's workers" in error.msg
+    assert "DBExecutor without pooled=True, DBThread, db_connection_scope" in error.msg
+    assert error.hint is not None
+    assert "Lower ASYNC_DBBRIDGE['POOL_SIZE']" in error.hint
+    with pytest.raises(SystemCheckError, match=r"async_dbbridge\.E002"):
+        call_command("check", databases=["default"])
+
+    # POOL_SIZE defaults to MAX_WORKERS, and the message says where the number came from.
+    settings.ASYNC_DBBRIDGE = {"MAX_WORKERS": usable + 1}
+    [error] = check_connection_budget(databases=["default"])
+    assert error.id == "async_dbbridge.E002"
+    assert "(ASYNC_DBBRIDGE['POOL_SIZE'] (by default MAX_WORKERS)," in error.msg
+
+    # Without --database the server is not asked.
+    assert check_connection_budget() == []
+    # An invalid setting is E001's to report, not a crash here.
+    settings.ASYNC_DBBRIDGE = {"POOL_SIZE": 0}
+    assert check_connection_budget(databases=["default"]) == []
 
 
-def test_conn_max_age_with_an_asgiref_without_lanes_is_warned_about(
+def test_request_thread_support_is_detected_from_the_installed_asgiref() -> None:
+    import asgiref
+
+    # The W001 and W006 tests below replace the detection; make sure the real
+    # one matches the asgiref that is installed.
+    major, minor = (int(part) for part in asgiref.__version__.split(".")[:2])
+    assert checks._request_threads_supported() == ((major, minor) >= (3, 13))
+
+
+def test_an_asgiref_without_request_threads_is_warned_about_once(
     settings: SettingsWrapper, db_settings: SetSetting, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import asgiref
 
+    monkeypatch.setattr(checks, "_request_threads_supported", lambda: True)
+    assert check_settings() == []
+
     # Failure injection: asgiref < 3.13, as the wrapper's feature detection sees it.
-    monkeypatch.setattr(async_dbbridge._lanes, "LANES_SUPPORTED", False)
-    db_settings(aliases=("default",), CONN_MAX_AGE=60)
-    settings.ASYNC_DBBRIDGE = {"LANES": 0}
-    [message] = check_request_connection_reuse()
-    assert message.id == "async_dbbridge.W005"
-    assert f"asgiref >= 3.13 (installed: {asgiref.__version__})" in message.msg
+    monkeypatch.setattr(checks, "_request_threads_supported", lambda: False)
+    [message] = check_settings()
+    assert message.id == "async_dbbridge.W001"
+    assert f"asgiref {asgiref.__version__} has no ThreadSensitiveContext(executor=...)" in (
+        message.msg
+    )
+    assert "closed when the request ends" in message.msg
+    assert "ASYNC_DBBRIDGE['POOL_SIZE'] does not bound them" in message.msg
+    # CONN_MAX_AGE = 0 everywhere (the suite's default): no reuse to miss.
+    assert "CONN_MAX_AGE" not in message.msg
     assert message.hint is not None
-    assert "Upgrade asgiref" in message.hint
-    # LANES asked for: W001 says it already (no lanes, so no reuse), once.
-    settings.ASYNC_DBBRIDGE = {"LANES": 4}
-    assert check_request_connection_reuse() == []
-    [lanes_message] = check_settings()
-    assert lanes_message.id == "async_dbbridge.W001"
-    assert lanes_message.hint is not None
-    assert "CONN_MAX_AGE" in lanes_message.hint
+    assert "Upgrade asgiref to 3.13 or later" in message.hint
+
+    # Reuse asked for: the same message names it (W001 is the one cause).
+    db_settings(aliases=("default",), CONN_MAX_AGE=60)
+    db_settings(aliases=("other",), CONN_MAX_AGE=None)
+    [message] = check_settings()
+    assert message.id == "async_dbbridge.W001"
+    assert (
+        "DATABASES['default']['CONN_MAX_AGE'] = 60, DATABASES['other']['CONN_MAX_AGE'] = None: "
+        "requests cannot reuse connections"
+    ) in message.msg
+    # The pool is not used by requests: W006 has nothing to say on top.
+    assert check_pooled_conn_max_age() == []
+
+    # An invalid setting is one error, whatever asgiref is.
+    settings.ASYNC_DBBRIDGE = {"POOL_SIZE": 0}
+    assert [m.id for m in check_settings()] == ["async_dbbridge.E001"]
+
+
+def test_django_pool_on_an_alias_is_an_error_as_make_pooled_refuses_it(
+    db_settings: SetSetting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checks, "_request_threads_supported", lambda: True)
+    assert check_django_pool() == []
+    db_settings(aliases=("other",), OPTIONS={"pool": {"max_size": 4}})
+    [error] = check_django_pool()
+    assert error.id == "async_dbbridge.E003"
+    assert "DATABASES['other']['OPTIONS']['pool'] is set" in error.msg
+    assert "two pools stacked" in error.msg
+    assert error.hint is not None
+    assert "Remove OPTIONS['pool']" in error.hint
+    assert "CONN_MAX_AGE" in error.hint
+    # What the check reports is what happens at run time: a fresh wrapper of
+    # the alias (as a request thread makes) is refused before it connects.
+    wrapper = connections.create_connection("other")
+    with pytest.raises(ImproperlyConfigured, match=r"database 'other' uses Django's connection"):
+        make_pooled(wrapper)
+    assert wrapper.connection is None
+    # E003's hint covers CONN_MAX_AGE there (Django's pool needs 0): no W006
+    # for that alias, only for the other one.
+    assert [(m.id, "'default'" in m.msg) for m in check_pooled_conn_max_age()] == [
+        ("async_dbbridge.W006", True)
+    ]
+    # Falsy turns Django's pool off, for Django and make_pooled() alike.
+    db_settings(aliases=("other",), OPTIONS={"pool": {}})
+    assert check_django_pool() == []
+
+
+def test_conn_max_age_zero_on_a_pooled_alias_is_warned_about(
+    settings: SettingsWrapper, db_settings: SetSetting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closing on give-back itself is tested in test_pool.py
+    # (test_conn_max_age_zero_closes_on_give_back), on the server's sessions.
+    monkeypatch.setattr(checks, "_request_threads_supported", lambda: True)
+    settings.ASYNC_DBBRIDGE = {}
+    db_settings(aliases=("default",), CONN_MAX_AGE=0)
+    db_settings(aliases=("other",), CONN_MAX_AGE=60)
+    [warning] = check_pooled_conn_max_age()
+    assert warning.id == "async_dbbridge.W006"
+    assert warning.msg.startswith("DATABASES['default']['CONN_MAX_AGE'] is 0")
+    assert "connects once per sync call" in warning.msg
+    assert warning.hint is not None
+    assert "Set CONN_MAX_AGE = 60" in warning.hint
+    assert "SILENCED_SYSTEM_CHECKS" in warning.hint
+
+    # Reuse on every alias, for ever or for a while: nothing to say.
+    db_settings(aliases=("default",), CONN_MAX_AGE=None)
+    assert check_pooled_conn_max_age() == []
+
+    # HOLD = "request" gives back at the request's end: one connect per
+    # request, as stock Django with CONN_MAX_AGE = 0. Nothing worse to report.
+    db_settings(aliases=("default",), CONN_MAX_AGE=0)
+    settings.ASYNC_DBBRIDGE = {"HOLD": "request"}
+    assert check_pooled_conn_max_age() == []
+    settings.ASYNC_DBBRIDGE = {"HOLD": "transaction"}
+    assert [m.id for m in check_pooled_conn_max_age()] == ["async_dbbridge.W006"]
+    # An invalid setting is E001's alone.
+    settings.ASYNC_DBBRIDGE = {"HOLD": "statement"}
+    assert check_pooled_conn_max_age() == []
 
 
 # Django 6.1 runs its model checks against every alias, and on MySQL they ask
 # the server for its version: `check` needs the (test) database there.
 @pytest.mark.django_db(databases=["default", "other"])
-def test_conn_max_age_check_runs_with_manage_py_check(
+def test_pool_checks_run_with_manage_py_check(
     settings: SettingsWrapper, db_settings: SetSetting, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(async_dbbridge._lanes, "LANES_SUPPORTED", True)
-    db_settings(aliases=("default",), CONN_MAX_AGE=60)
-    settings.ASYNC_DBBRIDGE = {"LANES": 0}
+    monkeypatch.setattr(checks, "_request_threads_supported", lambda: True)
+    settings.ASYNC_DBBRIDGE = {}
+    db_settings(CONN_MAX_AGE=0)
     stdout, stderr = io.StringIO(), io.StringIO()
     call_command("check", stdout=stdout, stderr=stderr)
-    assert "async_dbbridge.W005" in stdout.getvalue() + stderr.getvalue()
+    output = stdout.getvalue() + stderr.getvalue()
+    assert output.count("async_dbbridge.W006") == 2  # 'default' and 'other'
+    db_settings(aliases=("other",), OPTIONS={"pool": True})
+    with pytest.raises(SystemCheckError, match=r"async_dbbridge\.E003"):
+        call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
