@@ -295,6 +295,7 @@ def test_checkout_timeout_is_a_503_with_retry_after_and_the_user_can_catch_it(
             text = reply.body.decode()
             assert "pool" in text.lower(), text
             assert "POOL_SIZE" in text, text
+            assert "'default'" in text, text
             assert "Server Error (500)" not in text  # Django's page is replaced
 
         # A view that catches PoolTimeout answers what it likes.
