@@ -10,11 +10,14 @@ from ._connections import Policy, TransactionLeftOpenWarning
 from ._executor import DBExecutor, ExecutorStats
 from ._install import get_bridge_executor, install_default_executor, reset_bridge_executor
 from ._pool import PoolStats, PoolTimeout
+from ._request_threads import RequestThreadStats
+from ._stats import BridgeStats, stats
 from .threads import ConnectionScope, DBThread, db_connection_scope
 
 __version__ = "0.1.0.dev0"
 
 __all__ = (
+    "BridgeStats",
     "ConnectionScope",
     "DBExecutor",
     "DBThread",
@@ -22,6 +25,7 @@ __all__ = (
     "Policy",
     "PoolStats",
     "PoolTimeout",
+    "RequestThreadStats",
     "TransactionLeftOpenWarning",
     "__version__",
     "db_call",
@@ -30,6 +34,7 @@ __all__ = (
     "get_bridge_executor",
     "install_default_executor",
     "reset_bridge_executor",
+    "stats",
 )
 
 # Objects defined in a private module say they live here, where users import them from (as

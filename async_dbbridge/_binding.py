@@ -57,9 +57,13 @@ class RequestState:
         pool_timed_out: A sync call of this request waited for a pooled
             connection longer than the checkout timeout (the pool raised
             `PoolTimeout`): the wrapper turns Django's 500 into a 503.
+        pool_timeout: That `PoolTimeout` (the first, if several), whose
+            alias, pool size and timeout the 503 names.
     """
 
     pool_timed_out: bool = False
+    #: The `PoolTimeout` itself (the first one), for the 503's body.
+    pool_timeout: BaseException | None = None
 
 
 #: The state of the ASGI request running in this context; `None` outside one.

@@ -13,6 +13,7 @@ library can add their entries without reshuffling.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -24,6 +25,12 @@ __all__ = ()
 CHECKED_DJANGO: Final = ("5.2.19", "6.1.3")
 CHECKED_ASGIREF: Final = ("3.13.0",)
 CHECKED_PYTHON: Final = ("3.11", "3.13")
+
+
+def _thread_sensitive_takes_executor() -> bool:
+    from asgiref.sync import ThreadSensitiveContext
+
+    return "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
 
 
 class IncompatibleVersionError(RuntimeError):
@@ -182,3 +189,38 @@ def on_cursor_close(cursor: Any, callback: Callable[[], None]) -> None:
         raise _fail(
             "setting close() on a cursor wrapper", f"{type(cursor).__qualname__}: {exc}"
         ) from exc
+
+
+# -- asgiref: the request's thread ------------------------------------------------------------
+#
+# asgiref 3.13.0 added `ThreadSensitiveContext(executor=...)`: an outer context
+# brings the executor that runs every thread-sensitive call made inside it
+# (public API; the flag only tells whether the installed asgiref has it).
+# Without it (asgiref < 3.13) each request gets asgiref's own per-request
+# thread, and the wrapper can only clean that thread's connections at the
+# request's end, for which it must know whether the thread exists: that map is
+# `SyncToAsync.context_to_thread_executor`, a private class attribute (a
+# `WeakKeyDictionary` from context to its single-thread executor), checked on
+# asgiref 3.8.1 and 3.13.0.
+
+#: Whether `ThreadSensitiveContext` takes an `executor` (asgiref >= 3.13).
+REQUEST_THREADS_SUPPORTED: Final[bool] = _thread_sensitive_takes_executor()
+
+
+def context_has_own_thread(context: Any) -> bool:
+    """Did this `ThreadSensitiveContext` create a thread of its own (so there is one to clean)?
+
+    No token: an enclosing context owns the thread, and cleans it. Not in
+    asgiref's map: the request made no thread-sensitive call, so no thread
+    exists, and asking for one just to close nothing would create it.
+    """
+    from asgiref.sync import SyncToAsync
+
+    executors: Any = getattr(SyncToAsync, "context_to_thread_executor", None)
+    if executors is None:
+        raise IncompatibleVersionError(
+            "async_dbbridge relies on asgiref's SyncToAsync.context_to_thread_executor "
+            "(asgiref < 3.13, per-request threads), which this asgiref lacks; "
+            f"it was checked on asgiref {', '.join(CHECKED_ASGIREF)}. Please report this."
+        )
+    return getattr(context, "token", None) is not None and context in executors

@@ -1,7 +1,7 @@
 """What "clean up this thread's Django connections" means.
 
 This module is the mechanism shared by every place that owns a thread: executor
-workers, request lanes and the thread helpers. It knows nothing about threads
+workers, request threads and the thread helpers. It knows nothing about threads
 or pools; every function acts on the calling thread's connections, because
 Django only lets the thread that opened a connection close it.
 """
@@ -357,19 +357,23 @@ def cleanup_after_call(
             _forget(conn)
             cleanup_error = cleanup_error or exc
     if leftovers:
-        message = (
-            f"{describe(fn)} returned inside a transaction on database "
-            f"{', '.join(repr(a) for a in leftovers)}: its uncommitted work was rolled back "
-            "and the connection closed. Use 'with transaction.atomic():' so the "
-            "transaction ends inside the call."
-        )
-        # A warning, not a log record as well: one report per event, through
-        # the channel users can filter, turn into an error, or route into
-        # logging (logging.captureWarnings) — a log line beside it would say
-        # the same thing twice.
-        warnings.warn(message, TransactionLeftOpenWarning, stacklevel=2)
+        warn_left_open(fn, leftovers, "and the connection closed")
     if cleanup_error is not None:
         raise cleanup_error
+
+
+def warn_left_open(fn: Callable[..., object], aliases: list[str], what_else: str) -> None:
+    """Report that a call returned inside a transaction on `aliases`, which was rolled back."""
+    message = (
+        f"{describe(fn)} returned inside a transaction on database "
+        f"{', '.join(repr(a) for a in aliases)}: its uncommitted work was rolled back "
+        f"{what_else}. Use 'with transaction.atomic():' so the transaction ends inside the call."
+    )
+    # A warning, not a log record as well: one report per event, through the
+    # channel users can filter, turn into an error, or route into logging
+    # (logging.captureWarnings) — a log line beside it would say the same
+    # thing twice. stacklevel: the caller's caller (the executor's call site).
+    warnings.warn(message, TransactionLeftOpenWarning, stacklevel=3)
 
 
 def close_all_for_exit(aliases: Iterable[str] | None = None) -> None:
@@ -387,6 +391,26 @@ def close_all_for_exit(aliases: Iterable[str] | None = None) -> None:
         except Exception:
             logger.warning("closing %r on thread exit failed", conn.alias, exc_info=True)
             _forget(conn)
+
+
+def end_request_cleanup() -> list[str]:
+    """On a request's own thread, which ends with the request, once its sync work is done.
+
+    Used by the ASGI wrapper's per-request mode (asgiref < 3.13, where each
+    request has asgiref's own thread). Rolls back and closes connections the
+    request left inside a transaction (returning their aliases, so the caller
+    can warn on the event loop, where the request ran), then closes everything.
+    """
+    leftovers: list[str] = []
+    for conn in initialized_connections():
+        if in_transaction(conn):
+            # request_finished may already have closed the raw connection (it
+            # refuses to inside an atomic block but still marks it closed); the
+            # wrapper's transaction state must be reset either way.
+            discard_transaction(conn)
+            leftovers.append(conn.alias)
+    close_all_for_exit()
+    return leftovers
 
 
 def discard_inherited(conn: BaseDatabaseWrapper) -> None:

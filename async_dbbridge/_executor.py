@@ -30,6 +30,9 @@ from ._connections import (
     close_all_for_exit,
     describe,
     expire_connections,
+    in_transaction,
+    is_database_error,
+    warn_left_open,
 )
 from ._validation import is_number, is_positive_int
 
@@ -90,14 +93,14 @@ class ExecutorStats(ConnectionCounts):
         connections_open: Connections held open now, per alias.
         connections_opened: Connections opened since the pool started, per alias.
         connections_closed: Connections closed since the pool started, per alias.
-        lanes: Request lanes alive next to this executor (the ASGI wrapper's).
-        lanes_in_use: Lanes serving a request now.
         policy: The kind of the pool's [`Policy`][async_dbbridge.Policy]:
             `"request"`, `"close"` or `"max_age"`.
         shutdown: Whether `shutdown()` has been called.
-        request_mode: How the ASGI wrapper serves requests next to this
-            executor: `"lanes"`, `"per-request"` (asgiref < 3.13, or
-            `LANES = 0`) or `"none"` (no wrapper).
+        pooled: Whether the workers take their connections from the
+            process's connection pools (the process-wide bridge does). The
+            three `connections_*` counts of a pooled executor are then its
+            pools' (open: in use or idle), which it shares with the ASGI
+            wrapper's request threads: see [`stats()`][async_dbbridge.stats].
     """
 
     max_workers: int
@@ -110,17 +113,13 @@ class ExecutorStats(ConnectionCounts):
     connections_open: dict[str, int]
     connections_opened: dict[str, int]
     connections_closed: dict[str, int]
-    lanes: int = 0
-    lanes_in_use: int = 0
     policy: str = "request"
     shutdown: bool = False
-    #: How the ASGI wrapper serves requests next to this executor: "lanes",
-    #: "per-request" (asgiref < 3.13, or LANES=0) or "none" (no wrapper).
-    request_mode: str = "none"
+    pooled: bool = False
 
 
 class OwnerThread(threading.Thread):
-    """A thread the bridge owns (a pool worker or a request lane), and its connections.
+    """A thread the bridge owns (an executor worker), and its connections.
 
     Everything here is written only by the thread itself, so none of it needs a
     lock; other threads (stats(), a forked child) only read it.
@@ -138,7 +137,11 @@ class OwnerThread(threading.Thread):
 
     def connected(self, connection: BaseDatabaseWrapper) -> None:
         """Called on this thread when one of its own wrappers has connected."""
-        self.opened[connection.alias] += 1
+        # A pooled wrapper "connects" on every checkout (Django sends
+        # connection_created each time): the pool counts real opens, not us.
+        # The wrapper is still recorded, for stats and for fork.
+        if not getattr(connection, "_dbbridge_pooled", False):
+            self.opened[connection.alias] += 1
         self.wrappers[connection.alias] = connection
 
     def open_aliases(self) -> list[str]:
@@ -394,10 +397,21 @@ class DBExecutor(ThreadPoolExecutor):
         databases: Aliases the per-call cleanup looks at; `None` (default)
             means every alias the thread has used. Workers close every alias
             when they exit, whatever this says.
+        pooled: Take the workers' connections from the process's connection
+            pool of each alias (bounded by `ASYNC_DBBRIDGE["POOL_SIZE"]`,
+            shared with the ASGI wrapper's request threads) and give them back
+            after every call, instead of each worker owning its own. The
+            process-wide bridge is pooled. An executor you make is not, by
+            default: a batch job on an explicit pool should not queue behind
+            web traffic for connections, and its own `max_workers` already
+            bounds what it opens. A pooled connection's lifetime is the
+            alias's `CONN_MAX_AGE`, counted from when the pool opened it.
 
     Raises:
-        ValueError: `max_workers`, `idle_timeout` or `policy` is invalid, or
-            `databases` names an alias that `settings.DATABASES` lacks.
+        ValueError: `max_workers`, `idle_timeout` or `policy` is invalid,
+            `databases` names an alias that `settings.DATABASES` lacks, or
+            `pooled=True` with a `Policy.max_age()` policy (the lifetime of
+            pooled connections comes from `CONN_MAX_AGE`).
         TypeError: `initializer` is not callable, or `databases` is a string.
     """
 
@@ -411,6 +425,7 @@ class DBExecutor(ThreadPoolExecutor):
         policy: Policy | str = "request",
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         databases: Iterable[str] | None = None,
+        pooled: bool = False,
     ) -> None:
         if max_workers is None:
             max_workers = min(32, (os.cpu_count() or 1) + 4)
@@ -427,6 +442,14 @@ class DBExecutor(ThreadPoolExecutor):
         # shutdown() are ours.
         super().__init__(max_workers, thread_name_prefix)
         self._policy = Policy.coerce(policy)
+        if pooled and self._policy.kind == "max_age":
+            raise ValueError(
+                "a pooled DBExecutor cannot take Policy.max_age(): the lifetime of pooled "
+                "connections is each alias's CONN_MAX_AGE, counted from when the pool opened "
+                "them. Use Policy.request() (give back after each call) or "
+                "Policy.always_close(), or pooled=False."
+            )
+        self._pooled = bool(pooled)
         self._idle_timeout = float(idle_timeout) if idle_timeout is not None else None
         self._databases = _validate_aliases(databases)
         self._user_initializer = initializer
@@ -452,9 +475,6 @@ class DBExecutor(ThreadPoolExecutor):
         self._retired_calls = 0
         self._retired_errors = 0
         self._retired_opened: Counter[str] = Counter()
-        # Set by the ASGI wrapper's lane set: () -> (lanes alive, lanes in use).
-        self.lane_counts: Callable[[], tuple[int, int]] | None = None
-        self.request_mode = "none"
 
     # -- public API ---------------------------------------------------------
 
@@ -462,6 +482,11 @@ class DBExecutor(ThreadPoolExecutor):
     def policy(self) -> Policy:
         """The [`Policy`][async_dbbridge.Policy] applied after every call."""
         return self._policy
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the workers take their connections from the process's pools."""
+        return self._pooled
 
     @property
     def max_workers(self) -> int:
@@ -517,6 +542,23 @@ class DBExecutor(ThreadPoolExecutor):
                 if worker is not current and worker.ident not in spare:
                     worker.join()
 
+    def _join(self, timeout: float | None) -> bool:
+        """After `shutdown(wait=False)`: wait up to `timeout` for the workers to exit.
+
+        Returns whether they all did (the calling thread's own excepted).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._state_lock:
+            workers = list(self._workers)
+        current = threading.current_thread()
+        for worker in workers:
+            if worker is current:
+                continue
+            worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                return False
+        return True
+
     def stats(self) -> ExecutorStats:
         """A snapshot of the pool: threads, queue, calls and connections per alias."""
         with self._state_lock:
@@ -529,8 +571,11 @@ class DBExecutor(ThreadPoolExecutor):
             busy += worker.busy
             calls += worker.calls
             errors += worker.errors
-        opened, open_now = count_connections(workers, retired_opened)
-        lanes, lanes_in_use = self.lane_counts() if self.lane_counts is not None else (0, 0)
+        if self._pooled:
+            opened, open_now, closed = _pooled_counts()
+        else:
+            opened, open_now = count_connections(workers, retired_opened)
+            closed = {a: opened[a] - open_now[a] for a in opened}
         queued = len(self._backlog)
         return ExecutorStats(
             max_workers=self._max_workers,
@@ -542,12 +587,10 @@ class DBExecutor(ThreadPoolExecutor):
             errors=errors,
             connections_open=open_now,
             connections_opened=opened,
-            connections_closed={a: opened[a] - open_now[a] for a in opened},
-            lanes=lanes,
-            lanes_in_use=lanes_in_use,
+            connections_closed=closed,
             policy=self._policy.kind,
             shutdown=closing,
-            request_mode=self.request_mode,
+            pooled=self._pooled,
         )
 
     # -- used by db_call ----------------------------------------------------
@@ -612,21 +655,22 @@ class DBExecutor(ThreadPoolExecutor):
         """The per-call wrapper: prepare like ``request_started``, run, clean up."""
         aliases = self._databases
         worker.calls += 1
-        expire_connections(worker.connections(aliases), time.monotonic())
+        # A pooled worker holds nothing between calls: nothing can expire.
+        cleanup = _cleanup_pooled if self._pooled else cleanup_after_call
+        if not self._pooled:
+            expire_connections(worker.connections(aliases), time.monotonic())
         try:
             result = fn(*args, **kwargs) if context is None else context.run(fn, *args, **kwargs)
         except BaseException as exc:
             worker.errors += 1
             try:
-                cleanup_after_call(
-                    self._policy, error=exc, fn=fn, conns=worker.connections(aliases)
-                )
+                cleanup(self._policy, error=exc, fn=fn, conns=worker.connections(aliases))
             except Exception:
                 # Never let a cleanup problem replace the caller's exception.
                 logger.warning("connection cleanup after a failed call raised", exc_info=True)
             raise
         try:
-            cleanup_after_call(self._policy, error=None, fn=fn, conns=worker.connections(aliases))
+            cleanup(self._policy, error=None, fn=fn, conns=worker.connections(aliases))
         except Exception as exc:
             # The call's own work succeeded (and in autocommit it is committed):
             # reporting failure now would invite a retry of work that is done.
@@ -638,6 +682,8 @@ class DBExecutor(ThreadPoolExecutor):
 
     def _work(self, worker: _Worker) -> None:
         try:
+            if self._pooled and not self._make_pooled(worker):
+                return
             if self._user_initializer is not None:
                 try:
                     self._user_initializer(*self._user_initargs)
@@ -655,6 +701,8 @@ class DBExecutor(ThreadPoolExecutor):
             # — ImproperlyConfigured, printed from the exiting thread, in a
             # script that uses the pool without configuring Django.
             if django_settings.configured:
+                if self._pooled:
+                    _give_back_all(worker)
                 close_all_for_exit()
             with self._state_lock:
                 self._workers.discard(worker)
@@ -663,6 +711,26 @@ class DBExecutor(ThreadPoolExecutor):
                 self._retired_opened.update(worker.opened)
                 worker.calls = worker.errors = 0
                 worker.opened.clear()
+
+    def _make_pooled(self, worker: _Worker) -> bool:
+        """At a pooled worker's start: its wrappers take connections from the pools."""
+        from ._pool import make_pooled
+
+        try:
+            for alias in connections:
+                conn = connections[alias]
+                make_pooled(conn)
+                # Known before the first connect, so cleanup and fork find it.
+                worker.wrappers[alias] = conn
+        except Exception:
+            # E.g. an alias on Django's own pool (OPTIONS["pool"]): opening
+            # connections outside the bound would break the pool's promise.
+            logger.critical(
+                "DBExecutor worker could not make its connections pooled", exc_info=True
+            )
+            self._break("A worker could not make its connections pooled", worker)
+            return False
+        return True
 
     def _serve(self, worker: _Worker) -> None:
         inbox, timeout = worker.inbox, self._idle_timeout
@@ -727,6 +795,79 @@ class DBExecutor(ThreadPoolExecutor):
         )
 
 
+def _pooled_counts() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(opened, open now, closed) per alias, from the process's connection pools."""
+    from ._pool import pool_stats
+
+    pools = pool_stats()
+    return (
+        {alias: pool.opened for alias, pool in pools.items()},
+        {alias: pool.in_use + pool.idle for alias, pool in pools.items()},
+        {alias: pool.closed for alias, pool in pools.items()},
+    )
+
+
+def _cleanup_pooled(
+    policy: Policy,
+    *,
+    error: BaseException | None,
+    fn: Callable[..., object],
+    conns: Iterable[BaseDatabaseWrapper],
+) -> None:
+    """After a call on a pooled worker: give its connections back, or really close them.
+
+    A database error closes them (the pool opens a fresh one next time: a
+    connection broken server-side must never go back); a transaction left
+    open is rolled back and reported, then the connection goes back clean;
+    `Policy.always_close()` closes; otherwise each goes back to its pool.
+    """
+    from ._pool import _abandon, end_of_request
+
+    conns = [conn for conn in conns if conn.connection is not None]
+    if not conns:
+        return
+    database_error = error is not None and is_database_error(error, conns)
+    close = database_error or policy.kind == "close"
+    leftovers: list[str] = []
+    cleanup_error: BaseException | None = None
+    for conn in conns:
+        try:
+            if in_transaction(conn):
+                # As cleanup_after_call(): after a database error with only
+                # autocommit off, the work may well be committed.
+                if conn.in_atomic_block or not database_error:
+                    leftovers.append(conn.alias)
+                if close:
+                    _abandon(conn)  # roll back, really close, free the slot
+                else:
+                    end_of_request(conn)  # roll back, give back clean
+            elif close:
+                conn.close()  # the pooled wrapper's real close frees the slot
+            else:
+                # Gives back when idle; one it cannot (a chunked cursor the
+                # call left open) is really closed: the next call may run on
+                # any worker, so nothing can continue on it.
+                end_of_request(conn)
+        except Exception as exc:
+            cleanup_error = cleanup_error or exc
+    if leftovers:
+        what_else = "and the connection closed" if close else "before the connection went back"
+        warn_left_open(fn, leftovers, what_else)
+    if cleanup_error is not None:
+        raise cleanup_error
+
+
+def _give_back_all(worker: _Worker) -> None:
+    """A pooled worker is exiting: nothing of the pool may stay on a dead thread."""
+    from ._pool import end_of_request
+
+    for conn in worker.wrappers.values():
+        try:
+            end_of_request(conn)
+        except Exception:
+            logger.warning("giving %r back on worker exit failed", conn.alias, exc_info=True)
+
+
 def calls_running_on(idents: Collection[int]) -> set[Future[Any]]:
     """Futures of the ``submit()`` calls that workers on these threads are running now.
 
@@ -779,12 +920,8 @@ def _reinit_after_fork() -> None:
             for conn in worker.wrappers.values():
                 discard_inherited(conn)
         closing, broken = executor._closing, executor._broken_reason
-        # The lane set attached by the ASGI wrapper resets itself at fork and
-        # stays attached.
-        lane_counts, request_mode = executor.lane_counts, executor.request_mode
         executor._reset_state()
         executor._closing, executor._broken_reason = closing, broken
-        executor.lane_counts, executor.request_mode = lane_counts, request_mode
 
 
 def _shutdown_all_at_exit() -> None:

@@ -107,11 +107,11 @@ def _after_fork_in_child() -> None:
         from ._executor import _reinit_after_fork
 
         _reinit_after_fork()
-        # Lane sets exist only if the ASGI wrapper was imported; reset them
+        # Request threads exist only if the ASGI wrapper was imported; reset
         # here rather than in a hook of their own, whose order would be luck.
-        lanes = sys.modules.get("async_dbbridge._lanes")
-        if lanes is not None:
-            lanes._reinit_after_fork()
+        request_threads = sys.modules.get("async_dbbridge._request_threads")
+        if request_threads is not None:
+            request_threads._reset_after_fork()
         # _fork child hook: the connection pools (only if one was ever built).
         # After the wrappers above: a wrapper's checked-out connection is
         # discarded with it; the pools' idle ones are discarded here.

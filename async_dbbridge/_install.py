@@ -43,10 +43,14 @@ _open_handles: weakref.WeakSet[LoopExecutor] = weakref.WeakSet()
 def get_bridge_executor() -> DBExecutor:
     """The process-wide [`DBExecutor`][async_dbbridge.DBExecutor], from `settings.ASYNC_DBBRIDGE`.
 
-    Created on first use. Event loops ending never shut it down; it closes at
-    interpreter exit, on [`reset_bridge_executor`][async_dbbridge.reset_bridge_executor]
-    and on the ASGI wrapper's lifespan shutdown. After that, the next call
-    builds a fresh one.
+    Created on first use. Its workers take their connections from the
+    process's pools (one per alias, `POOL_SIZE` connections, shared with the
+    ASGI wrapper's request threads) and give them back after every call;
+    under `POLICY = "max_age"` they own theirs instead. Event loops ending
+    never shut it down; it closes at interpreter exit, on
+    [`reset_bridge_executor`][async_dbbridge.reset_bridge_executor] and on the
+    ASGI wrapper's lifespan shutdown. After that, the next call builds a fresh
+    one.
     """
     global _bridge
     bridge = _bridge
@@ -56,12 +60,22 @@ def get_bridge_executor() -> DBExecutor:
         if _bridge is None or _bridge._closing:
             from .conf import get_settings
 
-            _bridge = DBExecutor(**get_settings().executor_kwargs())
+            settings = get_settings()
+            # Pooled: db_call and the loops' default executor share each
+            # alias's bounded pool with the request threads. Except under
+            # POLICY = "max_age", which asks for worker-owned connections
+            # with a lifetime of their own (pooled ones live CONN_MAX_AGE).
+            _bridge = DBExecutor(
+                **settings.executor_kwargs(), pooled=settings.policy.kind != "max_age"
+            )
         return _bridge
 
 
 def reset_bridge_executor(*, wait: bool = True) -> None:
-    """Shut down the process-wide bridge, closing its connections; the next use rebuilds it.
+    """Shut the process-wide bridge down and close the connection pools; next use rebuilds both.
+
+    Idle pooled connections are closed at once; those in use (by a request
+    thread, or a bridge call still running with `wait=False`) when given back.
 
     Loops it was installed on keep working: their next `db_call`,
     `asyncio.to_thread` or `run_in_executor(None, ...)` runs on the new bridge.
@@ -75,6 +89,13 @@ def reset_bridge_executor(*, wait: bool = True) -> None:
         bridge, _bridge = _bridge, None
     if bridge is not None:
         bridge.shutdown(wait=wait)
+    # The pooled bridge's connections are the pools': close those too (idle
+    # ones now, those in use when given back; never waiting for them, which
+    # could be a request's for as long as it runs). The next use of an alias
+    # builds a fresh pool.
+    from ._pool import close_pools
+
+    close_pools(0)
 
 
 class LoopExecutor(ThreadPoolExecutor):

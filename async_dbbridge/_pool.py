@@ -291,8 +291,9 @@ class ConnectionPool:
                 "(async_dbbridge's pools were shut down)"
             )
         if timed_out:
-            _mark_request_timed_out()
-            raise PoolTimeout(self.alias, self.max_size, self.timeout)
+            error = PoolTimeout(self.alias, self.max_size, self.timeout)
+            _mark_request_timed_out(error)
+            raise error
         # From here on this thread owns a slot: it must end up with a
         # connection or give the slot back.
         try:
@@ -477,7 +478,7 @@ class ConnectionPool:
             _discard_inherited_raw(entry.raw)
 
 
-def _mark_request_timed_out() -> None:
+def _mark_request_timed_out(error: PoolTimeout) -> None:
     """Tell the ASGI wrapper that the current request failed for want of a connection.
 
     The request's state object lives in a contextvar of `_binding` (asgiref
@@ -490,6 +491,8 @@ def _mark_request_timed_out() -> None:
     state = var.get(None) if var is not None else None
     if state is not None:
         state.pool_timed_out = True
+        if state.pool_timeout is None:
+            state.pool_timeout = error
 
 
 class _RawHolder:

@@ -28,14 +28,13 @@ import contextvars
 import enum
 import itertools
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from queue import Empty, SimpleQueue
-from typing import TYPE_CHECKING, Any, Final, Literal, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from django.db import connections
 
@@ -43,21 +42,14 @@ from ._connections import discard_inherited
 from ._executor import _LoopItem, _WorkItem, run_plain
 from ._pool import end_of_request, give_back, make_pooled
 from ._validation import is_number
+from .conf import HOLD_CHOICES, Hold
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
-__all__ = ("HOLD_CHOICES", "Hold", "RequestThread", "RequestThreadStats", "RequestThreads")
+__all__ = ("RequestThread", "RequestThreadStats", "RequestThreads", "combined_stats")
 
 logger = logging.getLogger("async_dbbridge")
-
-#: When a request thread gives its connections back to the pool:
-#: ``"transaction"``: after every call that leaves a connection idle (autocommit,
-#: outside an atomic block and any open chunked cursor) and at request end;
-#: ``"request"``: only at request end (for session state: SET, advisory locks,
-#: temporary tables).
-Hold = Literal["transaction", "request"]
-HOLD_CHOICES: Final = ("transaction", "request")
 
 # How long, at interpreter exit, busy request threads get to finish and give
 # their connections back (they are daemon threads: nobody else waits for them).
@@ -69,7 +61,12 @@ _sets: weakref.WeakSet[RequestThreads] = weakref.WeakSet()
 
 @dataclass(frozen=True)
 class RequestThreadStats:
-    """A snapshot of a [`RequestThreads`][async_dbbridge._request_threads.RequestThreads] set.
+    """A snapshot of the ASGI wrapper's request threads.
+
+    Part of [`stats()`][async_dbbridge.stats]: request threads run each ASGI
+    request's sync work, one request per thread at a time; they are elastic
+    (started when every one is busy, retired after `IDLE_TIMEOUT` idle) and
+    hold no connection between requests.
 
     Attributes:
         busy: Threads serving a request now.
@@ -284,13 +281,15 @@ class RequestThreads:
     threads retire after `idle_timeout` seconds.
 
     Args:
-        hold: `"transaction"` or `"request"`: see [`Hold`][async_dbbridge._request_threads.Hold].
+        hold: `"transaction"` gives idle connections back after each call;
+            `"request"` only at the request's end (for session state: `SET`,
+            advisory locks, temporary tables).
         idle_timeout: Seconds an idle thread waits for a request before it
             ends; `None` keeps idle threads until `close()`.
         thread_name_prefix: Threads are named `<prefix>-request-N`.
 
     Raises:
-        ValueError: `hold` is not one of `HOLD_CHOICES`, or `idle_timeout`
+        ValueError: `hold` is not `"transaction"` or `"request"`, or `idle_timeout`
             is not a number of seconds > 0 or `None`.
     """
 
@@ -434,12 +433,30 @@ class RequestThreads:
         )
 
 
+def combined_stats() -> RequestThreadStats | None:
+    """The request threads of every open set in the process, counted together.
+
+    `None` when there is none (no ASGI wrapper serving on request threads).
+    """
+    sets = [threads for threads in list(_sets) if not threads.closing]
+    if not sets:
+        return None
+    snapshots = [threads.stats() for threads in sets]
+    return RequestThreadStats(
+        busy=sum(s.busy for s in snapshots),
+        idle=sum(s.idle for s in snapshots),
+        started=sum(s.started for s in snapshots),
+        retired=sum(s.retired for s in snapshots),
+        closing=False,
+    )
+
+
 def _reset_after_fork() -> None:
-    """In a forked child: the parent's threads do not exist here; start with none.
+    """In a forked child (called by ``_fork``'s hook): the parent's threads do not exist here.
 
     Their connections are the parent's sessions: discarded without network
-    I/O (``_fork`` does so too; discarding twice is harmless, so the order of
-    the two hooks does not matter). Locks are made anew: another thread may
+    I/O (``_fork`` discards every tracked wrapper too; discarding twice is
+    harmless). Locks are made anew: another thread may
     have held one at the fork. A set closed in the parent stays closed.
     """
     for threads in list(_sets):
@@ -455,6 +472,4 @@ def _close_all_at_exit() -> None:
             logger.warning("%r: request threads still busy at exit", threads)
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
 atexit.register(_close_all_at_exit)

@@ -1,4 +1,4 @@
-"""The ASGI wrapper: lifespan and request lanes around Django's `ASGIHandler`.
+"""The ASGI wrapper: lifespan, request threads and the connection pools around Django.
 
 In `asgi.py`, replace Django's `get_asgi_application` with this one:
 
@@ -10,16 +10,18 @@ application = get_asgi_application()
 ```
 
 Each HTTP request then runs its sync work (request signals, sync middleware and
-views, async ORM calls) on a *lane*: a long-lived thread borrowed for the
-request, whose connections the next request reuses under `CONN_MAX_AGE`. On
-lifespan startup the process-wide bridge becomes the loop's default executor;
-on shutdown every lane and bridge thread closes its connections.
+views, async ORM calls) on one *request thread*, taken from an elastic set of
+reused threads for the request's life; its connections come from one bounded
+pool per database alias and go back as soon as they are idle. On lifespan
+startup the process-wide bridge becomes the loop's default executor; on
+shutdown the threads end and every pooled connection is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -28,13 +30,17 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
-from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.db import connections
 
-from ._connections import TransactionLeftOpenWarning
+from . import _compat, _install
+from ._binding import RequestBinding, RequestState, current_request_state
+from ._connections import TransactionLeftOpenWarning, end_request_cleanup
 from ._executor import DBExecutor, _deliver
-from ._install import get_bridge_executor, install_default_executor
-from ._lanes import LANES_SUPPORTED, LaneSet, current_request_lane, end_request_cleanup
-from .conf import DEFAULT_SHUTDOWN_TIMEOUT, BridgeSettings, get_settings
+from ._install import install_default_executor
+from ._pool import ConnectionPool, PoolTimeout, close_pools
+from ._request_threads import RequestThreads
+from .conf import DEFAULT_POOL_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, BridgeSettings, get_settings
 
 __all__ = ("DBBridgeASGIApp", "get_asgi_application")
 
@@ -46,9 +52,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: How the wrapper serves HTTP requests: on lanes, or (asgiref < 3.13, or
-#: ``LANES=0``) on asgiref's per-request thread, closed at request end.
-Mode = Literal["lanes", "per-request"]
+#: How the wrapper serves HTTP requests: on request threads with pooled
+#: connections, or (asgiref < 3.13) on asgiref's per-request thread, whose
+#: connections are closed at request end.
+Mode = Literal["request-threads", "per-request"]
 
 
 def get_asgi_application() -> DBBridgeASGIApp:
@@ -68,8 +75,8 @@ def get_asgi_application() -> DBBridgeASGIApp:
 class DBBridgeASGIApp:
     """Wrap an ASGI application so its requests never strand a database connection.
 
-    These two are equivalent, except that the second reuses connections under
-    `CONN_MAX_AGE` and leaves none behind:
+    These two are equivalent, except that the second bounds the connections
+    each process opens and leaves none behind:
 
     ```python
     # Not runnable: two versions of one line of asgi.py, where django is imported.
@@ -77,50 +84,46 @@ class DBBridgeASGIApp:
     application = DBBridgeASGIApp(django.core.asgi.get_asgi_application())
     ```
 
-    **HTTP:** each request runs inside `ThreadSensitiveContext(executor=lane)`:
-    every thread-sensitive `sync_to_async` call it makes — sync middleware
-    (`MiddlewareMixin` included), sync views, `aget()`/`acreate()`, the
-    project's request-signal receivers... — runs on one lane thread, borrowed
-    lazily on the request's first such call and given back as soon as
-    Django's `response.close()` (which sends `request_finished`) returns.
-    Django's own request-signal receivers stand aside in lane requests (the
-    lane does their work when bound and given back), so a request with no
-    sync work of its own — a streaming or long-polling async view — takes no
-    lane at all. A transaction the request left open is rolled back and
-    reported with
-    [`TransactionLeftOpenWarning`][async_dbbridge.TransactionLeftOpenWarning].
-    [`db_call`][async_dbbridge.db_call] and the
-    default executor use the bridge, a separate pool, so they never wait for
-    a lane; so do the sync calls of a request that has no lane left to share
-    (after its lane was given back, or, without one, once its response is
-    complete).
+    **HTTP:** each request runs inside `ThreadSensitiveContext(executor=...)`:
+    every thread-sensitive `sync_to_async` call it makes — Django's request
+    signals, sync middleware (`MiddlewareMixin` included), sync views,
+    `aget()`/`acreate()`... — runs on one *request thread*, taken on the
+    request's first such call from an elastic set of reused threads (never
+    waiting: a new thread starts when all are busy; idle ones retire after
+    `IDLE_TIMEOUT`) and kept until the request ends, so request-scoped
+    `threading.local` state works as under Django. A request that makes no
+    such call takes no thread.
 
-    **All lanes busy** (`LANE_FULL`): `"wait"` (the default) queues the
-    request, without blocking the loop, until a lane is free: a warm lane
-    beats a new connection, and connections stay within `LANES` +
-    `MAX_WORKERS` per alias. A request holds its lane from its first sync
-    call to its end, though, so a few long ones (streaming to slow clients,
-    long polls behind sync middleware) could stall the others: a request that
-    has waited `LANE_WAIT_TIMEOUT`
-    seconds (default 1; `None`: for ever) runs on a temporary thread whose
-    connections are closed when it ends. `"temporary"` does that at once,
-    never waiting, at the price of a connect per request beyond the lanes.
+    **Connections** come from one bounded pool per database alias per process
+    (`POOL_SIZE`), shared with [`db_call`][async_dbbridge.db_call] and the
+    default executor. A request thread takes a connection at its first query
+    and, with `HOLD = "transaction"` (the default), gives it back after each
+    sync call that leaves it idle (autocommit, outside `atomic()` and any open
+    `.iterator()`); with `HOLD = "request"` at the request's end. At the end
+    in any case a transaction left open is rolled back and reported with
+    [`TransactionLeftOpenWarning`][async_dbbridge.TransactionLeftOpenWarning].
+    A thread that finds every connection of an alias in use waits (never
+    blocking the event loop) up to `POOL_TIMEOUT`, then gets
+    [`PoolTimeout`][async_dbbridge.PoolTimeout]: the request is answered
+    `503 Service Unavailable` with `Retry-After` instead of Django's 500.
+    `CONN_MAX_AGE` is a pooled connection's lifetime, and `CONN_HEALTH_CHECKS`
+    checks a connection taken after it sat idle.
 
     **Lifespan:** answered here, not passed on (Django's handler rejects it).
     Startup installs the process-wide bridge as the loop's default executor
-    and sets up the lanes; shutdown stops lending lanes, waits up to
-    `SHUTDOWN_TIMEOUT` seconds for in-flight work without blocking the loop,
-    and closes every lane's and bridge worker's connections. Without lifespan
+    and sets up the request threads; shutdown stops keeping threads, waits up
+    to `SHUTDOWN_TIMEOUT` seconds for in-flight work without blocking the
+    loop, and closes the pools' connections. Without lifespan
     (`--lifespan off`) the same setup happens on the first HTTP request of
     each event loop; call [`aclose`][async_dbbridge.asgi.DBBridgeASGIApp.aclose]
     yourself to shut down.
 
     **Other scopes** (`websocket`...) go to the wrapped app untouched.
 
-    With asgiref < 3.13 (no `ThreadSensitiveContext(executor=...)`) or
-    `LANES=0` there are no lanes: each request keeps asgiref's own
-    per-request thread, and its connections are closed when the request ends.
-    The keys named here are described in [Settings](settings.md).
+    With asgiref < 3.13 (no `ThreadSensitiveContext(executor=...)`) each
+    request keeps asgiref's own per-request thread, and its connections are
+    closed when the request ends. The keys named here are described in
+    [Settings](settings.md).
 
     Args:
         app: The ASGI application to wrap, usually Django's `ASGIHandler`.
@@ -130,8 +133,9 @@ class DBBridgeASGIApp:
         self.app = app
         self._lock = threading.Lock()
         self._mode: Mode | None = None
-        self._lanes: LaneSet | None = None
+        self._threads: RequestThreads | None = None
         self._shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT
+        self._retry_after = math.ceil(DEFAULT_POOL_TIMEOUT)
         # The executor this app installed on each loop it has served. Weak
         # keys: a finished loop must not be kept alive by a long-lived app.
         self._executors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DBExecutor] = (
@@ -142,13 +146,13 @@ class DBBridgeASGIApp:
 
     @property
     def mode(self) -> Mode | None:
-        """`"lanes"`, `"per-request"`, or `None` before the first start."""
+        """`"request-threads"`, `"per-request"`, or `None` before the first start."""
         return self._mode
 
     @property
-    def lanes(self) -> LaneSet | None:
-        """The lane set serving requests (its `stats()` describes it), if any."""
-        return self._lanes
+    def request_threads(self) -> RequestThreads | None:
+        """The request threads serving this app's requests (`stats()` describes them), if any."""
+        return self._threads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -158,22 +162,22 @@ class DBBridgeASGIApp:
             if executor is None:
                 # No lifespan (or a loop it did not run on): set up now, once.
                 executor = self._start(loop, fresh=False)
-            lanes = self._lanes
-            if lanes is None:
+            threads = self._threads
+            if threads is None:
                 await self._serve_on_request_thread(scope, receive, send)
             else:
-                await self._serve_in_lane(lanes, executor, scope, receive, send)
+                await self._serve_on_request_threads(threads, executor, scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         else:
             await self.app(scope, receive, send)
 
     async def aclose(self) -> None:
-        """Stop lending lanes, drain in-flight work, close every connection.
+        """Stop keeping request threads, drain in-flight work, close every pooled connection.
 
         What lifespan shutdown does; call it yourself when the server runs
-        without lifespan. The lane set and the executor this app installed on
-        the running loop are shut down. Waiting happens in a dedicated thread,
+        without lifespan. The request threads, the process-wide bridge and the
+        connection pools are shut down. Waiting happens in a dedicated thread,
         bounded by `SHUTDOWN_TIMEOUT`: past it this returns, and work still
         running closes its connections when it ends. One log line says how it
         went: INFO when everything was closed, WARNING when work was still in
@@ -182,31 +186,41 @@ class DBBridgeASGIApp:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         with self._lock:
-            lanes = self._lanes
+            threads = self._threads
             started_here = self._mode is not None
             timeout = self._shutdown_timeout
-        # The process-wide bridge, whichever loop started it: loops ending no
-        # longer shut it down, so the explicit close is where it closes.
-        executor = get_bridge_executor() if started_here else None
-        open_before = _open_connections(lanes, executor)
+        if not started_here:
+            return
+        # The process-wide bridge, whichever loop started it (loops ending do
+        # not shut it down), if it exists: closing must not build one.
+        executor = _install._bridge
+        pools = _live_pools()
+        closed_before = sum(pool.stats().closed for pool in pools)
         # Refuse new work at once (on the loop, both calls only flip flags and
-        # queue stop markers); the joins happen below, off the loop.
-        if lanes is not None:
-            lanes.close()
+        # queue stop markers); the waiting happens below, off the loop.
+        if threads is not None:
+            threads.close(0)
         if executor is not None:
             executor.shutdown(wait=False)
-        if lanes is None and executor is None:
-            return
         done: asyncio.Future[bool] = loop.create_future()
 
         def drain() -> None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+
+            def remaining() -> float | None:
+                return None if deadline is None else max(0.0, deadline - time.monotonic())
+
             drained = True
             error: BaseException | None = None
             try:
-                if lanes is not None:
-                    drained = lanes.join(timeout)
+                # Request threads first: they give their connections back as
+                # their requests end, then the bridge's workers, then the
+                # pools close what came back (and the rest when it comes).
+                if threads is not None:
+                    drained = threads.close(remaining())
                 if executor is not None:
-                    executor.shutdown(wait=True)
+                    drained = executor._join(remaining()) and drained
+                drained = close_pools(remaining()) and drained
             except BaseException as exc:
                 error = exc
             try:
@@ -223,11 +237,12 @@ class DBBridgeASGIApp:
         except asyncio.TimeoutError:
             drained = False
         _log_shutdown(
-            lanes,
+            threads,
             executor,
+            pools,
             drained=drained,
             timeout=timeout,
-            open_before=open_before,
+            closed=sum(pool.stats().closed for pool in pools) - closed_before,
             elapsed=time.monotonic() - started,
         )
 
@@ -237,37 +252,31 @@ class DBBridgeASGIApp:
         settings = get_settings()
         with self._lock:
             if fresh or self._mode is None:
-                old = self._lanes
-                lanes_wanted = settings.lanes
-                if lanes_wanted and not LANES_SUPPORTED:
-                    # Said once, in the startup line below (at WARNING).
-                    lanes_wanted = 0
-                if lanes_wanted:
-                    self._lanes = LaneSet(
-                        lanes_wanted,
-                        full="wait" if settings.lane_full == "wait" else "temporary",
-                        wait_timeout=settings.lane_wait_timeout,
-                        idle_timeout=settings.lane_idle_timeout,
+                old = self._threads
+                if _compat.REQUEST_THREADS_SUPPORTED:
+                    self._threads = RequestThreads(
+                        hold=settings.hold,
+                        idle_timeout=settings.idle_timeout,
                         thread_name_prefix=settings.thread_name_prefix,
                     )
-                    self._mode = "lanes"
+                    self._mode = "request-threads"
                 else:
-                    self._lanes = None
+                    self._threads = None
                     self._mode = "per-request"
                 self._shutdown_timeout = settings.shutdown_timeout
+                # Never 0: "Retry-After: 0" invites an immediate retry storm.
+                self._retry_after = max(1, math.ceil(settings.pool_timeout))
                 if old is not None:
                     # A second startup (a reused app): the old set must not
-                    # keep threads and connections nobody will lend again.
-                    old.close()
-            lanes = self._lanes
+                    # keep threads nobody will use again. Only flags and stop
+                    # markers: nothing here may block the loop.
+                    old.close(0)
+            threads = self._threads
             executor = install_default_executor(loop=loop)
-            # stats() on the bridge reports the lanes.
-            executor.lane_counts = lanes.counts if lanes is not None else None
-            executor.request_mode = self._mode
             self._executors[loop] = executor
         # Once per event loop served (lifespan startup, or the first request
         # without lifespan), never per request.
-        _log_startup(settings, lanes)
+        _log_startup(settings, threads)
         return executor
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -299,44 +308,43 @@ class DBBridgeASGIApp:
 
     # -- requests -------------------------------------------------------------
 
-    async def _serve_in_lane(
-        self, lanes: LaneSet, bridge: DBExecutor, scope: Scope, receive: Receive, send: Send
+    async def _serve_on_request_threads(
+        self,
+        threads: RequestThreads,
+        bridge: DBExecutor,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
-        request_lane = lanes.request_lane(fallback=bridge)
-
-        async def send_and_watch(message: Message) -> None:
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                request_lane.response_complete()
-
+        # Calls made after the request ended (a task it spawned and did not
+        # await) go to the bridge, which cleans up after each call.
+        binding = RequestBinding(threads, fallback=bridge)
+        state = binding.request_state
+        send_503_aware = _Send503OnPoolTimeout(send, state, self._retry_after)
         leftovers: list[str] = []
         error: BaseException | None = None
-        # Marks the request's context (its tasks, its calls on the lane) as a
-        # lane request: Django's own request-signal receivers stand aside.
-        token = current_request_lane.set(request_lane)
+        # The request's state, seen by its sync calls (asgiref copies the
+        # context into them): the pool marks it when a checkout times out.
+        token = current_request_state.set(state)
         try:
             # Entered around the whole app call, so Django's own inner
             # ThreadSensitiveContext() finds this one and adds none, and the
             # response (streaming content included) and request_finished run
             # inside it.
-            async with ThreadSensitiveContext(executor=request_lane):
-                await self.app(scope, receive, send_and_watch)
+            async with ThreadSensitiveContext(executor=binding):
+                await self.app(scope, receive, send_503_aware)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            current_request_lane.reset(token)
-            # The app has returned: every sync call of the request is done or
-            # queued on the lane, and the release is queued behind them — the
-            # lane cleans up only after the request's last call. Under Django
-            # the lane usually released itself already, right after
-            # response.close(), and the future is done: no round trip.
-            released = request_lane.release()
-            if released is not None:
-                if released.done():
-                    leftovers = released.result()
-                else:
-                    leftovers = await asyncio.wrap_future(released)
+            current_request_state.reset(token)
+            # The app has returned, after Django's response.close(): every
+            # sync call of the request is done or queued on its thread, and
+            # the end-of-request job (roll back a leftover transaction, give
+            # every connection back) is queued behind them. A request that
+            # took no thread is done at once: no round trip.
+            ended = binding.end()
+            leftovers = ended.result() if ended.done() else await asyncio.wrap_future(ended)
             if leftovers:
                 # Reported here, on the loop, where the request ran.
                 _report_leftovers(_leftover_message(scope, leftovers), error)
@@ -351,11 +359,11 @@ class DBBridgeASGIApp:
                 try:
                     await self.app(scope, receive, send)
                 finally:
-                    if _has_own_thread(context):
+                    if _compat.context_has_own_thread(context):
                         # Thread-sensitive, inside the same context: runs on
                         # the request's own thread, the only one that may close
                         # its connections — and that dies when the context exits.
-                        leftovers = await sync_to_async(end_request_cleanup)(final=True)
+                        leftovers = await sync_to_async(end_request_cleanup)()
         except BaseException as exc:
             error = exc
             raise
@@ -368,38 +376,92 @@ class DBBridgeASGIApp:
         return f"<{type(self).__name__} mode={self._mode} app={self.app!r}>"
 
 
-def _has_own_thread(context: ThreadSensitiveContext) -> bool:
-    """Did this request's context create a thread (so there is one to clean)?
+class _Send503OnPoolTimeout:
+    """The request's `send`, turning a 500 caused by `PoolTimeout` into a 503.
 
-    No token: an enclosing context owns the thread, and cleans it. Not in
-    asgiref's map: the request made no thread-sensitive call, so no thread
-    exists, and asking for one just to close nothing would create it.
+    Django answers an unhandled exception with a 500 (and logs it). When the
+    request's state says a pooled checkout timed out, the client gets
+    `503 Service Unavailable` with `Retry-After` instead — the server is busy,
+    not broken, and a retry will likely succeed — and Django's 500 body is
+    swallowed. Anything else passes through untouched.
     """
-    executors: Mapping[object, object] = getattr(SyncToAsync, "context_to_thread_executor", {})
-    return getattr(context, "token", None) is not None and context in executors
+
+    __slots__ = ("_replaced", "_retry_after", "_send", "_state")
+
+    def __init__(self, send: Send, state: RequestState, retry_after: int) -> None:
+        self._send = send
+        self._state = state
+        self._retry_after = retry_after
+        self._replaced = False
+
+    async def __call__(self, message: Message) -> None:
+        if self._replaced:
+            return  # the rest of Django's 500 (body, trailers)
+        if (
+            message["type"] == "http.response.start"
+            and message.get("status") == 500
+            and self._state.pool_timed_out
+        ):
+            self._replaced = True
+            body = _unavailable_body(self._state.pool_timeout)
+            await self._send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode("ascii")),
+                        (b"retry-after", str(self._retry_after).encode("ascii")),
+                    ],
+                }
+            )
+            await self._send({"type": "http.response.body", "body": body})
+            return
+        await self._send(message)
 
 
-def _log_startup(settings: BridgeSettings, lanes: LaneSet | None) -> None:
+def _unavailable_body(error: BaseException | None) -> bytes:
+    if isinstance(error, PoolTimeout):
+        cause = (
+            f"all {error.max_size} connections to database {error.alias!r} stayed in use "
+            f"for {error.timeout:g}s (ASYNC_DBBRIDGE POOL_SIZE / POOL_TIMEOUT)"
+        )
+    else:
+        cause = "no database connection became free in time (ASYNC_DBBRIDGE POOL_TIMEOUT)"
+    return f"503 Service Unavailable: {cause}. Please retry.\n".encode()
+
+
+def _live_pools() -> list[ConnectionPool]:
+    """The pools that exist now (closing them removes them from the registry)."""
+    from . import _pool
+
+    return list(_pool._pools.values())
+
+
+def _log_startup(settings: BridgeSettings, threads: RequestThreads | None) -> None:
     """One line: how requests and bridge calls will run, and the versions that decided it."""
     import asgiref
     import django
 
-    if lanes is not None:
-        requests = f"requests on lanes (LANES={lanes.size}, LANE_FULL={lanes.full!r})"
-    elif settings.lanes:
-        requests = (
-            f"requests on per-request threads, closed at request end: LANES={settings.lanes} "
-            "but request lanes need asgiref >= 3.13"
-        )
+    aliases = settings.databases if settings.databases is not None else tuple(connections)
+    if threads is not None:
+        requests = f"requests on request threads (HOLD={settings.hold!r})"
     else:
-        requests = "requests on per-request threads, closed at request end (LANES=0)"
+        requests = (
+            "requests on per-request threads, closed at request end: request threads "
+            "need asgiref >= 3.13"
+        )
     logger.log(
-        # Lanes asked for and impossible: the one line says so, louder.
-        logging.WARNING if lanes is None and settings.lanes else logging.INFO,
-        "async_dbbridge started (pid %d): %s; db_call on bridge workers "
+        # Request threads impossible: the one line says so, louder.
+        logging.INFO if threads is not None else logging.WARNING,
+        "async_dbbridge started (pid %d): %s; one connection pool per alias "
+        "(POOL_SIZE=%d for %s, POOL_TIMEOUT=%gs); db_call on bridge workers "
         "(MAX_WORKERS=%d, POLICY=%r); asgiref %s, Django %s",
         os.getpid(),
         requests,
+        settings.effective_pool_size,
+        ", ".join(repr(alias) for alias in aliases),
+        settings.pool_timeout,
         settings.max_workers,
         settings.policy.kind,
         asgiref.__version__,
@@ -407,27 +469,17 @@ def _log_startup(settings: BridgeSettings, lanes: LaneSet | None) -> None:
     )
 
 
-def _open_connections(lanes: LaneSet | None, executor: DBExecutor | None) -> tuple[int, int]:
-    """(held by lanes, held by bridge workers), over every alias."""
-    return (
-        lanes.stats().open_connections if lanes is not None else 0,
-        executor.stats().open_connections if executor is not None else 0,
-    )
-
-
 def _log_shutdown(
-    lanes: LaneSet | None,
+    threads: RequestThreads | None,
     executor: DBExecutor | None,
+    pools: list[ConnectionPool],
     *,
     drained: bool,
     timeout: float | None,
-    open_before: tuple[int, int],
+    closed: int,
     elapsed: float,
 ) -> None:
     """One line: what shutdown closed, how long it took, and what it left running."""
-    open_after = _open_connections(lanes, executor)
-    # Per pool, never below 0: in-flight work may have opened some meanwhile.
-    closed = max(0, open_before[0] - open_after[0]) + max(0, open_before[1] - open_after[1])
     if drained:
         logger.info(
             "async_dbbridge stopped in %.2fs: closed %d connection(s), nothing in flight",
@@ -435,18 +487,18 @@ def _log_shutdown(
             closed,
         )
         return
-    lane_stats = lanes.stats() if lanes is not None else None
+    requests = threads.stats().busy if threads is not None else 0
     bridge_stats = executor.stats() if executor is not None else None
-    requests = lane_stats.in_use + lane_stats.waiting if lane_stats is not None else 0
     calls = bridge_stats.busy + bridge_stats.queued if bridge_stats is not None else 0
+    in_use = sum(pool.stats().in_use for pool in pools)
     logger.warning(
         "async_dbbridge stopped after SHUTDOWN_TIMEOUT=%ss with work in flight: "
-        "%d request(s) on lanes, %d bridge call(s), holding %d connection(s) that close "
-        "when that work ends; closed %d connection(s)",
+        "%d request(s) on request threads, %d bridge call(s), holding %d connection(s) that "
+        "close when that work ends; closed %d connection(s)",
         timeout,
         requests,
         calls,
-        sum(open_after),
+        in_use,
         closed,
     )
 
@@ -473,7 +525,7 @@ def _leftover_message(scope: Scope, aliases: list[str]) -> str:
     request = f"{scope.get('method', '?')} {scope.get('path', '?')}"
     return (
         f"request {request} ended inside a transaction on database "
-        f"{', '.join(repr(a) for a in aliases)}: its uncommitted work was rolled back "
-        "and the connection closed. Use 'with transaction.atomic():' so the "
+        f"{', '.join(repr(a) for a in aliases)}: its uncommitted work was rolled back. "
+        "Use 'with transaction.atomic():' so the "
         "transaction ends inside the view."
     )

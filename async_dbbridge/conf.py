@@ -2,7 +2,7 @@
 
 ```python
 # settings.py
-ASYNC_DBBRIDGE = {"MAX_WORKERS": 8, "LANES": 8}
+ASYNC_DBBRIDGE = {"MAX_WORKERS": 8, "POOL_SIZE": 8}
 ```
 
 Every key, with its type, default and effect, is in docs/settings.md; a test
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -39,10 +39,6 @@ _KEYS: Final = frozenset(
         "IDLE_TIMEOUT",
         "DATABASES",
         "THREAD_NAME_PREFIX",
-        "LANES",
-        "LANE_FULL",
-        "LANE_WAIT_TIMEOUT",
-        "LANE_IDLE_TIMEOUT",
         "SHUTDOWN_TIMEOUT",
         "POOL_SIZE",
         "POOL_TIMEOUT",
@@ -50,15 +46,6 @@ _KEYS: Final = frozenset(
     }
 )
 
-#: What a request does when every lane is busy. "wait" is the default: waiting
-#: a moment for a warm lane beats a temporary thread that must connect (it was
-#: 1.4-1.5x the req/s of "temporary" at 32 clients on 8 lanes, and it keeps
-#: connections bounded). But a lane is held for a request's whole life (a slow
-#: client reading a streaming response, a long poll), so a few long requests
-#: could stall all others: after DEFAULT_LANE_WAIT_TIMEOUT a waiting request
-#: takes a temporary thread, whose connections close when it ends.
-LANE_FULL_CHOICES: Final = ("temporary", "wait")
-DEFAULT_LANE_WAIT_TIMEOUT: Final = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
 
 #: How long a thread waits for one of its alias's pooled connections before
@@ -67,7 +54,23 @@ DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
 DEFAULT_POOL_TIMEOUT: Final = 5.0
 #: When a request thread gives a pooled connection back: "transaction" (after
 #: each sync call, when it is idle) or "request" (at the request's end).
-HOLD_CHOICES: Final = ("transaction", "request")
+Hold = Literal["transaction", "request"]
+HOLD_CHOICES: Final[tuple[Hold, ...]] = ("transaction", "request")
+
+#: Keys that existed before and what replaced them: each raises
+#: `ImproperlyConfigured` naming its replacement, so an upgrade never silently
+#: ignores a setting the project relied on.
+_REMOVED_KEYS: Final = {
+    "LANES": (
+        "POOL_SIZE: request threads are elastic (one per request in flight, reused), "
+        "and connections come from one pool per alias per process, bounded by POOL_SIZE"
+    ),
+    "LANE_FULL": "POOL_TIMEOUT: a thread waits up to POOL_TIMEOUT for a pooled connection",
+    "LANE_WAIT_TIMEOUT": (
+        "POOL_TIMEOUT: a thread waits up to POOL_TIMEOUT for a pooled connection"
+    ),
+    "LANE_IDLE_TIMEOUT": "IDLE_TIMEOUT: idle request threads and connections retire after it",
+}
 
 
 @dataclass(frozen=True)
@@ -78,17 +81,13 @@ class BridgeSettings:
     databases: tuple[str, ...] | None
     thread_name_prefix: str
     # The ASGI wrapper's settings; defaults so that code building this by hand
-    # keeps working (lanes=0: per-request threads, closed at request end).
-    lanes: int = 0
-    lane_full: str = "wait"
-    lane_wait_timeout: float | None = DEFAULT_LANE_WAIT_TIMEOUT
-    lane_idle_timeout: float | None = 60.0
+    # keeps working.
     shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT
     # The connection pool (one per alias per process). pool_size None: the
     # same as max_workers (parse_settings() always fills it in).
     pool_size: int | None = None
     pool_timeout: float = DEFAULT_POOL_TIMEOUT
-    hold: str = "transaction"
+    hold: Hold = "transaction"
 
     @property
     def effective_pool_size(self) -> int:
@@ -125,6 +124,13 @@ def parse_settings(raw: object) -> BridgeSettings:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ImproperlyConfigured(f"{SETTING_NAME} must be a dict, not {type(raw).__name__}.")
+    removed = [key for key in _REMOVED_KEYS if key in raw]
+    if removed:
+        raise ImproperlyConfigured(
+            " ".join(
+                f"{SETTING_NAME}[{key!r}] was removed; use {_REMOVED_KEYS[key]}." for key in removed
+            )
+        )
     unknown = sorted(set(map(str, raw)) - _KEYS)
     if unknown:
         raise ImproperlyConfigured(
@@ -170,32 +176,6 @@ def parse_settings(raw: object) -> BridgeSettings:
     if not isinstance(prefix, str) or not prefix:
         raise _error("THREAD_NAME_PREFIX", prefix, "a non-empty string")
 
-    # A lane, like a bridge worker, is one thread holding one connection per
-    # alias, so the same budget sizes both by default.
-    lanes = raw.get("LANES", max_workers)
-    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 0:
-        raise _error("LANES", lanes, "an integer >= 0 (0 disables request lanes)")
-
-    lane_full = raw.get("LANE_FULL", "wait")
-    if lane_full not in LANE_FULL_CHOICES:
-        raise _error("LANE_FULL", lane_full, "'temporary' or 'wait'")
-
-    default_wait = DEFAULT_LANE_WAIT_TIMEOUT if lane_full == "wait" else None
-    lane_wait_timeout = _number(
-        "LANE_WAIT_TIMEOUT",
-        raw.get("LANE_WAIT_TIMEOUT", default_wait),
-        allow_none=True,
-        positive=True,
-    )
-    if lane_wait_timeout is not None and lane_full != "wait":
-        raise _error("LANE_WAIT_TIMEOUT", lane_wait_timeout, "None unless LANE_FULL is 'wait'")
-
-    lane_idle_timeout = _number(
-        "LANE_IDLE_TIMEOUT",
-        raw.get("LANE_IDLE_TIMEOUT", idle_timeout),
-        allow_none=True,
-        positive=True,
-    )
     shutdown_timeout = _number(
         "SHUTDOWN_TIMEOUT",
         raw.get("SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT),
@@ -225,10 +205,6 @@ def parse_settings(raw: object) -> BridgeSettings:
         idle_timeout=idle_timeout,
         databases=databases,
         thread_name_prefix=prefix,
-        lanes=lanes,
-        lane_full=lane_full,
-        lane_wait_timeout=lane_wait_timeout,
-        lane_idle_timeout=lane_idle_timeout,
         shutdown_timeout=shutdown_timeout,
         pool_size=pool_size,
         pool_timeout=pool_timeout,

@@ -41,6 +41,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.signals import connection_created
 
 from ._connections import open_wrappers
+from ._pool import pool_stats
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -387,6 +388,11 @@ class _LeakCheck:
                 held[conn.alias] += 1
                 if _owner_ident(conn) == self.runner_ident:
                     runner[conn.alias] += 1
+        # Idle pooled connections are open sessions this process holds, in no
+        # wrapper (the checked-out ones are in their wrapper, counted above).
+        for alias, pool in pool_stats().items():
+            if alias in held:
+                held[alias] += pool.idle
         sessions = {alias: server_session_count(alias) for alias in self.aliases}
         return _Snapshot(sessions, held, runner, _pending_cleanup())
 
@@ -534,8 +540,14 @@ def _off_event_loop(fn: Callable[[], None]) -> None:
 def _pending_cleanup() -> list[str]:
     """Cleanup under way in this process that will close connections by itself."""
     from ._executor import _executors
+    from ._request_threads import _sets
 
     pending = []
+    for threads in list(_sets):
+        busy = threads.stats().busy
+        if busy:
+            # A request thread gives its connections back when its request ends.
+            pending.append(f"{threads!r}: {busy} request(s) still running")
     for executor in list(_executors):
         stats = executor.stats()
         if stats.busy or stats.queued:
@@ -578,8 +590,9 @@ if pytest is not None:
         """Fail the test if it leaves more database sessions than it found.
 
         Records each database's server-side session count before the test. After
-        it, shuts the process-wide bridge down (its idle workers may rightly hold
-        connections under `CONN_MAX_AGE`) and closes request lanes, then polls
+        it, shuts the process-wide bridge down, closes the ASGI wrapper's
+        request threads and the connection pools (whose idle connections are
+        rightly kept open under `CONN_MAX_AGE`), then polls
         until every database is back at its count — or reports the leak as soon
         as the surplus has settled: per database, the count before and after,
         the threads that still hold Django connections, where each connection
@@ -592,7 +605,8 @@ if pytest is not None:
         then fails the test itself, and the teardown does not check again.
         """
         from ._install import reset_bridge_executor
-        from ._lanes import close_all_lane_sets
+        from ._pool import close_pools
+        from ._request_threads import _sets
 
         timeout = _leak_timeout(request.config)
         # Recording origins costs a stack walk per connect: only while a test
@@ -612,12 +626,17 @@ if pytest is not None:
             checked = True
             # One deadline for the whole check, whatever is slow in it.
             deadline = time.monotonic() + timeout
-            # An ASGI app left running holds lane connections under CONN_MAX_AGE.
-            close_all_lane_sets(timeout=timeout)
-            # Not waiting here: a bridge call that never returns would hang the
-            # teardown. Its workers exiting is cleanup under way, which the
-            # polling waits for, within the deadline.
+            # Not waiting here: a bridge call or a request that never returns
+            # would hang the teardown. Workers and request threads still
+            # running are cleanup under way, which the polling waits for,
+            # within the deadline; what they give back to a closed pool is
+            # closed then.
             reset_bridge_executor(wait=False)
+            for threads in list(_sets):
+                threads.close(0)
+            # Idle pooled connections are kept open under CONN_MAX_AGE: close
+            # them (the next use builds a fresh pool).
+            close_pools(0)
             try:
                 _off_event_loop(functools.partial(leak_check.run, deadline))
             except _Leak as leak:

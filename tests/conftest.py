@@ -14,6 +14,8 @@ import pytest
 from django.db import connections
 
 from async_dbbridge import reset_bridge_executor
+from async_dbbridge._pool import close_pools
+from async_dbbridge._request_threads import _sets as request_thread_sets
 from async_dbbridge.testing import wait_for_server_sessions
 
 
@@ -64,11 +66,24 @@ def db_settings() -> Iterator[SetSetting]:
         connections.settings[alias][key] = value
 
 
+def close_request_threads_and_pools(timeout: float = 10.0) -> None:
+    """End every request thread set and close every pool (the next use builds a new one)."""
+    for threads in list(request_thread_sets):
+        assert threads.close(timeout), f"{threads!r} did not end within {timeout}s"
+    assert close_pools(timeout), "pooled connections still in use"
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_bridge() -> Iterator[None]:
-    """Each test starts and ends without the process-wide bridge's threads."""
+    """Each test starts and ends without the bridge's threads, request threads or pools.
+
+    The pools are built from the settings on first use: a test that sets
+    POOL_SIZE must not find the previous test's pool.
+    """
+    close_pools(10.0)
     yield
     reset_bridge_executor(wait=True)
+    close_request_threads_and_pools()
 
 
 @pytest.fixture

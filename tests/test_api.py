@@ -42,6 +42,7 @@ ALL_PUBLIC_OBJECTS = [
 
 def test_package_exports() -> None:
     assert async_dbbridge.__all__ == (
+        "BridgeStats",
         "ConnectionScope",
         "DBExecutor",
         "DBThread",
@@ -49,6 +50,7 @@ def test_package_exports() -> None:
         "Policy",
         "PoolStats",
         "PoolTimeout",
+        "RequestThreadStats",
         "TransactionLeftOpenWarning",
         "__version__",
         "db_call",
@@ -57,6 +59,7 @@ def test_package_exports() -> None:
         "get_bridge_executor",
         "install_default_executor",
         "reset_bridge_executor",
+        "stats",
     )
     for name in async_dbbridge.__all__:
         assert hasattr(async_dbbridge, name), name
@@ -86,6 +89,7 @@ def test_dbexecutor_is_a_thread_pool_executor() -> None:
 def test_package_objects_report_the_path_they_are_imported_from() -> None:
     """What the private modules define says `async_dbbridge`; `threads` is public itself."""
     assert {name: obj.__module__ for name, obj in public_objects(async_dbbridge)} == {
+        "BridgeStats": "async_dbbridge",
         "ConnectionScope": "async_dbbridge.threads",
         "DBExecutor": "async_dbbridge",
         "DBThread": "async_dbbridge.threads",
@@ -93,6 +97,7 @@ def test_package_objects_report_the_path_they_are_imported_from() -> None:
         "Policy": "async_dbbridge",
         "PoolStats": "async_dbbridge",
         "PoolTimeout": "async_dbbridge",
+        "RequestThreadStats": "async_dbbridge",
         "TransactionLeftOpenWarning": "async_dbbridge",
         "db_call": "async_dbbridge",
         "db_connection_scope": "async_dbbridge.threads",
@@ -100,6 +105,7 @@ def test_package_objects_report_the_path_they_are_imported_from() -> None:
         "get_bridge_executor": "async_dbbridge",
         "install_default_executor": "async_dbbridge",
         "reset_bridge_executor": "async_dbbridge",
+        "stats": "async_dbbridge",
     }
 
 
@@ -116,6 +122,13 @@ def test_pickles_and_reprs_name_no_private_module() -> None:
         stats = executor.stats()
     values: list[object] = [
         stats,
+        async_dbbridge.BridgeStats(
+            pools={},
+            request_threads=async_dbbridge.RequestThreadStats(
+                busy=1, idle=2, started=3, retired=0, closing=False
+            ),
+            bridge=stats,
+        ),
         async_dbbridge.Policy.max_age(30.0),
         async_dbbridge.TransactionLeftOpenWarning("left open"),
         async_dbbridge.DBExecutor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -16,11 +17,11 @@ from django.core.signals import request_finished, request_started
 from django.db import connections
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-import async_dbbridge.asgi
-from async_dbbridge import TransactionLeftOpenWarning, get_bridge_executor
-from async_dbbridge._lanes import LANES_SUPPORTED, LaneSet
+import async_dbbridge._compat
+import async_dbbridge._pool
+from async_dbbridge import TransactionLeftOpenWarning, get_bridge_executor, stats
+from async_dbbridge._compat import REQUEST_THREADS_SUPPORTED
 from async_dbbridge.asgi import DBBridgeASGIApp, get_asgi_application
-from async_dbbridge.testing import server_session_count
 from tests.conftest import SetSetting, eventually, kill_backend, off_loop, sessions_become
 from tests.e2e_project.driver import Lifespan, Response, call_http
 from tests.e2e_project.settings import OVERRIDES
@@ -53,8 +54,8 @@ async def entered(name: str) -> None:
 
 MakeApp = Callable[..., DBBridgeASGIApp]
 
-requires_lanes = pytest.mark.skipif(
-    not LANES_SUPPORTED, reason="request lanes need asgiref >= 3.13"
+requires_request_threads = pytest.mark.skipif(
+    not REQUEST_THREADS_SUPPORTED, reason="request threads need asgiref >= 3.13"
 )
 
 
@@ -68,7 +69,7 @@ def project(settings: SettingsWrapper) -> Iterator[SettingsWrapper]:
 
 
 def open_all_gates() -> None:
-    """Never leave a view blocked on a gate (its lane could not be joined)."""
+    """Never leave a view blocked on a gate (its thread could not end)."""
     for gate in list(probe.gates.values()):
         gate.set()
     for async_gate in list(probe.async_gates.values()):
@@ -77,7 +78,7 @@ def open_all_gates() -> None:
 
 @pytest.fixture
 def make_app(project: SettingsWrapper) -> Iterator[MakeApp]:
-    """Build wrapped Django apps with ASYNC_DBBRIDGE settings; close their lanes after."""
+    """Build wrapped Django apps with ASYNC_DBBRIDGE settings; end their request threads after."""
     apps: list[DBBridgeASGIApp] = []
 
     def make(inner: Any = None, **bridge: Any) -> DBBridgeASGIApp:
@@ -90,61 +91,80 @@ def make_app(project: SettingsWrapper) -> Iterator[MakeApp]:
     yield make
     open_all_gates()
     for app in apps:
-        lanes = app.lanes
-        if lanes is not None:
-            lanes.close()
-            assert lanes.join(10), f"{lanes!r} did not exit"
+        threads = app.request_threads
+        if threads is not None:
+            assert threads.close(10), f"{threads!r} did not end"
 
 
-def lane_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if "-lane-" in t.name]
+def request_thread_names() -> list[str]:
+    return [t.name for t in threading.enumerate() if "-request-" in t.name]
+
+
+def pool(alias: str = "default") -> async_dbbridge.PoolStats:
+    return stats().pools[alias]
 
 
 # -- lifespan ------------------------------------------------------------------
 
 
-@requires_lanes
+@requires_request_threads
 async def test_lifespan_startup_installs_bridge_and_shutdown_closes_everything(
     make_app: MakeApp, db_settings: SetSetting
 ) -> None:
     db_settings(CONN_MAX_AGE=60)
-    app = make_app(LANES=2)
+    app = make_app(POOL_SIZE=2)
     lifespan = Lifespan(app)
     assert await lifespan.startup() == {"type": "lifespan.startup.complete"}
-    assert app.mode == "lanes"
-    assert app.lanes is not None
+    assert app.mode == "request-threads"
+    threads = app.request_threads
+    assert threads is not None
 
     # The loop's default executor is now the bridge.
     response = await call_http(app, "/default-executor/")
     assert response.json()["thread"].startswith("dbbridge-")
-    # A lane and a bridge worker each keep a connection (CONN_MAX_AGE=60).
     response = await call_http(app, "/db-call/")
     assert response.status == 200
     response = await call_http(app, "/sync-query/")
-    assert response.json()["thread"].startswith("dbbridge-lane-")
+    assert response.json()["thread"].startswith("dbbridge-request-")
+    # The bridge and the request threads share one pool: /db-call/ needed two
+    # connections at once (the sync middleware's, held across the view, and
+    # the bridge's); /sync-query/ reused one (CONN_MAX_AGE=60 keeps them).
     assert await sessions_become(2) == 2
+    assert (pool().opened, pool().in_use, pool().idle) == (2, 0, 2)
+    snapshot = stats()
+    assert snapshot.request_threads is not None
+    assert (snapshot.request_threads.busy, snapshot.request_threads.idle) == (0, 1)
     bridge = get_bridge_executor()
-    stats = bridge.stats()
-    assert (stats.lanes, stats.lanes_in_use) == (1, 0)
-    assert stats.request_mode == "lanes"
-    assert stats.open_connections == 1
-    assert app.lanes.stats().connections_open == {"default": 1}
+    assert snapshot.bridge is not None
+    assert snapshot.bridge.pooled
 
     assert await lifespan.shutdown() == {"type": "lifespan.shutdown.complete"}
-    # Joined before shutdown.complete: no lane or bridge thread is left.
-    assert app.lanes.stats().lanes == 0
+    # Ended before shutdown.complete: no request or bridge thread is left, and
+    # the pools are closed.
+    assert threads.stats().idle == 0
     assert bridge.stats().workers == 0
     assert bridge.stats().shutdown
-    assert lane_threads() == []
+    assert request_thread_names() == []
+    assert stats().pools == {}
     await sessions_become(0)
 
 
 async def test_lifespan_startup_failure_names_the_setting(make_app: MakeApp) -> None:
-    app = make_app(LANE_FULL="sometimes")
+    app = make_app(HOLD="sometimes")
     message = await Lifespan(app).startup()
     assert message["type"] == "lifespan.startup.failed"
-    assert "LANE_FULL" in message["message"]
-    assert "'temporary' or 'wait'" in message["message"]
+    assert "HOLD" in message["message"]
+    assert "'transaction' or 'request'" in message["message"]
+
+
+async def test_a_removed_lane_setting_fails_startup_naming_its_replacement(
+    make_app: MakeApp,
+) -> None:
+    app = make_app(LANES=4)
+    message = await Lifespan(app).startup()
+    assert message["type"] == "lifespan.startup.failed"
+    assert "'LANES'] was removed" in message["message"]
+    assert "POOL_SIZE" in message["message"]
 
 
 async def test_lifespan_is_not_passed_on() -> None:
@@ -160,12 +180,12 @@ async def test_lifespan_is_not_passed_on() -> None:
     assert seen == []
 
 
-@requires_lanes
+@requires_request_threads
 async def test_shutdown_drain_is_bounded_and_does_not_block_the_loop(
     make_app: MakeApp, db_settings: SetSetting, caplog: pytest.LogCaptureFixture
 ) -> None:
     db_settings(CONN_MAX_AGE=60)
-    app = make_app(LANES=2, SHUTDOWN_TIMEOUT=0.3)
+    app = make_app(POOL_SIZE=2, SHUTDOWN_TIMEOUT=0.3)
     lifespan = Lifespan(app)
     await lifespan.startup()
     request = asyncio.create_task(call_http(app, "/gate/stuck/"))
@@ -187,30 +207,32 @@ async def test_shutdown_drain_is_bounded_and_does_not_block_the_loop(
     # The loop kept running while the drain waited (in its own thread).
     assert ticks >= 10
     assert "SHUTDOWN_TIMEOUT=0.3" in caplog.text
+    assert "1 request(s) on request threads" in caplog.text
     assert not request.done()
 
-    # The stuck request still finishes; its lane then closes its connection
-    # and exits instead of going back to the (closed) set.
+    # The stuck request still finishes; its connection goes back to a closed
+    # pool, which closes it, and its thread ends instead of going back.
     probe.gates["stuck"].set()
     response = await request
     assert response.status == 200
-    assert app.lanes is not None
-    assert await off_loop(app.lanes.join, 10)
+    threads = app.request_threads
+    assert threads is not None
+    assert await off_loop(threads.close, 10)
     await sessions_become(0)
 
 
-@requires_lanes
-async def test_second_startup_replaces_closed_lanes(make_app: MakeApp) -> None:
-    app = make_app(LANES=1)
+@requires_request_threads
+async def test_second_startup_replaces_closed_request_threads(make_app: MakeApp) -> None:
+    app = make_app(POOL_SIZE=1)
     first = Lifespan(app)
     await first.startup()
-    old_lanes = app.lanes
+    old_threads = app.request_threads
     await first.shutdown()
     second = Lifespan(app)
     await second.startup()
-    assert app.lanes is not None
-    assert app.lanes is not old_lanes
-    assert not app.lanes.closing
+    assert app.request_threads is not None
+    assert app.request_threads is not old_threads
+    assert not app.request_threads.closing
     assert (await call_http(app, "/sync-query/")).status == 200
     await second.shutdown()
 
@@ -222,7 +244,7 @@ async def test_websocket_and_other_scopes_pass_through_untouched() -> None:
     seen: list[tuple[Mapping[str, Any], object]] = []
 
     async def inner(scope: Any, receive: Any, send: Any) -> None:
-        # No lane, no thread-sensitive context of ours around it.
+        # No request thread, no thread-sensitive context of ours around it.
         seen.append((scope, SyncToAsync.thread_sensitive_context.get(None)))
         await send({"type": "websocket.close"})
 
@@ -244,17 +266,19 @@ async def test_websocket_and_other_scopes_pass_through_untouched() -> None:
     assert app.mode is None  # nothing was set up for them
 
 
-@requires_lanes
+@requires_request_threads
 async def test_without_lifespan_first_request_sets_up_once_per_loop(make_app: MakeApp) -> None:
-    app = make_app(LANES=2)
+    app = make_app(POOL_SIZE=2)
     assert app.mode is None
     response = await call_http(app, "/default-executor/")
     assert response.json()["thread"].startswith("dbbridge-")
-    lanes = app.lanes
-    assert lanes is not None
+    threads = app.request_threads
+    assert threads is not None
     await call_http(app, "/sync-query/")
-    assert app.lanes is lanes
-    assert get_bridge_executor().stats().lanes == 1
+    assert app.request_threads is threads
+    snapshot = stats().request_threads
+    assert snapshot is not None
+    assert snapshot.started == 1
 
 
 def test_get_asgi_application_wraps_djangos_handler(project: SettingsWrapper) -> None:
@@ -263,11 +287,11 @@ def test_get_asgi_application_wraps_djangos_handler(project: SettingsWrapper) ->
     assert isinstance(app.app, ASGIHandler)
 
 
-# -- lanes -----------------------------------------------------------------------
+# -- request threads -------------------------------------------------------------
 
 
-@requires_lanes
-async def test_a_request_runs_all_its_sync_work_on_one_lane(make_app: MakeApp) -> None:
+@requires_request_threads
+async def test_a_request_runs_all_its_sync_work_on_one_request_thread(make_app: MakeApp) -> None:
     signal_threads: list[str] = []
 
     def record(**kwargs: object) -> None:
@@ -276,338 +300,207 @@ async def test_a_request_runs_all_its_sync_work_on_one_lane(make_app: MakeApp) -
     request_started.connect(record, dispatch_uid="test-record-start")
     request_finished.connect(record, dispatch_uid="test-record-finish")
     try:
-        app = make_app(LANES=2)
+        app = make_app(POOL_SIZE=2)
         response = await call_http(app, "/threads/")
     finally:
         request_started.disconnect(dispatch_uid="test-record-start")
         request_finished.disconnect(dispatch_uid="test-record-finish")
     assert response.status == 200
     names = response.json()
-    lane = names["sync_to_async"]
-    assert lane.startswith("dbbridge-lane-")
-    assert names["orm"] == names["sync_to_async_again"] == lane
-    assert response.headers[b"x-middleware-thread"].decode() == lane
-    assert signal_threads == [lane, lane]
-    # db_call goes to the bridge, a different pool: never waits for a lane.
+    thread = names["sync_to_async"]
+    assert thread.startswith("dbbridge-request-")
+    assert names["orm"] == names["sync_to_async_again"] == thread
+    assert response.headers[b"x-middleware-thread"].decode() == thread
+    assert signal_threads == [thread, thread]
+    # db_call goes to the bridge: other threads, the same pool.
     assert names["db_call"].startswith("dbbridge-")
-    assert "-lane-" not in names["db_call"]
+    assert "-request-" not in names["db_call"]
 
 
-@requires_lanes
-async def test_async_to_sync_inside_a_sync_view_comes_back_to_its_lane(
+@requires_request_threads
+async def test_async_to_sync_inside_a_sync_view_comes_back_to_its_thread(
     make_app: MakeApp,
 ) -> None:
-    app = make_app(LANES=1, LANE_FULL="wait")
+    app = make_app(POOL_SIZE=1)
     response = await asyncio.wait_for(call_http(app, "/nested/"), timeout=10)
     names = response.json()
     assert names["view"] == names["inner"]
-    assert names["view"].startswith("dbbridge-lane-")
+    assert names["view"].startswith("dbbridge-request-")
 
 
-@requires_lanes
-async def test_connections_are_reused_across_requests(
+@requires_request_threads
+async def test_connections_and_threads_are_reused_across_requests(
     make_app: MakeApp, db_settings: SetSetting
 ) -> None:
     db_settings(CONN_MAX_AGE=60)
-    app = make_app(LANES=1)
+    app = make_app(POOL_SIZE=2)
     for _ in range(5):
         response = await call_http(app, "/sync-query/")
         assert response.status == 200
-    assert app.lanes is not None
-    stats = app.lanes.stats()
-    assert stats.requests == 5
-    assert stats.connections_opened == {"default": 1}
-    assert stats.connections_open == {"default": 1}
+    threads = app.request_threads
+    assert threads is not None
+    assert threads.stats().started == 1
+    assert (pool().opened, pool().checkouts >= 5, pool().idle) == (1, True, 1)
     assert await sessions_become(1) == 1
 
 
-@requires_lanes
-async def test_conn_max_age_zero_closes_at_request_end(
+@requires_request_threads
+async def test_conn_max_age_zero_closes_when_given_back(
     make_app: MakeApp, db_settings: SetSetting
 ) -> None:
     db_settings(CONN_MAX_AGE=0)
-    app = make_app(LANES=1)
+    app = make_app(POOL_SIZE=2)
     for _ in range(3):
         assert (await call_http(app, "/sync-query/")).status == 200
-    assert app.lanes is not None
-    stats = app.lanes.stats()
-    # Opened per request (it did connect), closed when the request ended.
-    assert stats.connections_opened == {"default": 3}
-    assert stats.connections_open == {"default": 0}
+    # Opened per checkout (it did connect), closed when given back.
+    assert pool().opened >= 3
+    assert pool().closed == pool().opened
+    assert (pool().in_use, pool().idle) == (0, 0)
     await sessions_become(0)
 
 
-@requires_lanes
-async def test_a_pure_async_app_takes_no_lane(make_app: MakeApp) -> None:
+@requires_request_threads
+async def test_a_pure_async_app_takes_no_thread(make_app: MakeApp) -> None:
     async def inner(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    app = make_app(inner, LANES=2)
+    app = make_app(inner, POOL_SIZE=2)
     assert (await call_http(app, "/")).status == 204
-    assert app.lanes is not None
-    stats = app.lanes.stats()
-    assert (stats.lanes, stats.requests, stats.temporaries_started) == (0, 0, 0)
-    assert lane_threads() == []
+    threads = app.request_threads
+    assert threads is not None
+    assert threads.stats().started == 0
+    assert request_thread_names() == []
 
 
-@requires_lanes
-@pytest.mark.parametrize("view", ["async-stream", "long-poll"])
-async def test_a_django_request_without_sync_work_takes_no_lane(
-    make_app: MakeApp, project: SettingsWrapper, view: str
-) -> None:
-    # No sync middleware: the request's only thread-sensitive work would be
-    # Django's own request-signal receivers (left to the lane) and, at the
-    # end, response.close() — which runs on the bridge, as no lane is bound.
-    project.MIDDLEWARE = []
-    finished_on: list[str] = []
-
-    def record(**kwargs: object) -> None:
-        finished_on.append(threading.current_thread().name)
-
-    app = make_app(LANES=1, LANE_FULL="wait", LANE_WAIT_TIMEOUT=None)
-    request_finished.connect(record, dispatch_uid="test-record-finish")
-    try:
-        # The only lane is taken, and requests wait for a lane for ever: had
-        # the request wanted one at any point, it could not finish.
-        busy = asyncio.create_task(call_http(app, "/gate/busy/"))
-        await entered("busy")
-        probe.async_gates["poll"] = asyncio.Event()
-        request = asyncio.create_task(call_http(app, f"/{view}/poll/"))
-        await entered("poll")
-        lanes = app.lanes
-        assert lanes is not None
-        stats = lanes.stats()
-        assert (stats.lanes, stats.in_use, stats.waiting) == (1, 1, 0)
-        probe.async_gates["poll"].set()
-        response = await asyncio.wait_for(request, timeout=10)
-        assert response.status == 200
-        assert finished_on
-        assert "-lane-" not in finished_on[0]
-        assert finished_on[0].startswith("dbbridge-")
-        assert lanes.stats().waiting == 0
-        assert lanes.stats().temporaries_started == 0
-    finally:
-        request_finished.disconnect(dispatch_uid="test-record-finish")
-        probe.gates["busy"].set()
-    assert (await busy).status == 200
-    assert lanes.stats().requests == 1  # only the one that queried
-
-
-@requires_lanes
-async def test_the_lane_goes_back_as_soon_as_response_close_returns(
+@requires_request_threads
+async def test_streaming_response_keeps_its_thread_until_the_body_is_sent(
     make_app: MakeApp,
 ) -> None:
-    # Django sends request_finished from response.close(), its request's last
-    # sync call: the lane cleans up and goes back right there, not when the
-    # event loop next gets to the request. Sync work the request does after
-    # that has no lane to share and runs on the bridge.
-    seen: dict[str, Any] = {}
-    django_app = ASGIHandler()
-
-    def after_the_request() -> str:
-        return (Item.objects.count(), threading.current_thread().name)[1]
-
-    async def inner(scope: Any, receive: Any, send: Any) -> None:
-        await django_app(scope, receive, send)
-        lanes = app.lanes
-        assert lanes is not None
-        # The wrapper has not released anything yet: the lane did it itself.
-        seen["stats"] = lanes.stats()
-        seen["later"] = await sync_to_async(after_the_request)()
-
-    app = make_app(inner, LANES=1)
-    response = await call_http(app, "/sync-query/")
-    assert response.json()["thread"].startswith("dbbridge-lane-")
-    stats = seen["stats"]
-    assert (stats.in_use, stats.idle, stats.requests) == (0, 1, 1)
-    assert "-lane-" not in seen["later"]
-    assert seen["later"].startswith("dbbridge-")
-
-
-def test_djangos_own_request_signal_receivers_stand_aside_only_in_lane_requests() -> None:
-    from django.db import close_old_connections, reset_queries
-
-    from async_dbbridge._lanes import current_request_lane
-
-    lanes = LaneSet(1)  # the first lane set installs the hooks
-    try:
-        started, _ = request_started._live_receivers(None)
-        finished, _ = request_finished._live_receivers(None)
-        assert close_old_connections in started
-        assert reset_queries in started
-        assert close_old_connections in finished
-        token = current_request_lane.set(lanes.request_lane())
-        try:
-            started, _ = request_started._live_receivers(None)
-            finished, _ = request_finished._live_receivers(None)
-        finally:
-            current_request_lane.reset(token)
-        assert close_old_connections not in started
-        assert reset_queries not in started
-        assert close_old_connections not in finished
-    finally:
-        lanes.close()
-        assert lanes.join(10)
-
-
-@requires_lanes
-@pytest.mark.requires_server
-@pytest.mark.parametrize("health_checks", [True, False])
-async def test_lanes_honour_conn_health_checks_like_wsgi(
-    make_app: MakeApp, db_settings: SetSetting, health_checks: bool
-) -> None:
-    # Django's own request_started receiver (which re-arms the health check)
-    # is left out of lane requests: the lane re-arms it when it is bound.
-    db_settings(CONN_MAX_AGE=60, CONN_HEALTH_CHECKS=health_checks)
-    app = make_app(LANES=1)
-    first = await call_http(app, "/backend/")
-    assert first.status == 200
-    await orm(functools.partial(kill_backend, "default", first.json()["backend"]))
-    statuses = [(await call_http(app, "/backend/")).status for _ in range(3)]
-    if health_checks:
-        # The dead connection is noticed before the request's first query.
-        assert statuses == [200, 200, 200]
-    else:
-        # As under WSGI: the first request fails, and its end closes the
-        # broken connection, so the next reconnect.
-        assert statuses == [500, 200, 200]
-    assert app.lanes is not None
-    assert app.lanes.stats().connections_opened == {"default": 2}
-
-
-@requires_lanes
-async def test_streaming_response_keeps_its_lane_until_the_body_is_sent(
-    make_app: MakeApp,
-) -> None:
-    app = make_app(LANES=2)
+    app = make_app(POOL_SIZE=2)
     probe.async_gates["s"] = asyncio.Event()
     started = asyncio.Event()
     request = asyncio.create_task(call_http(app, "/stream/s/", on_start=started.set))
     await entered("s")
     assert started.is_set()
-    lanes = app.lanes
-    assert lanes is not None
-    # The view has returned, the response has started: the lane is still taken.
-    assert lanes.stats().in_use == 1
+    threads = app.request_threads
+    assert threads is not None
+    # The view has returned, the response has started: the thread is still taken.
+    assert threads.stats().busy == 1
     probe.async_gates["s"].set()
     response = await request
     assert response.body == b"start;count=0"
-    assert lanes.stats().in_use == 0
+    assert threads.stats().busy == 0
     view_thread, body_thread = probe.threads["s"]
     assert view_thread == body_thread
-    assert view_thread.startswith("dbbridge-lane-")
+    assert view_thread.startswith("dbbridge-request-")
 
 
-@requires_lanes
-async def test_transaction_left_open_is_rolled_back_and_reported(
+@requires_request_threads
+async def test_transaction_left_open_is_rolled_back_and_reported_once(
     make_app: MakeApp, db_settings: SetSetting
 ) -> None:
     db_settings(CONN_MAX_AGE=60)
-    app = make_app(LANES=1)
-    with pytest.warns(TransactionLeftOpenWarning, match=r"GET /leave-atomic/.*'default'"):
+    app = make_app(POOL_SIZE=1)
+    with pytest.warns(TransactionLeftOpenWarning) as record:
         response = await call_http(app, "/leave-atomic/")
     assert response.status == 200
-    # The same lane serves the next request in a clean state, on a new connection.
+    assert len(record) == 1
+    assert re.search(r"GET /leave-atomic/.*'default'.*rolled back", str(record[0].message))
+    # The connection is back (or closed): nothing is held after the request.
+    assert pool().in_use == 0
+    # The next request runs in a clean state.
     response = await call_http(app, "/sync-query/")
     assert response.json()["count"] == 0
     assert not await orm(Item.objects.filter(name="leftover").exists)
-    assert app.lanes is not None
-    assert app.lanes.stats().connections_opened == {"default": 2}
-    await sessions_become(1)
+    await sessions_become(lambda n: n <= 1)
 
 
-@requires_lanes
-@pytest.mark.parametrize("full", ["wait", "temporary"])
-async def test_no_deadlock_with_more_requests_than_lanes(
-    make_app: MakeApp, db_settings: SetSetting, full: str
+@requires_request_threads
+async def test_no_deadlock_with_more_requests_than_pooled_connections(
+    make_app: MakeApp, project: SettingsWrapper, db_settings: SetSetting
 ) -> None:
+    # Async ORM (the request thread) + db_call (the bridge) in each of 40
+    # concurrent requests, over 2 connections: a thread holds a connection
+    # only during a sync call and gives it back after, so nobody waits for a
+    # connection held by someone who waits for them. Requests queue for
+    # connections (never for threads) and all succeed; the generous
+    # POOL_TIMEOUT is never reached.
+    project.MIDDLEWARE = []
     db_settings(CONN_MAX_AGE=60)
-    app = make_app(LANES=2, MAX_WORKERS=2, LANE_FULL=full)
+    app = make_app(POOL_SIZE=2, MAX_WORKERS=2, POOL_TIMEOUT=60)
     lifespan = Lifespan(app)
     await lifespan.startup()
     responses: list[Response] = await asyncio.wait_for(
-        asyncio.gather(*(call_http(app, "/combo/") for _ in range(40))), timeout=60
+        asyncio.gather(*(call_http(app, "/combo/") for _ in range(40))), timeout=120
     )
     assert {r.status for r in responses} == {200}
-    assert app.lanes is not None
-    stats = app.lanes.stats()
-    assert stats.requests == 40
-    if full == "wait":
-        assert stats.temporaries_started == 0
-        assert stats.connections_opened["default"] <= 2
+    assert pool().timeouts == 0
+    # The bound is a bound: never more than 2 opened (none were closed).
+    assert 1 <= pool().opened <= 2
     await lifespan.shutdown()
     await sessions_become(0)
 
 
-@requires_lanes
-async def test_wait_mode_queues_requests_for_a_lane(
-    make_app: MakeApp, db_settings: SetSetting
+@requires_request_threads
+async def test_a_sync_middleware_holding_the_last_connection_across_db_call_ends_in_503(
+    make_app: MakeApp, db_settings: SetSetting, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The project's sync middleware queries, then runs the view inside the
+    # same sync call, so the request thread holds its connection while the
+    # view awaits db_call, which needs a second one. With a single pooled
+    # connection that is a wait nobody can end: it must end after
+    # POOL_TIMEOUT as a 503, never hang.
+    db_settings(CONN_MAX_AGE=60)
+    app = make_app(POOL_SIZE=1, POOL_TIMEOUT=0.3)
+    with caplog.at_level(logging.ERROR, logger="django.request"):
+        response = await asyncio.wait_for(call_http(app, "/combo/"), timeout=30)
+    assert response.status == 503
+    assert pool().timeouts == 1
+    assert pool().in_use == 0
+
+
+@requires_request_threads
+async def test_pool_timeout_is_answered_503_with_retry_after(
+    make_app: MakeApp, db_settings: SetSetting, caplog: pytest.LogCaptureFixture
 ) -> None:
     db_settings(CONN_MAX_AGE=60)
-    app = make_app(LANES=1, LANE_FULL="wait")
-    first = asyncio.create_task(call_http(app, "/gate/first/"))
-    await entered("first")
-    second = asyncio.create_task(call_http(app, "/gate/second/"))
-    lanes = app.lanes
-    assert lanes is not None
-    await eventually(lambda: lanes.stats().waiting == 1)
-    assert not second.done()
-    assert not probe.entered["second"].is_set()
-    assert await off_loop(server_session_count) == 1
-
-    probe.gates["first"].set()
-    await entered("second")
-    probe.gates["second"].set()
-    a, b = await asyncio.gather(first, second)
-    assert a.json()["thread"] == b.json()["thread"]
-    assert lanes.stats().connections_opened == {"default": 1}
-
-
-@requires_lanes
-async def test_temporary_mode_closes_the_temporary_threads_connections(
-    make_app: MakeApp, db_settings: SetSetting
-) -> None:
-    db_settings(CONN_MAX_AGE=60)
-    app = make_app(LANES=1, LANE_FULL="temporary")
-    first = asyncio.create_task(call_http(app, "/gate/first/"))
-    await entered("first")
-    probe.gates["second"].set()
-    second = await call_http(app, "/gate/second/")
-    assert "-lane-tmp-" in second.json()["thread"]
-    assert not first.done()
-    lanes = app.lanes
-    assert lanes is not None
-    # The temporary thread had a connection and closed it when its request ended.
-    assert lanes.stats().temporaries_started == 1
-    assert lanes.stats().temporary == 0
-    assert await sessions_become(1) == 1
-
-    probe.gates["first"].set()
-    assert (await first).json()["thread"].startswith("dbbridge-lane-")
-
-
-@requires_lanes
-async def test_idle_lanes_retire_and_close_their_connections(
-    make_app: MakeApp, db_settings: SetSetting
-) -> None:
-    db_settings(CONN_MAX_AGE=60)
-    app = make_app(LANES=2, LANE_IDLE_TIMEOUT=0.2)
+    app = make_app(POOL_SIZE=1, POOL_TIMEOUT=0.3)
+    # The gate view holds the only connection inside its sync call.
+    first = asyncio.create_task(call_http(app, "/gate/hold/"))
+    await entered("hold")
+    with caplog.at_level(logging.ERROR, logger="django.request"):
+        second = await asyncio.wait_for(call_http(app, "/sync-query/"), timeout=30)
+    assert second.status == 503
+    assert second.headers[b"retry-after"] == b"1"
+    assert second.headers[b"content-type"] == b"text/plain; charset=utf-8"
+    assert b"'default'" in second.body
+    assert b"POOL_SIZE" in second.body
+    assert b"Traceback" not in second.body  # Django's 500 body was swallowed
+    assert "PoolTimeout" in caplog.text  # Django logged the exception, as for any 500
+    assert pool().timeouts == 1
+    probe.gates["hold"].set()
+    assert (await first).status == 200
+    # A 500 for another reason stays a 500.
     assert (await call_http(app, "/sync-query/")).status == 200
-    lanes = app.lanes
-    assert lanes is not None
-    assert lanes.stats().connections_opened == {"default": 1}
-    await eventually(lambda: lanes.stats().lanes == 0)
-    assert await off_loop(lanes.join, 10)  # the retired thread has ended
-    assert lane_threads() == []
-    await sessions_become(0)
-    # A retired lane is replaced on demand.
+
+
+@requires_request_threads
+async def test_idle_request_threads_retire(make_app: MakeApp) -> None:
+    app = make_app(POOL_SIZE=2, IDLE_TIMEOUT=0.2)
     assert (await call_http(app, "/sync-query/")).status == 200
-    assert lanes.stats().requests == 2
+    threads = app.request_threads
+    assert threads is not None
+    await eventually(lambda: threads.stats().retired == 1)
+    assert threads.stats().idle == 0
+    await eventually(lambda: request_thread_names() == [])
+    # A retired thread is replaced on demand.
+    assert (await call_http(app, "/sync-query/")).status == 200
+    assert threads.stats().started == 2
 
 
-@requires_lanes
-async def test_cancelled_request_gives_its_lane_back(make_app: MakeApp) -> None:
+@requires_request_threads
+async def test_cancelled_request_gives_its_thread_back(make_app: MakeApp) -> None:
     # A raw app, not Django: Django's handler leaks its request body file when
     # cancelled mid-view (a ResourceWarning at some later garbage collection).
     started, gate = threading.Event(), threading.Event()
@@ -622,123 +515,115 @@ async def test_cancelled_request_gives_its_lane_back(make_app: MakeApp) -> None:
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    app = make_app(inner, LANES=1, LANE_FULL="wait")
+    app = make_app(inner, POOL_SIZE=1)
     request = asyncio.create_task(call_http(app, "/"))
     await eventually(started.is_set)
     request.cancel()
-    # The running call cannot be interrupted: the release waits behind it.
+    # The running call cannot be interrupted: the end of the request waits behind it.
     gate.set()
     with pytest.raises(asyncio.CancelledError):
         await request
-    lanes = app.lanes
-    assert lanes is not None
-    assert lanes.stats().in_use == 0
-    # The single lane is free again, for a request that would otherwise wait.
+    threads = app.request_threads
+    assert threads is not None
+    await eventually(lambda: threads.stats().busy == 0)
+    assert pool().in_use == 0
+    # The thread is reused by the next request.
     started.clear()
     response = await asyncio.wait_for(call_http(app, "/"), timeout=10)
     assert response.status == 204
-    assert lanes.stats().requests == 2
+    assert threads.stats().started == 1
 
 
-# -- without lanes ---------------------------------------------------------------
+def test_djangos_request_signals_are_not_patched() -> None:
+    from django.db import close_old_connections, reset_queries
+    from django.dispatch import Signal
+
+    import async_dbbridge.asgi  # noqa: F401  # importing the wrapper changes nothing
+
+    for signal in (request_started, request_finished):
+        # No instance attribute shadows the Signal class's own methods.
+        assert not {"_live_receivers", "asend", "send"} & set(vars(signal))
+        assert type(signal) is Signal
+    started, _ = request_started._live_receivers(None)
+    finished, _ = request_finished._live_receivers(None)
+    assert close_old_connections in started
+    assert reset_queries in started
+    assert close_old_connections in finished
+    # No receiver of the library's own on either signal.
+    for signal in (request_started, request_finished):
+        live, async_live = signal._live_receivers(None)
+        for receiver in [*live, *async_live]:
+            assert not getattr(receiver, "__module__", "").startswith("async_dbbridge")
 
 
-async def test_lanes_disabled_closes_per_request_connections(
-    make_app: MakeApp, db_settings: SetSetting
+@requires_request_threads
+@pytest.mark.requires_server
+@pytest.mark.parametrize("health_checks", [True, False])
+async def test_conn_health_checks_after_a_killed_backend_behave_like_wsgi(
+    make_app: MakeApp,
+    db_settings: SetSetting,
+    monkeypatch: pytest.MonkeyPatch,
+    health_checks: bool,
+) -> None:
+    # The pool pings a connection taken after it sat idle HEALTH_CHECK_IDLE
+    # seconds; 0 here, so the check does not depend on how long the kill took.
+    monkeypatch.setattr(async_dbbridge._pool, "HEALTH_CHECK_IDLE", 0.0)
+    db_settings(CONN_MAX_AGE=60, CONN_HEALTH_CHECKS=health_checks)
+    app = make_app(POOL_SIZE=1)
+    first = await call_http(app, "/backend/")
+    assert first.status == 200
+    await orm(functools.partial(kill_backend, "default", first.json()["backend"]))
+    statuses = [(await call_http(app, "/backend/")).status for _ in range(3)]
+    if health_checks:
+        # The dead connection is noticed before the request's first query.
+        assert statuses == [200, 200, 200]
+    else:
+        # As under WSGI: the first request fails, and the broken connection is
+        # closed rather than given back, so the next ones reconnect.
+        assert statuses == [500, 200, 200]
+    assert pool().opened == 2
+    assert pool().timeouts == 0
+
+
+# -- per-request threads (asgiref < 3.13) ---------------------------------------
+
+
+@pytest.fixture
+def old_asgiref(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(async_dbbridge._compat, "REQUEST_THREADS_SUPPORTED", False)
+
+
+@pytest.mark.usefixtures("old_asgiref")
+async def test_old_asgiref_closes_per_request_connections(
+    make_app: MakeApp, db_settings: SetSetting, caplog: pytest.LogCaptureFixture
 ) -> None:
     db_settings(CONN_MAX_AGE=60)
-    app = make_app(LANES=0)
-    response = await call_http(app, "/sync-query/")
+    app = make_app(POOL_SIZE=4)
+    with caplog.at_level(logging.WARNING, logger="async_dbbridge"):
+        response = await call_http(app, "/sync-query/")
     assert response.status == 200
     assert app.mode == "per-request"
-    assert app.lanes is None
-    assert "-lane-" not in response.json()["thread"]
+    assert app.request_threads is None
+    assert "asgiref >= 3.13" in caplog.text
+    assert "-request-" not in response.json()["thread"]
     # Django alone would strand this connection (CONN_MAX_AGE=60, dead thread).
     await sessions_become(0)
-    stats = get_bridge_executor().stats()
-    assert stats.lanes == 0
-    # How the fallback (asgiref < 3.13, or LANES=0) shows in stats().
-    assert stats.request_mode == "per-request"
+    assert stats().request_threads is None
 
 
-async def test_lanes_disabled_reports_transaction_left_open(make_app: MakeApp) -> None:
-    app = make_app(LANES=0)
+@pytest.mark.usefixtures("old_asgiref")
+async def test_old_asgiref_reports_transaction_left_open(make_app: MakeApp) -> None:
+    app = make_app()
     with pytest.warns(TransactionLeftOpenWarning, match="GET /leave-atomic/"):
         await call_http(app, "/leave-atomic/")
     assert not await orm(Item.objects.filter(name="leftover").exists)
     await sessions_become(0)
 
 
-async def test_old_asgiref_falls_back_to_per_request_threads(
-    make_app: MakeApp,
-    db_settings: SetSetting,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    monkeypatch.setattr(async_dbbridge.asgi, "LANES_SUPPORTED", False)
-    db_settings(CONN_MAX_AGE=60)
-    app = make_app(LANES=4)
-    with caplog.at_level(logging.WARNING, logger="async_dbbridge"):
-        response = await call_http(app, "/sync-query/")
-    assert response.status == 200
-    assert app.mode == "per-request"
-    assert "asgiref >= 3.13" in caplog.text
-    await sessions_become(0)
-
-
-def test_lane_support_is_detected_from_asgiref() -> None:
-    # Lane tests are skipped without support: make sure that only happens on
-    # an asgiref that really lacks ThreadSensitiveContext(executor=...).
+def test_request_thread_support_is_detected_from_asgiref() -> None:
+    # Request-thread tests are skipped without support: make sure that only
+    # happens on an asgiref that really lacks ThreadSensitiveContext(executor=...).
     import asgiref
 
     major, minor = (int(part) for part in asgiref.__version__.split(".")[:2])
-    assert ((major, minor) >= (3, 13)) == LANES_SUPPORTED
-
-
-def test_check_warns_when_lanes_are_unavailable(
-    settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import async_dbbridge._lanes
-    from async_dbbridge.checks import check_settings
-
-    settings.ASYNC_DBBRIDGE = {"LANES": 4}
-    monkeypatch.setattr(async_dbbridge._lanes, "LANES_SUPPORTED", True)
-    assert check_settings() == []
-    monkeypatch.setattr(async_dbbridge._lanes, "LANES_SUPPORTED", False)
-    [message] = check_settings()
-    assert message.id == "async_dbbridge.W001"
-    settings.ASYNC_DBBRIDGE = {"LANES": 0}
-    assert check_settings() == []
-
-
-def test_settings_are_validated(settings: SettingsWrapper) -> None:
-    from django.core.exceptions import ImproperlyConfigured
-
-    from async_dbbridge.conf import get_settings
-
-    settings.ASYNC_DBBRIDGE = {"MAX_WORKERS": 3}
-    parsed = get_settings()
-    assert (parsed.lanes, parsed.lane_full) == (3, "wait")
-    assert parsed.lane_idle_timeout == parsed.idle_timeout
-    assert parsed.shutdown_timeout == 10.0
-    assert parsed.lane_wait_timeout == 1.0
-    settings.ASYNC_DBBRIDGE = {"LANE_FULL": "temporary"}
-    assert get_settings().lane_wait_timeout is None
-    settings.ASYNC_DBBRIDGE = {"LANE_WAIT_TIMEOUT": None}
-    assert get_settings().lane_wait_timeout is None  # wait for ever
-    settings.ASYNC_DBBRIDGE = {"LANE_FULL": "wait", "LANE_WAIT_TIMEOUT": 2}
-    assert get_settings().lane_wait_timeout == 2.0
-    for key, value, expected in [
-        ("LANES", -1, "an integer >= 0"),
-        ("LANES", True, "an integer >= 0"),
-        ("LANE_FULL", "block", "'temporary' or 'wait'"),
-        ("LANE_IDLE_TIMEOUT", 0, "> 0"),
-        ("SHUTDOWN_TIMEOUT", "10", "a number of seconds"),
-        ("LANE_WAIT_TIMEOUT", 0, "> 0"),
-    ]:
-        settings.ASYNC_DBBRIDGE = {key: value}
-        with pytest.raises(ImproperlyConfigured, match=rf"\['{key}'\].*{expected}"):
-            get_settings()
-    settings.ASYNC_DBBRIDGE = {"LANE_FULL": "temporary", "LANE_WAIT_TIMEOUT": 1.0}
-    with pytest.raises(ImproperlyConfigured, match="None unless LANE_FULL is 'wait'"):
-        get_settings()
+    assert ((major, minor) >= (3, 13)) == REQUEST_THREADS_SUPPORTED

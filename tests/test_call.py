@@ -14,6 +14,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
 
+import async_dbbridge
 from async_dbbridge import (
     DBExecutor,
     db_call,
@@ -140,6 +141,11 @@ async def test_db_call_runs_on_the_bridge_and_copies_context() -> None:
     assert stats.calls == 2
     assert stats.connections_opened["default"] == opened  # reused
     assert stats.connections_open == {"default": 1}
+    # The bridge's connections are the pool's: given back after each call,
+    # kept open under CONN_MAX_AGE=60.
+    assert stats.pooled
+    pool = async_dbbridge.stats().pools["default"]
+    assert (pool.in_use, pool.idle, pool.opened) == (0, 1, opened)
 
 
 async def test_db_call_passes_args_and_kwargs() -> None:

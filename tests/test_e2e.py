@@ -2,7 +2,7 @@
 
 uvicorn runs in a thread of the test process (no signal handlers off the main
 thread; poll ``started``, set ``should_exit``, join — the httpx test pattern),
-so the test can read the lane set's and the bridge's stats while it serves,
+so the test can read the pool's and the bridge's stats while it serves,
 and sample the server's session count in another thread during the burst.
 """
 
@@ -25,8 +25,8 @@ from django.core.handlers.asgi import ASGIHandler
 from django.db import connections
 from pytest_django.fixtures import Settings
 
-from async_dbbridge import ExecutorStats, get_bridge_executor, reset_bridge_executor
-from async_dbbridge._lanes import LANES_SUPPORTED, LaneStats
+from async_dbbridge import PoolStats, reset_bridge_executor, stats
+from async_dbbridge._compat import REQUEST_THREADS_SUPPORTED
 from async_dbbridge.asgi import ASGIApp, DBBridgeASGIApp
 from async_dbbridge.testing import server_session_count, wait_for_server_sessions
 from tests.conftest import SetSetting
@@ -39,8 +39,8 @@ pytestmark = [
     pytest.mark.timeout(30),
 ]
 
-requires_lanes = pytest.mark.skipif(
-    not LANES_SUPPORTED, reason="request lanes need asgiref >= 3.13"
+requires_request_threads = pytest.mark.skipif(
+    not REQUEST_THREADS_SUPPORTED, reason="request threads need asgiref >= 3.13"
 )
 
 PATHS = ("/sync-query/", "/async-orm/", "/db-call/", "/atomic-write/", "/combo/")
@@ -143,18 +143,16 @@ def project(settings: Settings, db_settings: SetSetting) -> Settings:
     return settings
 
 
-def lane_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if "-lane-" in t.name]
+def request_thread_names() -> list[str]:
+    return [t.name for t in threading.enumerate() if "-request-" in t.name]
 
 
 @dataclass
 class BurstResult:
     statuses: Counter[int]
     peak_sessions: int
-    lanes: LaneStats | None
-    bridge: ExecutorStats
-    # Connections opened by lanes, temporaries and bridge workers together.
-    opened: int
+    # The pool of "default" as the burst left it (before the shutdown closed it).
+    pool: PoolStats | None
 
 
 def serve_burst(app: DBBridgeASGIApp, *, requests: int = REQUESTS) -> BurstResult:
@@ -168,85 +166,75 @@ def serve_burst(app: DBBridgeASGIApp, *, requests: int = REQUESTS) -> BurstResul
             statuses = asyncio.run(burst(server.url, n=requests))
         finally:
             peak = sampler.stop()
-        lanes, bridge = app.lanes, get_bridge_executor()
-    # Read after the server exited: a response goes out before its request's
-    # request_finished and lane release, and only the shutdown waits for those.
-    lane_stats = lanes.stats() if lanes is not None else None
-    bridge_stats = bridge.stats()
-    opened = bridge_stats.connections_opened.get("default", 0)
-    if lane_stats is not None:
-        opened += lane_stats.connections_opened.get("default", 0)
-    return BurstResult(statuses, peak, lane_stats, bridge_stats, opened)
+        pool = stats().pools.get("default")
+    return BurstResult(statuses, peak, pool)
 
 
-@requires_lanes
-def test_burst_with_waiting_lanes_stays_within_the_bound(project: Settings) -> None:
-    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 4, "LANES": 4, "LANE_FULL": "wait"}
+@requires_request_threads
+def test_burst_stays_within_pool_size_and_shutdown_closes_every_session(
+    project: Settings,
+) -> None:
+    # Each request needs at most one connection at a time (no sync middleware
+    # holding one across a view that awaits db_call; test_asgi shows how that
+    # ends), so the pool serves the whole burst with 4 connections per alias:
+    # request threads and bridge workers share them.
+    project.MIDDLEWARE = []
+    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 4, "POOL_SIZE": 4, "POOL_TIMEOUT": 20}
     app = DBBridgeASGIApp(ASGIHandler())
     result = serve_burst(app)
     assert result.statuses == {200: REQUESTS}
-    # The strict bound: lanes + bridge workers, whatever the concurrency.
-    assert 1 <= result.peak_sessions <= 4 + 4
-    # Reused: a handful of connects for hundreds of requests.
-    assert result.opened <= 4 + 4, result
-    assert result.lanes is not None
-    assert result.lanes.requests == REQUESTS + 1
-    assert result.lanes.temporaries_started == 0
-    # Lifespan shutdown closed everything before uvicorn returned.
-    assert lane_threads() == []
+    # The bound is a bound: never more sessions than POOL_SIZE, whatever the
+    # concurrency (32 clients), and connections were really opened.
+    assert 1 <= result.peak_sessions <= 4, result
+    assert result.pool is not None
+    assert 1 <= result.pool.opened <= 4
+    assert result.pool.timeouts == 0
+    # Lifespan shutdown closed the pools and ended the request threads.
+    assert stats().pools == {}
+    assert request_thread_names() == []
     wait_for_server_sessions("default", 0)
 
 
-@requires_lanes
-def test_burst_with_temporary_overflow_closes_every_connection(project: Settings) -> None:
-    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 2, "LANES": 2, "LANE_FULL": "temporary"}
-    app = DBBridgeASGIApp(ASGIHandler())
-    result = serve_burst(app)
-    assert result.statuses == {200: REQUESTS}
-    # Not a strict bound in this mode: connections follow the concurrency.
-    # (A client sends its next request as soon as it has a response, while the
-    # server still runs request_finished for the last one: up to twice the
-    # client's concurrency can be in the server at once.)
-    assert 1 <= result.peak_sessions <= 2 + 2 + 2 * CONCURRENCY
-    assert result.lanes is not None
-    # Lanes and workers reuse theirs; each temporary thread opened one and closed it.
-    assert result.opened <= 2 + 2 + result.lanes.temporaries_started, result
-    assert result.lanes.requests == REQUESTS + 1
-    assert lane_threads() == []
-    wait_for_server_sessions("default", 0)
+def test_burst_on_per_request_threads_closes_their_connections(
+    project: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asgiref < 3.13: no reuse, but nothing is stranded either."""
+    import async_dbbridge._compat
 
-
-def test_burst_without_lanes_closes_per_request_connections(project: Settings) -> None:
-    """LANES=0 (and asgiref < 3.13): no reuse, but nothing is stranded either."""
-    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 2, "LANES": 0}
+    monkeypatch.setattr(async_dbbridge._compat, "REQUEST_THREADS_SUPPORTED", False)
+    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 2}
     app = DBBridgeASGIApp(ASGIHandler())
     result = serve_burst(app, requests=100)
     assert result.statuses == {200: 100}
     assert app.mode == "per-request"
-    assert 1 <= result.peak_sessions <= 2 + 2 * CONCURRENCY  # as with temporaries
+    # Each request's own thread has one, plus the bridge's pool.
+    assert 1 <= result.peak_sessions <= 2 + CONCURRENCY
     wait_for_server_sessions("default", 0)
 
 
-@requires_lanes
+@requires_request_threads
 def test_without_lifespan_the_first_request_sets_up_and_aclose_cleans_up(
     project: Settings,
 ) -> None:
-    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 4, "LANES": 4, "LANE_FULL": "wait"}
+    project.MIDDLEWARE = []  # see the burst test above
+    project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 4, "POOL_SIZE": 4, "POOL_TIMEOUT": 20}
     app = DBBridgeASGIApp(ASGIHandler())
     with ServerThread(app, lifespan="off") as server:
         assert get(server.url)["thread"].startswith("dbbridge-")
         statuses = asyncio.run(burst(server.url, n=100))
-        assert get_bridge_executor().stats().lanes >= 1
-        lanes = app.lanes
-        assert lanes is not None
-        opened = lanes.stats().connections_opened["default"]
+        threads = app.request_threads
+        assert threads is not None
+        opened = stats().pools["default"].opened
     assert statuses == {200: 100}
     assert 1 <= opened <= 4
-    # The loop's end leaves the shared bridge and the lanes up: they outlive
-    # the server until aclose() (or idle retirement, or interpreter exit).
-    assert lanes.counts()[0] >= 1
+    # The loop's end leaves the shared bridge, the request threads and the
+    # pools up: they outlive the server until aclose() (or idle retirement,
+    # or interpreter exit).
+    assert threads.stats().idle >= 1
+    assert stats().pools["default"].idle >= 1
     asyncio.run(app.aclose())
-    assert lane_threads() == []
+    assert request_thread_names() == []
+    assert stats().pools == {}
     wait_for_server_sessions("default", 0)
 
 

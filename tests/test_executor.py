@@ -508,7 +508,7 @@ def test_stats_has_counts_only_never_settings() -> None:
         assert secret not in text
     assert set(data) >= {
         "workers", "busy", "idle", "queued", "calls", "errors",
-        "connections_open", "connections_opened", "connections_closed", "lanes_in_use",
+        "connections_open", "connections_opened", "connections_closed", "pooled",
     }  # fmt: skip
 
 

@@ -156,12 +156,18 @@ def pg_connection() -> Any:
 
 
 def ids_of_all_workers(run: Callable[[Callable[[], int]], list[int]], n: int) -> set[int]:
-    """Backend ids of ``n`` workers: a barrier keeps each call on its own thread."""
+    """Backend ids of ``n`` workers: a barrier keeps each call on its own thread.
+
+    The barrier comes after the query: a pooled worker (the bridge's) holds its
+    connection until its call returns, so the ``n`` calls hold ``n``
+    connections at once — all the pool has, when it has ``n``.
+    """
     barrier = threading.Barrier(n, timeout=CHILD_DEADLINE)
 
     def together() -> int:
+        backend = backend_id()
         barrier.wait()
-        return backend_id()
+        return backend
 
     return set(run(together))
 

@@ -22,9 +22,9 @@ from django.core.handlers.asgi import ASGIHandler
 from django.db import transaction
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-import async_dbbridge.asgi
+import async_dbbridge._compat
 from async_dbbridge import TransactionLeftOpenWarning, db_call
-from async_dbbridge._lanes import LANES_SUPPORTED
+from async_dbbridge._compat import REQUEST_THREADS_SUPPORTED
 from async_dbbridge.asgi import DBBridgeASGIApp
 from tests.conftest import SetSetting, eventually, sessions_become
 from tests.e2e_project.driver import Lifespan, call_http
@@ -37,14 +37,24 @@ pytestmark = [
     pytest.mark.usefixtures("main_thread_closed"),
 ]
 
-requires_lanes = pytest.mark.skipif(
-    not LANES_SUPPORTED, reason="request lanes need asgiref >= 3.13"
+requires_request_threads = pytest.mark.skipif(
+    not REQUEST_THREADS_SUPPORTED, reason="request threads need asgiref >= 3.13"
 )
+# Both ways the wrapper serves requests; "per-request" is what asgiref < 3.13 gets.
+MODES = [pytest.param("request-threads", marks=requires_request_threads), "per-request"]
+
+
+@pytest.fixture
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "per-request":
+        # Failure injection: the wrapper's feature detection, as on asgiref < 3.13.
+        monkeypatch.setattr(async_dbbridge._compat, "REQUEST_THREADS_SUPPORTED", False)
+    return str(request.param)
 
 
 @pytest.fixture
 def apps(settings: SettingsWrapper) -> Iterator[list[DBBridgeASGIApp]]:
-    """The e2e project's settings; the lanes of every app a test builds are closed after."""
+    """The e2e project's settings; the request threads of every app a test builds end after."""
     for key, value in OVERRIDES.items():
         setattr(settings, key, value)
     probe.reset()
@@ -53,9 +63,9 @@ def apps(settings: SettingsWrapper) -> Iterator[list[DBBridgeASGIApp]]:
     for gate in list(probe.gates.values()):
         gate.set()
     for app in built:
-        if app.lanes is not None:
-            app.lanes.close()
-            assert app.lanes.join(10), f"{app.lanes!r} did not exit"
+        threads = app.request_threads
+        if threads is not None:
+            assert threads.close(10), f"{threads!r} did not end"
 
 
 def make_app(
@@ -87,7 +97,7 @@ def visible(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 # -- startup and shutdown ---------------------------------------------------------
 
 
-@requires_lanes
+@requires_request_threads
 async def test_lifespan_logs_one_line_at_startup_and_one_at_shutdown(
     settings: SettingsWrapper,
     apps: list[DBBridgeASGIApp],
@@ -95,19 +105,22 @@ async def test_lifespan_logs_one_line_at_startup_and_one_at_shutdown(
     log: pytest.LogCaptureFixture,
 ) -> None:
     db_settings(CONN_MAX_AGE=60)
-    app = make_app(settings, apps, LANES=2)
+    app = make_app(settings, apps, POOL_SIZE=2)
     lifespan = Lifespan(app)
     assert await lifespan.startup() == {"type": "lifespan.startup.complete"}
     [started] = visible(log)
     assert started.levelno == logging.INFO
     line = started.getMessage()
     assert line.startswith(f"async_dbbridge started (pid {os.getpid()}): ")
-    assert "requests on lanes (LANES=2, LANE_FULL='wait')" in line
+    assert "requests on request threads (HOLD='transaction')" in line
+    assert "one connection pool per alias (POOL_SIZE=2 for 'default', 'other', " in line
+    assert "POOL_TIMEOUT=5s)" in line
     assert "db_call on bridge workers (MAX_WORKERS=3, POLICY='request')" in line
     assert line.endswith(f"asgiref {asgiref.__version__}, Django {django.get_version()}")
     log.clear()
 
-    # A lane and a bridge worker each keep a connection (CONN_MAX_AGE=60).
+    # /db-call/ holds two pooled connections at once: the sync middleware's
+    # on the request thread, the bridge's; both stay open (CONN_MAX_AGE=60).
     assert (await call_http(app, "/sync-query/")).status == 200
     assert (await call_http(app, "/db-call/")).status == 200
     assert await sessions_become(2) == 2
@@ -122,42 +135,24 @@ async def test_lifespan_logs_one_line_at_startup_and_one_at_shutdown(
     await sessions_become(0)
 
 
-async def test_startup_line_says_requests_run_on_per_request_threads(
-    settings: SettingsWrapper, apps: list[DBBridgeASGIApp], log: pytest.LogCaptureFixture
+@pytest.mark.parametrize("mode", ["per-request"], indirect=True)
+async def test_without_asgiref_support_startup_is_one_warning_line(
+    settings: SettingsWrapper, apps: list[DBBridgeASGIApp], log: pytest.LogCaptureFixture, mode: str
 ) -> None:
-    app = make_app(settings, apps, LANES=0)
-    lifespan = Lifespan(app)
-    await lifespan.startup()
-    [started] = visible(log)
-    assert started.levelno == logging.INFO
-    assert "requests on per-request threads, closed at request end (LANES=0)" in (
-        started.getMessage()
-    )
-    await lifespan.shutdown()
-
-
-async def test_lanes_without_asgiref_support_is_one_warning_line_at_startup(
-    settings: SettingsWrapper,
-    apps: list[DBBridgeASGIApp],
-    log: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Failure injection: the wrapper's feature detection, as on asgiref < 3.13.
-    monkeypatch.setattr(async_dbbridge.asgi, "LANES_SUPPORTED", False)
-    app = make_app(settings, apps, LANES=4)
+    app = make_app(settings, apps)
     lifespan = Lifespan(app)
     await lifespan.startup()
     # The startup line itself says it, louder; not a second line beside it.
     [started] = visible(log)
     assert started.levelno == logging.WARNING
     assert (
-        "requests on per-request threads, closed at request end: LANES=4 but request "
-        "lanes need asgiref >= 3.13" in started.getMessage()
+        "requests on per-request threads, closed at request end: request threads "
+        "need asgiref >= 3.13" in started.getMessage()
     )
     await lifespan.shutdown()
 
 
-@requires_lanes
+@requires_request_threads
 async def test_shutdown_with_work_in_flight_is_one_warning_line(
     settings: SettingsWrapper,
     apps: list[DBBridgeASGIApp],
@@ -165,12 +160,12 @@ async def test_shutdown_with_work_in_flight_is_one_warning_line(
     log: pytest.LogCaptureFixture,
 ) -> None:
     db_settings(CONN_MAX_AGE=60)
-    app = make_app(settings, apps, LANES=2, SHUTDOWN_TIMEOUT=0.3)
+    app = make_app(settings, apps, POOL_SIZE=2, SHUTDOWN_TIMEOUT=0.3)
     lifespan = Lifespan(app)
     await lifespan.startup()
     request = asyncio.create_task(call_http(app, "/gate/stuck/"))
     await eventually(probe.entered["stuck"].is_set)
-    # The stuck request's lane holds its connection (the view queried first).
+    # The stuck request's thread holds its connection (the view queried first).
     assert await sessions_become(1) == 1
     log.clear()
 
@@ -179,8 +174,8 @@ async def test_shutdown_with_work_in_flight_is_one_warning_line(
     assert stopped.levelno == logging.WARNING
     assert stopped.getMessage() == (
         "async_dbbridge stopped after SHUTDOWN_TIMEOUT=0.3s with work in flight: "
-        "1 request(s) on lanes, 0 bridge call(s), holding 1 connection(s) that close "
-        "when that work ends; closed 0 connection(s)"
+        "1 request(s) on request threads, 0 bridge call(s), holding 1 connection(s) that "
+        "close when that work ends; closed 0 connection(s)"
     )
 
     probe.gates["stuck"].set()
@@ -188,30 +183,29 @@ async def test_shutdown_with_work_in_flight_is_one_warning_line(
     await sessions_become(0)
 
 
-@requires_lanes
-@pytest.mark.parametrize("full", ["wait", "temporary"])
+@requires_request_threads
 async def test_a_burst_of_requests_logs_nothing_at_info(
     settings: SettingsWrapper,
     apps: list[DBBridgeASGIApp],
     db_settings: SetSetting,
     log: pytest.LogCaptureFixture,
-    full: str,
 ) -> None:
+    # No sync middleware: it would hold a connection across /db-call/'s
+    # db_call, which needs a second one (test_asgi shows how that ends).
+    settings.MIDDLEWARE = []
     db_settings(CONN_MAX_AGE=60)
-    app = make_app(settings, apps, LANES=2, LANE_FULL=full)
+    app = make_app(settings, apps, POOL_SIZE=2, POOL_TIMEOUT=60)
     lifespan = Lifespan(app)
     await lifespan.startup()
     log.clear()
-    # More requests than lanes (queued for a lane, or on temporary threads),
-    # through every path: sync view and middleware, async ORM, db_call.
+    # More requests than pooled connections, through every path: sync view,
+    # async ORM, db_call.
     paths = ["/sync-query/", "/async-orm/", "/db-call/", "/combo/", "/pure-async/"]
     responses = await asyncio.wait_for(
         asyncio.gather(*(call_http(app, paths[i % len(paths)]) for i in range(40))),
         timeout=60,
     )
     assert {r.status for r in responses} == {200}
-    assert app.lanes is not None
-    assert app.lanes.stats().requests == 40
     assert visible(log) == []
     await lifespan.shutdown()
     await sessions_become(0)
@@ -227,14 +221,14 @@ def reports(caplog: pytest.LogCaptureFixture, caught: list[warnings.WarningMessa
     ] + [r.getMessage() for r in visible(caplog)]
 
 
-@pytest.mark.parametrize("lanes", [pytest.param(1, marks=requires_lanes), 0])
+@pytest.mark.parametrize("mode", MODES, indirect=True)
 async def test_request_leaving_a_transaction_open_is_reported_once(
     settings: SettingsWrapper,
     apps: list[DBBridgeASGIApp],
     log: pytest.LogCaptureFixture,
-    lanes: int,
+    mode: str,
 ) -> None:
-    app = make_app(settings, apps, LANES=lanes)
+    app = make_app(settings, apps)
     lifespan = Lifespan(app)
     await lifespan.startup()
     log.clear()  # the startup line
@@ -274,14 +268,14 @@ async def failing_app(scope: Any, receive: Any, send: Any) -> None:
     raise RuntimeError("the app failed")
 
 
-@pytest.mark.parametrize("lanes", [pytest.param(1, marks=requires_lanes), 0])
+@pytest.mark.parametrize("mode", MODES, indirect=True)
 async def test_app_error_keeps_its_exception_and_carries_the_report_once(
     settings: SettingsWrapper,
     apps: list[DBBridgeASGIApp],
     log: pytest.LogCaptureFixture,
-    lanes: int,
+    mode: str,
 ) -> None:
-    app = make_app(settings, apps, failing_app, LANES=lanes)
+    app = make_app(settings, apps, failing_app)
     lifespan = Lifespan(app)
     await lifespan.startup()
     log.clear()  # the startup line

@@ -236,7 +236,7 @@ def run_scenario(body: str) -> Any:
             "    INSTALLED_APPS=['async_dbbridge', 'tests.testapp'],",
             "    SECRET_KEY='tests-only', USE_TZ=True,",
             "    DEFAULT_AUTO_FIELD='django.db.models.BigAutoField',",
-            "    ASYNC_DBBRIDGE={'MAX_WORKERS': 4, 'LANES': 2}, **OVERRIDES,",
+            "    ASYNC_DBBRIDGE={'MAX_WORKERS': 4, 'POOL_SIZE': 2}, **OVERRIDES,",
             ")",
             "django.setup()",
             "def scenario():",

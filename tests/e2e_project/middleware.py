@@ -11,7 +11,7 @@ from tests.testapp.models import Item
 
 
 class SyncQueryMiddleware:
-    """Sync-only: under ASGI, Django runs it through ``sync_to_async`` — on the lane."""
+    """Sync-only: under ASGI, Django runs it through ``sync_to_async`` — on the request thread."""
 
     sync_capable = True
     async_capable = False

@@ -26,7 +26,7 @@ class Probe:
         self.reset()
 
     def reset(self) -> None:
-        # Views on lane threads wait on these; the test opens them.
+        # Views on request threads wait on these; the test opens them.
         self.gates: defaultdict[str, threading.Event] = defaultdict(threading.Event)
         # Set by a view when it reaches its gate, awaited by the test.
         self.entered: defaultdict[str, threading.Event] = defaultdict(threading.Event)
@@ -63,7 +63,7 @@ def atomic_write(request: HttpRequest) -> JsonResponse:
 
 
 async def combo(request: HttpRequest) -> JsonResponse:
-    """Async ORM (thread-sensitive: the lane) and db_call (the bridge) in one request."""
+    """Async ORM (thread-sensitive: the request thread) and db_call (the bridge) in one request."""
     first = await Item.objects.acount()
     second = await db_call(Item.objects.count)
     exists = await Item.objects.filter(value__gte=0).aexists()
@@ -128,7 +128,7 @@ def stream(request: HttpRequest, name: str) -> StreamingHttpResponse:
 
 
 async def async_stream(request: HttpRequest, name: str) -> StreamingHttpResponse:
-    """An async view streaming from the event loop, no sync work: needs no lane."""
+    """An async view streaming from the event loop, no sync work: takes no request thread."""
     opened = probe.async_gates[name]
 
     async def body() -> AsyncIterator[bytes]:
@@ -141,7 +141,7 @@ async def async_stream(request: HttpRequest, name: str) -> StreamingHttpResponse
 
 
 async def long_poll(request: HttpRequest, name: str) -> HttpResponse:
-    """An async view that waits for an event before it answers: needs no lane."""
+    """An async view that waits for an event before it answers: takes no request thread."""
     probe.entered[name].set()
     await probe.async_gates[name].wait()
     return HttpResponse("event")
