@@ -31,9 +31,10 @@ from django.core.handlers.asgi import ASGIHandler
 from django.db import connections
 from pytest_django.fixtures import Settings
 
+import async_dbbridge
 from async_dbbridge import PoolStats, db_call
 from async_dbbridge import _pool as pool_module
-from async_dbbridge._pool import close_pools, pool_stats
+from async_dbbridge._pool import close_pools
 from async_dbbridge.asgi import ASGIApp, DBBridgeASGIApp
 from async_dbbridge.testing import server_session_count, wait_for_server_sessions
 from tests.conftest import SetSetting, backend_id, kill_backend
@@ -192,8 +193,8 @@ def until(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -
 
 
 def stats(alias: str = "default") -> PoolStats:
-    """The alias's pool, as this process's pool statistics describe it."""
-    pools = pool_stats()
+    """The alias's pool, as the public `async_dbbridge.stats()` describes it."""
+    pools = async_dbbridge.stats().pools
     assert alias in pools, f"no connection pool for {alias!r} in this process"
     return pools[alias]
 
@@ -470,7 +471,7 @@ def test_fork_resets_the_pool_in_the_child_and_the_parent_keeps_its_session(
 
     def child() -> dict[str, Any]:
         # The inherited pool is forgotten: its connection is the parent's.
-        assert pool_stats() == {}
+        assert async_dbbridge.stats().pools == {}
         served = asyncio.run(call_http(application, "/backend/"))
         assert served.status == 200, served.body
 
