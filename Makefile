@@ -9,7 +9,7 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap bootstrap-all demo lint test matrix docs bench clean
+.PHONY: help bootstrap bootstrap-all demo lint test matrix peers docs bench clean
 
 help:
 	@echo "make bootstrap      create/update .venv (Python 3.11, Django 5.2)"
@@ -18,6 +18,7 @@ help:
 	@echo "make lint           ruff check, ruff format --check, mypy"
 	@echo "make test           bootstrap-all + lint + pytest matrix (PYTEST_ARGS, BACKENDS, DJANGO_SERIES)"
 	@echo "make matrix         only the pytest matrix (no bootstrap, no lint)"
+	@echo "make peers          asgiref's and Django's own suites with the bridge (scripts/peer_suites.sh)"
 	@echo "make docs           mkdocs build --strict"
 	@echo "make bench          run benchmarks/bench_*.py"
 	@echo "make clean          remove venvs, stamps and caches"
@@ -51,6 +52,11 @@ test: bootstrap-all
 
 matrix:
 	@scripts/test_matrix.sh $(PYTEST_ARGS)
+
+# Downloads the sdists of the installed asgiref and Django (cached) and runs
+# their suites with the bridge in place; expected failures: tests/peers/.
+peers: bootstrap-all
+	@scripts/peer_suites.sh
 
 docs:
 	@if [ ! -f mkdocs.yml ]; then echo "docs: no mkdocs.yml yet, nothing to build"; exit 0; fi; \
