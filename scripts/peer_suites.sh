@@ -131,7 +131,7 @@ extract() {
     echo "$dest/$top"
 }
 
-declare -a rows=()
+declare -a rows=() notes=()
 failed=0
 
 # row NAME RESULT PASSED FAILED XFAIL SKIPPED SECONDS
@@ -144,7 +144,14 @@ pytest_counts() {
     local line
     line="$(grep -E '^=* ?[0-9]+ (passed|failed|skipped|errors?|xfailed|xpassed)' "$1" | grep -E ' in [0-9.]+s' | tail -n1)"
     c_p=0 c_f=0 c_x=0 c_s=0
-    [ -n "$line" ] || return 0
+    if [ -z "$line" ]; then
+        # No closing line (the run was killed): count the verbose per-test lines.
+        c_p=$(grep -cE '(PASSED|XPASS) +\[' "$1")
+        c_f=$(grep -cE '(FAILED|ERROR) +\[' "$1")
+        c_x=$(grep -cE 'XFAIL +\[' "$1")
+        c_s=$(grep -cE 'SKIPPED +\[' "$1")
+        return 0
+    fi
     cnt() { grep -Eo "[0-9]+ $1" <<<"$line" | grep -Eo '^[0-9]+' || echo 0; }
     c_p=$(cnt passed)
     c_f=$(($(cnt failed) + $(cnt 'errors?') + $(cnt xpassed)))
@@ -166,7 +173,7 @@ django_counts() {
     c_p=$((ran - c_f - c_x - c_s))
 }
 
-# verdict RC LOG KIND -> sets result
+# verdict RC LOG RUN -> sets result
 verdict() {
     local rc="$1" log="$2"
     case "$rc" in
@@ -175,6 +182,10 @@ verdict() {
     *)
         if grep -q -- '+++++* Timeout +++++*' "$log"; then
             result="FAIL (test hung > ${PEERS_TEST_TIMEOUT}s)"
+            notes+=("$3 hung in: $(grep -m1 -- '+++++* Timeout +++++*' "$log" | cut -d' ' -f1)")
+        elif grep -q '^peers: TIMEOUT: ' "$log"; then
+            result="FAIL (test hung > ${PEERS_TEST_TIMEOUT}s)"
+            notes+=("$3 hung in: $(grep -m1 '^peers: TIMEOUT: ' "$log" | cut -d' ' -f3)")
         elif grep -q 'Timeout (0:' "$log"; then
             result="FAIL (hung; stacks in log)"
         elif [ "$c_f" -gt 0 ]; then
@@ -219,7 +230,7 @@ run_asgiref() { # PY PYVER ASGIREF_VERSION
         ) 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         pytest_counts "$log"
-        verdict "$rc" "$log"
+        verdict "$rc" "$log" "$name"
         [ "$result" = ok ] || failed=1
         row "$name" "$result" "$c_p" "$c_f" "$c_x" "$c_s" "$(($(date +%s) - t0))"
     done
@@ -253,7 +264,7 @@ run_django() { # PY SERIES DJANGO_VERSION
         ) 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         django_counts "$log"
-        verdict "$rc" "$log"
+        verdict "$rc" "$log" "$name"
         [ "$result" = ok ] || failed=1
         row "$name" "$result" "$c_p" "$c_f" "$c_x" "$c_s" "$(($(date +%s) - t0))"
     done
@@ -294,6 +305,7 @@ summary() {
     echo "== peers' suites summary =="
     printf '%-34s %-30s %6s %6s %6s %6s %6s\n' run result passed failed xfail skip time
     printf '%s\n' "${rows[@]}"
+    [ "${#notes[@]}" -eq 0 ] || printf 'note: %s\n' "${notes[@]}"
     if [ "$failed" -eq 0 ]; then
         echo "peers: all ${#rows[@]} runs OK ($(($(date +%s) - start))s)"
     else

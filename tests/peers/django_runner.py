@@ -20,7 +20,8 @@ would. Both patches are installed before the test modules are imported (they
 import the names) and removed at the end.
 
 **Bounded hangs.** Each test has ``PEERS_TEST_TIMEOUT`` seconds (default 60):
-past that, every thread's stack is dumped and the process exits with 1. Run
+past that, the test is named, every thread's stack is dumped and the process
+exits with 1. Run
 with ``--parallel 1``: in worker processes the timer would not be armed.
 
 **Expected failures** come from ``expected_failures.txt`` for the run named by
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import sys
+import threading
 import unittest
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -122,6 +125,14 @@ class _Patches:
             self._undo.pop()()
 
 
+def _timed_out(test_id: str, timeout: float) -> None:
+    sys.stderr.write(f"\npeers: TIMEOUT: {test_id} still running after {timeout:g}s\n")
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(1)
+
+
 class PeerTestResult(unittest.TextTestResult):
     """Applies the expected-failures list, and bounds each test's time."""
 
@@ -129,15 +140,25 @@ class PeerTestResult(unittest.TextTestResult):
     expected: ClassVar[dict[str, expectations.Expected]] = {}
     timeout: ClassVar[float] = DEFAULT_TEST_TIMEOUT
 
+    _timer: threading.Timer | None = None
+
     def startTest(self, test: unittest.TestCase) -> None:
-        # A deadlock must fail the run, not stall CI: past the timeout every
-        # thread's stack is written to stderr and the process exits with 1.
-        faulthandler.dump_traceback_later(self.timeout, exit=True)
+        # A deadlock must fail the run, not stall CI: past the timeout the test
+        # is named, every thread's stack is written to stderr and the process
+        # exits with 1. faulthandler's own watchdog (a C thread that needs no
+        # GIL) is the backstop should the timer thread itself be stuck.
+        self._timer = threading.Timer(self.timeout, _timed_out, args=(test.id(), self.timeout))
+        self._timer.daemon = True
+        self._timer.start()
+        faulthandler.dump_traceback_later(self.timeout + 15, exit=True)
         super().startTest(test)
 
     def stopTest(self, test: unittest.TestCase) -> None:
         super().stopTest(test)
         faulthandler.cancel_dump_traceback_later()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _expected(self, test: unittest.TestCase) -> expectations.Expected | None:
         return self.expected.get(test.id())
