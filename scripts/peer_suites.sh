@@ -17,7 +17,7 @@
 # Env:
 #   PEERS_SUITES="asgiref django"          which suites
 #   DJANGO_SERIES="52 61"                  which venvs (as in test_matrix.sh)
-#   PEERS_BACKENDS="sqlite postgresql"     Django runs' backends (mysql works too)
+#   PEERS_BACKENDS="sqlite postgresql mysql"  Django runs' backends
 #   PEERS_ASGIREF_MODES="executor db_sync_to_async"
 #   PEERS_PYTEST_ARGS="-k context"         narrow the asgiref runs (extra pytest args)
 #   PEERS_DJANGO_LABELS="asgi handlers"    narrow the Django runs (runtests.py labels)
@@ -35,7 +35,7 @@ VENV_DIR="${VENV_DIR:-.venv}"
 VENV_DJ61_DIR="${VENV_DJ61_DIR:-.venv-dj61}"
 PEERS_SUITES="${PEERS_SUITES:-asgiref django}"
 DJANGO_SERIES="${DJANGO_SERIES:-52 61}"
-PEERS_BACKENDS="${PEERS_BACKENDS:-sqlite postgresql}"
+PEERS_BACKENDS="${PEERS_BACKENDS:-sqlite postgresql mysql}"
 PEERS_ASGIREF_MODES="${PEERS_ASGIREF_MODES:-executor db_sync_to_async}"
 PEERS_PYTEST_ARGS="${PEERS_PYTEST_ARGS:-}"
 DJANGO_LABELS_DEFAULT="asgi handlers async transactions signals select_for_update"

@@ -249,9 +249,17 @@ def pytest_collection_modifyitems(
         if entry is not None:
             # strict: a listed test that passes fails the run, so the list stays honest.
             item.add_marker(pytest.mark.xfail(reason=entry.describe(), strict=True))
+    if not expectations.check_complete():
+        return
     missing = [e for tid, e in _state.expected.items() if tid not in _state.collected]
-    if missing and expectations.check_complete():
+    if missing:
         raise pytest.UsageError(expectations.stale_message(_state.run, missing))
+    gone = sorted(SURFACE_TESTS - _state.collected)
+    if gone and _state.mode == "db_sync_to_async":
+        raise pytest.UsageError(
+            "asgiref's suite no longer has these tests of SURFACE_TESTS "
+            f"(tests/peers/asgiref_plugin.py): {', '.join(gone)}"
+        )
 
 
 @pytest.hookimpl(wrapper=True)
