@@ -10,7 +10,9 @@ comes from ``PEERS_ASGIREF_MODE``:
     ``sync_to_async(thread_sensitive=False)``, ``run_in_executor(None, ...)`` and
     ``asyncio.to_thread`` run on bridge workers, and every ``asyncio.run`` (the
     loops ``async_to_sync`` starts in threads included) ends by shutting its
-    default executor down: the shared bridge.
+    default executor down, which must end that loop's calls only: the session
+    fails if the process-wide bridge had to be rebuilt (a loop's end shut it
+    down for all the others).
 ``db_sync_to_async``
     The same, and ``asgiref.sync.sync_to_async(fn, thread_sensitive=False)``
     (no ``executor=``) becomes ``db_sync_to_async(fn)``. In the tests of
@@ -43,11 +45,14 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
 from tests.peers import expectations
+
+if TYPE_CHECKING:
+    from async_dbbridge import DBExecutor
 
 MODES: Final = ("executor", "db_sync_to_async")
 
@@ -99,7 +104,7 @@ class _State:
         self.unhooked_runs: list[str] = []
         # Every distinct bridge installed: more than one means a loop's end shut
         # the shared bridge down and the next loop got a new one.
-        self.bridges: list[Any] = []
+        self.bridges: list[DBExecutor] = []
         self.substituted = 0
         self.surface_test_running = False
         self.expected: dict[str, expectations.Expected] = {}
@@ -168,6 +173,7 @@ def _guard_unhooked_loops() -> None:
                 _state.unhooked_runs.append(f"{self!r} in {threading.current_thread().name}")
         return original(self)
 
+    # mypy forbids assigning to a method; replacing it on the class is the point.
     asyncio.BaseEventLoop.run_forever = run_forever  # type: ignore[method-assign]
 
 

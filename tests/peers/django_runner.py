@@ -96,6 +96,8 @@ class _Patches:
         original_communicator = asgiref.testing.ApplicationCommunicator
         patches = self
 
+        # The class is a runtime value here (whatever asgiref.testing holds), which mypy
+        # cannot check as a base.
         class BridgedCommunicator(original_communicator):  # type: ignore[misc,valid-type]
             """``ApplicationCommunicator`` that drives Django handlers through the wrapper."""
 
@@ -104,19 +106,23 @@ class _Patches:
                     application, StaticFilesHandlerMixin
                 ):
                     application = DBBridgeASGIApp(application)
-                inner = getattr(application, "application", None)  # a static-files handler's
+                # StaticFilesHandlerMixin keeps the app it wraps in .application
+                # (Django 5.2.19 and 6.1.3).
+                inner = getattr(application, "application", None)
                 if isinstance(application, DBBridgeASGIApp) or isinstance(inner, DBBridgeASGIApp):
                     patches.through_wrapper += 1
                 else:
                     patches.not_through_wrapper += 1
                 super().__init__(application, scope)
 
+        # Ours returns DBBridgeASGIApp, not ASGIHandler: the point of the patch.
         django.core.asgi.get_asgi_application = get_asgi_application  # type: ignore[assignment]
+        # mypy sees a class being reassigned; it is a module attribute like any other.
         asgiref.testing.ApplicationCommunicator = BridgedCommunicator  # type: ignore[misc]
 
         def undo() -> None:
             django.core.asgi.get_asgi_application = original_get
-            asgiref.testing.ApplicationCommunicator = original_communicator  # type: ignore[misc]
+            asgiref.testing.ApplicationCommunicator = original_communicator  # type: ignore[misc]  # as above
 
         self._undo.append(undo)
 
