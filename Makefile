@@ -53,11 +53,6 @@ test: bootstrap-all
 matrix:
 	@scripts/test_matrix.sh $(PYTEST_ARGS)
 
-# Downloads the sdists of the installed asgiref and Django (cached) and runs
-# their suites with the bridge in place; expected failures: tests/peers/.
-peers: bootstrap-all
-	@scripts/peer_suites.sh
-
 docs:
 	@if [ ! -f mkdocs.yml ]; then echo "docs: no mkdocs.yml yet, nothing to build"; exit 0; fi; \
 	scripts/bootstrap.sh dev && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
@@ -69,6 +64,11 @@ bench:
 	rc=0; for f in "$${files[@]}"; do \
 		echo "== $$f =="; $(PY) "$$f" || { echo "bench: $$f FAILED"; rc=1; }; \
 	done; exit $$rc
+
+# Downloads the sdists of the installed asgiref and Django (cached) and runs
+# their suites with the bridge in place; expected failures: tests/peers/.
+peers: bootstrap-all
+	@scripts/peer_suites.sh
 
 clean:
 	rm -rf .venv .venv-dj61 .bootstrap-* site .mypy_cache .ruff_cache .pytest_cache build dist
