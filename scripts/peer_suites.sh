@@ -115,7 +115,10 @@ sdist() {
             "$name==$version" -d "$dl" >&2 || return 1
         file="$(find "$dl" -maxdepth 1 -iname "$name-$version.tar.gz" -print -quit)"
         [ -n "$file" ] || return 1
-        mv "$file" "$PEERS_CACHE/" || return 1
+        # Copied under a temporary name, then renamed: an interrupted copy must
+        # not leave a truncated sdist that later runs would take as cached.
+        cp "$file" "$PEERS_CACHE/.partial.$$" &&
+            mv -f "$PEERS_CACHE/.partial.$$" "$PEERS_CACHE/$(basename "$file")" || return 1
         file="$PEERS_CACHE/$(basename "$file")"
     fi
     echo "$file"
@@ -190,6 +193,9 @@ verdict() {
             result="FAIL (hung; stacks in log)"
         elif [ "$c_f" -gt 0 ]; then
             result="FAIL (tests failed)"
+        elif grep -q '^peers: FAILED: ' "$log"; then
+            result="FAIL (harness check)"
+            notes+=("$3: $(grep -m1 '^peers: FAILED: ' "$log" | cut -d' ' -f3-)")
         else
             result="FAIL (exit $rc)"
         fi
