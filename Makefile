@@ -9,7 +9,7 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap bootstrap-all demo lint test matrix docs bench clean
+.PHONY: help bootstrap bootstrap-all demo lint test matrix peers docs bench clean
 
 help:
 	@echo "make bootstrap      create/update .venv (Python 3.11, Django 5.2)"
@@ -18,6 +18,7 @@ help:
 	@echo "make lint           ruff check, ruff format --check, mypy"
 	@echo "make test           bootstrap-all + lint + pytest matrix (PYTEST_ARGS, BACKENDS, DJANGO_SERIES)"
 	@echo "make matrix         only the pytest matrix (no bootstrap, no lint)"
+	@echo "make peers          asgiref's and Django's own suites with the bridge (scripts/peer_suites.sh)"
 	@echo "make docs           mkdocs build --strict"
 	@echo "make bench          run benchmarks/bench_*.py"
 	@echo "make clean          remove venvs, stamps and caches"
@@ -66,6 +67,11 @@ bench:
 	rc=0; for f in "$${files[@]}"; do \
 		echo "== $$f =="; $(PY) "$$f" || { echo "bench: $$f FAILED"; rc=1; }; \
 	done; exit $$rc
+
+# Downloads the sdists of the installed asgiref and Django (cached) and runs
+# their suites with the bridge in place; expected failures: tests/peers/.
+peers: bootstrap-all
+	@scripts/peer_suites.sh
 
 clean:
 	rm -rf .venv .venv-dj61 .bootstrap-* site .mypy_cache .ruff_cache .pytest_cache build dist
