@@ -9,7 +9,6 @@ process (`POOL_SIZE`), given back after each sync call when idle
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,12 +36,13 @@ _NOT_SERVING_HINT = (
 def _request_threads_supported() -> bool:
     """Whether requests can run on request threads: `ThreadSensitiveContext(executor=...)`.
 
-    The same public-signature test the ASGI wrapper uses (asgiref >= 3.13);
-    tests replace this function to see the checks as on an older asgiref.
+    The ASGI wrapper's own test (asgiref >= 3.13), so the checks and the wrapper
+    never disagree; tests replace this function to see the checks as on an
+    older asgiref.
     """
-    from asgiref.sync import ThreadSensitiveContext
+    from . import _compat
 
-    return "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
+    return _compat.REQUEST_THREADS_SUPPORTED
 
 
 def _parsed_settings() -> BridgeSettings | None:
