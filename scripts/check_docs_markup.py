@@ -51,6 +51,8 @@ PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
+# An inline code span not opened right after a role's colon.
+_CODE_SPAN = re.compile(r"(?<!:)`[^`\n]+`")
 
 
 class Finding(NamedTuple):
@@ -66,8 +68,12 @@ class Finding(NamedTuple):
 def _matches(text: str, where: str, line: int) -> list[Finding]:
     """One finding per pattern that matches `text`, quoting the match in context."""
     findings = []
+    # A code span's *closing* backtick may follow a colon-word that is no role
+    # (`pip download --no-binary :all:`): a role's backtick opens its span, so the
+    # role pattern looks at the text with every other code span removed.
+    without_spans = _CODE_SPAN.sub("``", text)
     for pattern, problem in PATTERNS:
-        match = pattern.search(text)
+        match = pattern.search(without_spans if pattern is PATTERNS[0][0] else text)
         if match is not None:
             start, end = max(0, match.start() - 40), match.end() + 40
             quote = ("..." if start else "") + text[start:end].strip()
