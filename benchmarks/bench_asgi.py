@@ -1,4 +1,4 @@
-"""End to end under uvicorn: requests per second and server sessions, stock Django against lanes.
+"""End to end under uvicorn: requests per second and server sessions, stock Django and the wrapper.
 
 One uvicorn worker serves ``benchmarks/asgi_project`` in a subprocess, and
 ``wrk`` drives it with 32 connections for a fixed time. Four configurations:
@@ -8,11 +8,12 @@ One uvicorn worker serves ``benchmarks/asgi_project`` in a subprocess, and
   dies holding its connection (stranded until garbage collection), until the
   server refuses more;
 * ``pool`` — Django's handler with psycopg's pool (``min_size=max_size=8``,
-  ``CONN_MAX_AGE=0`` as Django requires; PostgreSQL only);
-* ``lanes`` — ``async_dbbridge.asgi`` with 8 request lanes, ``CONN_MAX_AGE=60``;
-  what a request does when all 8 are busy is the library's default (wait, up
-  to ``LANE_WAIT_TIMEOUT``) unless ``--lane-full`` / ``--lane-wait-timeout``
-  say otherwise.
+  ``--pool-size``; ``CONN_MAX_AGE=0`` as Django requires; PostgreSQL only);
+* ``wrapper`` — ``async_dbbridge.asgi``: elastic request threads and one
+  bounded connection pool per alias, ``CONN_MAX_AGE=60``,
+  ``ASYNC_DBBRIDGE = {"MAX_WORKERS": 8, "POOL_SIZE": 8}`` (``--pool-size``);
+  ``HOLD`` and ``POOL_TIMEOUT`` the library's defaults unless ``--hold`` /
+  ``--pool-timeout`` say otherwise.
 
 Each serves three views that run one query: a sync view, an async-ORM view
 (``afirst()``) and a view that uses ``db_call``. Every (configuration, view)
@@ -28,8 +29,8 @@ the database server, uvicorn and wrk share a 2-core machine.
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_asgi.py [--backend postgresql|mysql|sqlite]
-        [--lane-full temporary|wait] [--lane-wait-timeout S|none] [--lanes N]
-        [--quick] [--rounds N] [--duration S] [--modes stock0,lanes]
+        [--pool-size N] [--hold transaction|request] [--pool-timeout S]
+        [--quick] [--rounds N] [--duration S] [--modes stock0,wrapper]
         [--views sync,async-orm] [--json FILE] [--chart PNG | --no-chart]
     .venv/bin/python benchmarks/bench_asgi.py --replot FILE.json [--chart PNG]
 
@@ -37,14 +38,15 @@ It creates (and drops) its own database, ``dbbridge_bench_asgi``, and a role
 (user) of the same name that the servers connect as, capped by the server at
 ``--session-cap`` sessions (64) so that the sessions stock Django strands
 cannot take every slot of a shared server. The exit status is 0 when the run
-completed, whatever the targets say (they print PASS or FAIL); 2 if the
-harness itself failed.
+completed, whatever the targets and checks say (they print PASS or FAIL);
+2 if the harness itself failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -82,14 +84,20 @@ DB_NAME: Final = "dbbridge_bench_asgi"
 SETTINGS_MODULE: Final = "benchmarks.asgi_project.settings"
 APPLICATION: Final = "benchmarks.asgi_project.asgi:application"
 
-MODES: Final = ("stock0", "stock60", "pool", "lanes")
+MODES: Final = ("stock0", "stock60", "pool", "wrapper")
 MODE_LABELS: Final = {
     "stock0": "stock, CONN_MAX_AGE=0",
     "stock60": "stock, CONN_MAX_AGE=60",
-    "pool": "stock + psycopg pool (8)",
-    "lanes": "lanes, CONN_MAX_AGE=60",
+    "pool": "stock + psycopg pool ({size})",
+    "wrapper": "wrapper, CONN_MAX_AGE=60",
 }
+HOLD_CHOICES: Final = ("transaction", "request")
 VIEWS: Final = {"sync": "/sync/", "async-orm": "/async-orm/", "db-call": "/db-call/"}
+#: (mode, view) pairs never run: async_dbbridge refuses to pool an alias that
+#: has Django's own pool (OPTIONS["pool"], ImproperlyConfigured, system check
+#: async_dbbridge.E003), so db_call's bridge fails every call in "pool" mode —
+#: measuring that would time error responses.
+SKIPPED: Final = {("pool", "db-call")}
 #: The views the acceptance targets are about.
 TARGET_VIEWS: Final = ("sync", "async-orm")
 POOL_TARGET: Final = 1.15
@@ -104,11 +112,12 @@ class Config:
     backend: str
     modes: tuple[str, ...]
     views: tuple[str, ...]
-    #: LANE_FULL for the wrapper; None: the library's default.
-    lane_full: str | None
-    #: LANE_WAIT_TIMEOUT: seconds, or "none" (wait as long as it takes); None: the default.
-    lane_wait_timeout: str | None
-    lanes: int
+    #: POOL_SIZE and MAX_WORKERS for the wrapper, and the size of psycopg's pool.
+    pool_size: int
+    #: HOLD for the wrapper; None: the library's default.
+    hold: str | None
+    #: POOL_TIMEOUT in seconds; None: the library's default.
+    pool_timeout: float | None
     rounds: int
     #: Seconds of each measured wrk run, and of the warm-up burst before it.
     duration: float
@@ -127,8 +136,10 @@ class Config:
     #: Seconds between session samples during a run.
     sample_interval: float = 0.05
     #: What the wrapper really ran with (defaults resolved), read back from a server.
-    lane_full_used: str = ""
-    lane_wait_timeout_used: float | None = None
+    hold_used: str = ""
+    pool_timeout_used: float | None = None
+    #: The wrapper's mode as it started: "request-threads" (or "per-request", asgiref < 3.13).
+    wrapper_mode_used: str = ""
 
 
 # -- the database ---------------------------------------------------------------------
@@ -284,21 +295,24 @@ class Server(UvicornServer):
         env = {
             **database.server_env(),
             "BENCH_MODE": mode,
-            "BENCH_LANES": str(config.lanes),
+            "BENCH_POOL_SIZE": str(config.pool_size),
             "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
         }
         # Only what was asked for: unset, the wrapper runs on the library's defaults.
         unset = []
         for key, value in (
-            ("BENCH_LANE_FULL", config.lane_full),
-            ("BENCH_LANE_WAIT_TIMEOUT", config.lane_wait_timeout),
+            ("BENCH_HOLD", config.hold),
+            (
+                "BENCH_POOL_TIMEOUT",
+                None if config.pool_timeout is None else repr(config.pool_timeout),
+            ),
         ):
             if value is None:
                 unset.append(key)
             else:
                 env[key] = value
         # Django's own handler rejects the lifespan protocol; the wrapper needs it.
-        lifespan = "on" if mode == "lanes" else "off"
+        lifespan = "on" if mode == "wrapper" else "off"
         super().__init__(mode, APPLICATION, env=env, lifespan=lifespan, log=log, unset=unset)
 
     def stats(self) -> dict[str, Any]:
@@ -332,10 +346,15 @@ class Sample:
     #: Requests the server's query views began over its life (warm-up included).
     served: int
     connects: dict[str, int]
-    lanes: dict[str, Any] | None
+    #: `async_dbbridge.stats().as_dict()` once the load stopped: the library's
+    #: pools, request threads and bridge.
+    dbbridge: dict[str, Any]
+    #: Django's psycopg pool's own counters ("pool" mode only).
     pool: dict[str, Any] | None
-    #: The bridge's lane settings as the server resolved them.
+    #: ASYNC_DBBRIDGE as the server resolved it (max_workers, pool_size, pool_timeout, hold).
     settings: dict[str, Any]
+    #: The wrapper's mode ("request-threads", "per-request"); None under Django's handler.
+    wrapper_mode: str | None
     errors: dict[str, int]
     #: CPU per request during the measured run (see cpu_per_request); empty off Linux.
     cpu: dict[str, float]
@@ -349,7 +368,7 @@ def measure(mode: str, view: str, round_no: int, config: Config, database: Datab
             server.wait_ready(config.start_timeout)
             before = counter.count(server.pid)
             url = server.url(VIEWS[view])
-            # Threads, connections, the pool and the lanes start during the
+            # Threads, connections and the pools start during the
             # burst; the measured run sees a server in its steady state.
             run_wrk(url, config.warmup, config)
             with Sampler(lambda: counter.count(server.pid), config.sample_interval) as sampler:
@@ -383,9 +402,10 @@ def measure(mode: str, view: str, round_no: int, config: Config, database: Datab
         stop_seconds=stop_seconds,
         served=int(stats["served"]),
         connects=stats["connects"],
-        lanes=stats["lanes"],
+        dbbridge=stats["dbbridge"],
         pool=stats["pool"],
         settings=stats["settings"],
+        wrapper_mode=stats["wrapper_mode"],
         errors=errors,
         cpu=cpu_per_request(cpu_start, cpu_end, result.requests),
     )
@@ -412,7 +432,16 @@ class Summary:
     sessions_idle: int
     sessions_after: int
     connects_per_request: float
-    temporary_share: float | None
+    #: The library's pool for "default" (summed over the rounds): checkouts,
+    #: timeouts, connections really opened; the longest wait (s) and the most
+    #: connections it may hold. None: the pool was never used.
+    pool_checkouts: int | None
+    pool_timeouts: int | None
+    pool_opened: int | None
+    pool_wait_max: float | None
+    pool_max_size: int | None
+    #: The most request threads a server started (the wrapper); None: no request threads.
+    request_threads_started: int | None
     unclean_exits: int
     #: Medians over the rounds of cpu_per_request(); empty off Linux.
     cpu: dict[str, float]
@@ -457,11 +486,10 @@ def summarize(samples: Sequence[Sample], config: Config) -> list[Summary]:
             rates = [s.ok_per_s for s in mine]
             connects = sum(sum(s.connects.values()) for s in mine)
             served = sum(s.served for s in mine)
-            temporary_share = None
-            lane_requests = sum(s.lanes["requests"] for s in mine if s.lanes)
-            if lane_requests:
-                temporaries = sum(s.lanes["temporaries_started"] for s in mine if s.lanes)
-                temporary_share = temporaries / lane_requests
+            pools = [
+                s.dbbridge["pools"]["default"] for s in mine if "default" in s.dbbridge["pools"]
+            ]
+            threads = [s.dbbridge["request_threads"] for s in mine if s.dbbridge["request_threads"]]
             summaries.append(
                 Summary(
                     mode=mode,
@@ -480,7 +508,14 @@ def summarize(samples: Sequence[Sample], config: Config) -> list[Summary]:
                     sessions_idle=max(s.sessions_idle for s in mine),
                     sessions_after=max(s.sessions_after for s in mine),
                     connects_per_request=connects / served if served else 0.0,
-                    temporary_share=temporary_share,
+                    pool_checkouts=sum(p["checkouts"] for p in pools) if pools else None,
+                    pool_timeouts=sum(p["timeouts"] for p in pools) if pools else None,
+                    pool_opened=sum(p["opened"] for p in pools) if pools else None,
+                    pool_wait_max=max(p["wait_time_max"] for p in pools) if pools else None,
+                    pool_max_size=max(p["max_size"] for p in pools) if pools else None,
+                    request_threads_started=(
+                        max(t["started"] for t in threads) if threads else None
+                    ),
                     unclean_exits=sum(not clean_exit(s.exit_code) for s in mine),
                     cpu={
                         key: statistics.median(s.cpu[key] for s in mine)
@@ -495,62 +530,112 @@ def summarize(samples: Sequence[Sample], config: Config) -> list[Summary]:
 def check_targets(summary: Sequence[Summary], config: Config) -> list[Check]:
     by_key = {(s.mode, s.view): s for s in summary}
     checks: list[Check] = []
+    kind = _wrapper_kind(config)
 
     def target(base: str, factor: float, backend: str, label: str) -> None:
         if config.backend != backend:
             checks.append(
-                Check("INFO", f"lanes >= {factor}x {label}: a {backend} target, not measured here")
+                Check(
+                    "INFO", f"wrapper >= {factor}x {label}: a {backend} target, not measured here"
+                )
             )
             return
         for view in TARGET_VIEWS:
-            lanes = by_key.get(("lanes", view))
+            wrapper = by_key.get(("wrapper", view))
             ratio = None
-            if lanes is not None:
-                ratio = lanes.vs_pool if base == "pool" else lanes.vs_stock0
+            if wrapper is not None:
+                ratio = wrapper.vs_pool if base == "pool" else wrapper.vs_stock0
             if ratio is None:
                 checks.append(
-                    Check("INFO", f"lanes >= {factor}x {label} ({view}): not measured in this run")
+                    Check(
+                        "INFO", f"wrapper >= {factor}x {label} ({view}): not measured in this run"
+                    )
                 )
                 continue
             checks.append(
                 Check(
                     "PASS" if ratio >= factor else "FAIL",
-                    f"{_lanes_kind(config)} >= {factor}x {label}, {view} view: {ratio:.2f}x",
+                    f"{kind} >= {factor}x {label}, {view} view: {ratio:.2f}x",
                 )
             )
 
+    for mode, view in sorted(SKIPPED):
+        if mode in config.modes and view in config.views:
+            checks.append(
+                Check(
+                    "INFO",
+                    f"{mode} x {view} not run: async_dbbridge refuses to pool an alias with "
+                    "Django's OPTIONS['pool'], so db_call fails there",
+                )
+            )
     target("pool", POOL_TARGET, "postgresql", "Django's psycopg pool")
     target("stock0", STOCK0_TARGET, "mysql", "stock CONN_MAX_AGE=0")
     for s in summary:
-        if s.mode != "lanes":
+        if s.mode != "wrapper":
             continue
+        checks.extend(_pool_checks(s, config))
         notes = [f"{s.sessions_after} session(s) after exit"]
         if s.non_2xx or s.socket_errors:
             notes.append(f"{s.non_2xx} non-2xx, {s.socket_errors} socket errors")
-        if s.temporary_share is not None:
-            notes.append(f"{s.temporary_share:.0%} of requests on temporary threads")
+        if s.pool_opened is not None:
+            notes.append(f"{s.pool_opened} connection(s) opened by the pool")
+        if s.pool_wait_max is not None:
+            notes.append(f"longest pool wait {s.pool_wait_max * 1000:.0f} ms")
+        if s.request_threads_started is not None:
+            notes.append(f"up to {s.request_threads_started} request threads started")
         if s.view not in TARGET_VIEWS and s.vs_pool is not None:
             notes.append(f"{s.vs_pool:.2f}x pool")
         if s.view not in TARGET_VIEWS and s.vs_stock0 is not None:
             notes.append(f"{s.vs_stock0:.2f}x stock0")
         if s.unclean_exits:
             notes.append(f"{s.unclean_exits} unclean exit(s)")
-        checks.append(Check("INFO", f"lanes, {s.view} view: " + "; ".join(notes)))
+        checks.append(Check("INFO", f"wrapper, {s.view} view: " + "; ".join(notes)))
+    if config.wrapper_mode_used and config.wrapper_mode_used != "request-threads":
+        checks.append(
+            Check(
+                "INFO",
+                f"the wrapper ran in {config.wrapper_mode_used!r} mode, not 'request-threads' "
+                "(asgiref < 3.13?): requests did not run on request threads",
+            )
+        )
     return checks
 
 
-def _lanes_kind(config: Config) -> str:
-    """What a request does when every lane is busy: "lanes (wait 1 s)", "lanes (temporary)"."""
-    full = config.lane_full_used or config.lane_full or "default"
-    if full == "wait" and config.lane_wait_timeout_used is not None:
-        return f"lanes (wait {config.lane_wait_timeout_used:g} s)"
-    return f"lanes ({full})"
+def _pool_checks(s: Summary, config: Config) -> list[Check]:
+    """The wrapper's pool did the work, within its bound, without turning a request away."""
+    size = s.pool_max_size or config.pool_size
+    where = f"wrapper, {s.view} view"
+    if s.pool_checkouts is None or s.pool_timeouts is None:
+        # Every view's query goes through the pool (request threads and the
+        # bridge alike): a server that never used it measured something else.
+        return [Check("FAIL", f"{where}: the pool for 'default' was never used")]
+    return [
+        Check(
+            "PASS" if s.sessions_peak <= size else "FAIL",
+            f"{where}: peak server sessions {s.sessions_peak} <= POOL_SIZE {size}",
+        ),
+        Check(
+            "PASS" if s.pool_timeouts == 0 else "FAIL",
+            f"{where}: pool timeouts {s.pool_timeouts:,} (0 expected)",
+        ),
+        Check(
+            "PASS" if s.pool_checkouts > 0 else "FAIL",
+            f"{where}: pool checkouts {s.pool_checkouts:,} "
+            f"({s.connects_per_request:.2f} per request served)",
+        ),
+    ]
+
+
+def _wrapper_kind(config: Config) -> str:
+    """The wrapper's pool as configured: "wrapper (pool 8, hold transaction)"."""
+    hold = config.hold_used or config.hold or "default"
+    return f"wrapper (pool {config.pool_size}, hold {hold})"
 
 
 def _mode_label(mode: str, config: Config) -> str:
-    if mode == "lanes":
-        return f"{_lanes_kind(config)}, CONN_MAX_AGE=60"
-    return MODE_LABELS[mode]
+    if mode == "wrapper":
+        return f"{_wrapper_kind(config)}, CONN_MAX_AGE=60"
+    return MODE_LABELS[mode].format(size=config.pool_size)
 
 
 def _ratio(value: float | None) -> str:
@@ -584,7 +669,7 @@ def cpu_table(summary: Sequence[Summary], config: Config) -> str:
     for s in summary:
         if not s.cpu:
             continue
-        label = s.mode if s.mode != "lanes" else _lanes_kind(config)
+        label = s.mode if s.mode != "wrapper" else _wrapper_kind(config)
         lines.append(
             f"| {label} | {s.view} | {s.cpu['server_ms']:.2f} | {s.cpu['wrk_ms']:.2f} "
             f"| {s.cpu['rest_ms']:.2f} | {s.cpu['machine_busy']:.0%} |"
@@ -600,15 +685,18 @@ def print_report(report: Report, config: Config) -> None:
     )
     print()
     cap = f"{config.session_cap}" if config.session_cap else "none"
-    given = config.lane_full is not None or config.lane_wait_timeout is not None
+    given = config.hold is not None or config.pool_timeout is not None
     defaults = "" if given else " (the library's defaults)"
+    timeout = (
+        config.pool_timeout_used if config.pool_timeout_used is not None else config.pool_timeout
+    )
+    mode = f", mode {config.wrapper_mode_used!r}" if config.wrapper_mode_used else ""
     print(
         f"uvicorn, 1 worker; wrk -t{config.wrk_threads} -c{config.connections}, "
         f"{config.duration:g} s per run after a {config.warmup:g} s warm-up; "
-        f"{config.rounds} interleaved round(s), medians. Lanes: {config.lanes}, "
-        f"LANE_FULL={config.lane_full_used or config.lane_full!r}, "
-        f"LANE_WAIT_TIMEOUT={config.lane_wait_timeout_used}{defaults}; "
-        f"bridge MAX_WORKERS={config.lanes}. "
+        f"{config.rounds} interleaved round(s), medians. Wrapper: POOL_SIZE={config.pool_size}, "
+        f"MAX_WORKERS={config.pool_size}, HOLD={config.hold_used or config.hold!r}, "
+        f"POOL_TIMEOUT={timeout}{defaults}{mode}; psycopg pool: {config.pool_size}. "
         f"Session cap on the servers' role: {cap}. Load average before/after: "
         f"{env['loadavg_before']} / {env['loadavg_after']}."
     )
@@ -620,7 +708,8 @@ def print_report(report: Report, config: Config) -> None:
         "the JSON). Ratios are medians of per-round ratios. peak sessions: the most seen "
         "during the measured run; idle: once the load stopped and the count settled, the "
         "server still up; after exit: once the server exited after SIGTERM. connects/req: "
-        "connections Django opened (with the pool: checkouts) per request served."
+        "connections Django opened (with a pool, psycopg's or the wrapper's: checkouts) "
+        "per request served."
     )
     cpu = cpu_table(report.summary, config)
     if cpu:
@@ -654,7 +743,7 @@ _COLORS: Final = {
     "stock0": "#9e9e9e",
     "stock60": "#e07b5f",
     "pool": "#5b8fd9",
-    "lanes": "#3aa675",
+    "wrapper": "#3aa675",
 }
 
 
@@ -674,10 +763,13 @@ def write_chart(report: Report, config: Config, path: Path) -> None:
     for i, mode in enumerate(modes):
         label = _mode_label(mode, config)
         xs, heights, low, high, peaks, idles = [], [], [], [], [], []
+        # The views this mode ran (not every pair runs: SKIPPED), in bar order.
+        present = []
         for j, view in enumerate(views):
             s = by_key.get((mode, view))
             if s is None:
                 continue
+            present.append(view)
             xs.append(j + (i - (len(modes) - 1) / 2) * width)
             heights.append(s.ok_per_s)
             low.append(s.ok_per_s - s.ok_per_s_min)
@@ -688,7 +780,7 @@ def write_chart(report: Report, config: Config, path: Path) -> None:
         bars = rate_ax.bar(
             xs, heights, width, yerr=[low, high], capsize=3, color=color, label=label
         )
-        for bar, view in zip(bars, views, strict=False):
+        for bar, view in zip(bars, present, strict=True):
             s = by_key[(mode, view)]
             text = f"{s.ok_per_s:,.0f}"
             if s.non_2xx or s.socket_errors:
@@ -769,17 +861,20 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         "--views", default=",".join(VIEWS), help=f"comma-separated, from {', '.join(VIEWS)}"
     )
     parser.add_argument(
-        "--lane-full",
-        choices=("temporary", "wait"),
-        help="LANE_FULL for the wrapper (default: the library's)",
+        "--pool-size",
+        type=int,
+        default=8,
+        help="the wrapper's POOL_SIZE and MAX_WORKERS, and psycopg's pool size (8)",
     )
     parser.add_argument(
-        "--lane-wait-timeout",
-        metavar="S|none",
-        help="LANE_WAIT_TIMEOUT: seconds, or none to wait for a lane as long as it takes "
-        "(default: the library's)",
+        "--hold", choices=HOLD_CHOICES, help="HOLD for the wrapper (default: the library's)"
     )
-    parser.add_argument("--lanes", type=int, default=8, help="LANES and MAX_WORKERS (8)")
+    parser.add_argument(
+        "--pool-timeout",
+        type=float,
+        metavar="S",
+        help="POOL_TIMEOUT for the wrapper, seconds > 0 (default: the library's)",
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (3; --quick: 1)")
     parser.add_argument("--duration", type=float, help="seconds per measured run (5; --quick: 3)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up (1)")
@@ -817,26 +912,19 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         parser.error("--modes: pool needs --backend postgresql")
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     duration = args.duration if args.duration is not None else (3.0 if args.quick else 5.0)
-    if rounds < 1 or duration < 1 or args.lanes < 1 or args.connections < 1:
-        parser.error("--rounds, --duration, --lanes and --connections must be at least 1")
-    if args.lane_wait_timeout is not None and args.lane_wait_timeout != "none":
-        try:
-            seconds = float(args.lane_wait_timeout)
-        except ValueError:
-            seconds = 0.0
-        if seconds <= 0:
-            parser.error("--lane-wait-timeout: a number of seconds > 0, or none")
-        if args.lane_full == "temporary":
-            parser.error("--lane-wait-timeout: only with LANE_FULL 'wait'")
+    if rounds < 1 or duration < 1 or args.pool_size < 1 or args.connections < 1:
+        parser.error("--rounds, --duration, --pool-size and --connections must be at least 1")
+    if args.pool_timeout is not None and not (0 < args.pool_timeout < float("inf")):
+        parser.error(f"--pool-timeout: a number of seconds > 0, not {args.pool_timeout}")
     if args.session_cap < 0:
         parser.error("--session-cap must be 0 or more")
     config = Config(
         backend=args.backend,
         modes=modes,
         views=views,
-        lane_full=args.lane_full,
-        lane_wait_timeout=args.lane_wait_timeout,
-        lanes=args.lanes,
+        pool_size=args.pool_size,
+        hold=args.hold,
+        pool_timeout=args.pool_timeout,
         rounds=rounds,
         duration=duration,
         warmup=args.warmup,
@@ -860,7 +948,8 @@ def schedule(config: Config) -> Iterator[tuple[int, str, str]]:
         views = config.views[view_shift:] + config.views[:view_shift]
         for view in views:
             for mode in modes:
-                yield round_no, mode, view
+                if (mode, view) not in SKIPPED:
+                    yield round_no, mode, view
 
 
 def _environment(database: Database) -> dict[str, Any]:
@@ -907,6 +996,14 @@ def _default_chart(backend: str) -> Path:
 def replot(source: Path, chart: Path | None) -> Path:
     """Redraw the chart of an earlier run from its JSON: no servers, no database."""
     data = json.loads(source.read_text())
+    # Files of the lanes build (mode "lanes", LANES settings) describe another
+    # design: say so rather than fail on a missing field.
+    unknown = set(data["config"]) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise SystemExit(
+            f"bench_asgi: {source} was written by another version of bench_asgi "
+            f"(config keys {', '.join(sorted(unknown))}); --replot reads this version's files"
+        )
     fields: dict[str, Any] = {
         key: tuple(value) if isinstance(value, list) else value
         for key, value in data["config"].items()
@@ -962,12 +1059,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = None
     if report is None:
         return 2
-    used = next((sample.settings for sample in report.samples if sample.mode == "lanes"), None)
+    used = next((sample for sample in report.samples if sample.mode == "wrapper"), None)
     if used is not None:
         config = replace(
             config,
-            lane_full_used=used["lane_full"],
-            lane_wait_timeout_used=used["lane_wait_timeout"],
+            hold_used=used.settings["hold"],
+            pool_timeout_used=used.settings["pool_timeout"],
+            wrapper_mode_used=used.wrapper_mode or "",
         )
         report.config = asdict(config)
     report.environment["loadavg_after"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())

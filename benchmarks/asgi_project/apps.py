@@ -13,12 +13,11 @@ from django.db.backends.signals import connection_created
 _lock = threading.Lock()
 _connects: Counter[str] = Counter()
 
-# async_dbbridge names its threads <prefix>-lane-N, <prefix>-lane-tmp-N and
-# <prefix>-N (the bridge behind db_call); anything else is a thread of
-# Django's or asgiref's own (stock Django: a new one per request).
+# async_dbbridge names its threads <prefix>-request-N (the wrapper's request
+# threads) and <prefix>-N (the bridge behind db_call); anything else is a
+# thread of Django's or asgiref's own (stock Django: a new one per request).
 _KINDS = (
-    ("temporary", re.compile(r"-lane-tmp-\d+$")),
-    ("lane", re.compile(r"-lane-\d+$")),
+    ("request thread", re.compile(r"-request-\d+$")),
     ("bridge", re.compile(r"^dbbridge-\d+$")),
 )
 
@@ -27,12 +26,12 @@ def _kind(thread_name: str) -> str:
     for kind, pattern in _KINDS:
         if pattern.search(thread_name):
             return kind
-    return "request thread"
+    return "asgiref thread"
 
 
 def _count(sender: object, connection: Any, **kwargs: object) -> None:
-    # With psycopg's pool, "opened" means "taken from the pool": Django sends
-    # the signal on every checkout.
+    # With a pool (psycopg's, or async_dbbridge's), "opened" means "taken from
+    # the pool": Django sends the signal on every checkout.
     if connection.alias != "default":
         return
     kind = _kind(threading.current_thread().name)

@@ -7,7 +7,13 @@
   dies with its connection still open (stranded until garbage collection);
 * ``pool`` — Django's own handler with psycopg's pool (PostgreSQL only), which
   Django requires to run with ``CONN_MAX_AGE=0``;
-* ``lanes`` — ``async_dbbridge.asgi`` with request lanes, ``CONN_MAX_AGE=60``.
+* ``wrapper`` — ``async_dbbridge.asgi``: request threads and the library's
+  connection pool (``POOL_SIZE``, ``MAX_WORKERS``: ``BENCH_POOL_SIZE``, 8),
+  ``CONN_MAX_AGE=60``; ``BENCH_HOLD`` / ``BENCH_POOL_TIMEOUT`` set ``HOLD`` /
+  ``POOL_TIMEOUT`` (unset: the library's defaults).
+
+``BENCH_POOL_SIZE`` also sizes psycopg's pool in ``pool`` mode, so the two
+pools are compared at the same size.
 
 The database: ``BENCH_BACKEND`` (postgresql, mysql, sqlite), ``BENCH_DB_NAME``
 (the database, or the SQLite file), ``BENCH_DB_USER`` / ``BENCH_DB_PASSWORD``
@@ -24,13 +30,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-MODES = ("stock0", "stock60", "pool", "lanes")
+MODES = ("stock0", "stock60", "pool", "wrapper")
 
-BENCH_MODE = os.environ.get("BENCH_MODE", "lanes")
+BENCH_MODE = os.environ.get("BENCH_MODE", "wrapper")
 if BENCH_MODE not in MODES:
     raise RuntimeError(f"BENCH_MODE must be one of {', '.join(MODES)}, not {BENCH_MODE!r}")
 BACKEND = os.environ.get("BENCH_BACKEND", "postgresql")
 DB_NAME = os.environ.get("BENCH_DB_NAME", "dbbridge_bench_asgi")
+
+POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "8"))
 
 # The pool requires CONN_MAX_AGE=0 (Django refuses persistent connections with
 # it): closing a connection gives it back to the pool.
@@ -75,8 +83,7 @@ def _database(*, admin: bool) -> dict[str, Any]:
     if BENCH_MODE == "pool":
         if BACKEND != "postgresql":
             raise RuntimeError("BENCH_MODE=pool needs BENCH_BACKEND=postgresql")
-        size = int(os.environ.get("BENCH_POOL_SIZE", "8"))
-        database["OPTIONS"] = {"pool": {"min_size": size, "max_size": size}}
+        database["OPTIONS"] = {"pool": {"min_size": POOL_SIZE, "max_size": POOL_SIZE}}
     return database
 
 
@@ -95,19 +102,18 @@ SECRET_KEY = "benchmarks-only"
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-_LANES = int(os.environ.get("BENCH_LANES", "8"))
 ASYNC_DBBRIDGE: dict[str, Any] = {
-    # The bridge (db_call) and the lanes: 8 threads each, as many as the pool's connections.
-    "MAX_WORKERS": _LANES,
-    "LANES": _LANES,
+    # The bridge's workers (db_call) and the pool: as many threads as
+    # connections, the library's own default pairing (POOL_SIZE = MAX_WORKERS),
+    # and the same size as psycopg's pool in the "pool" mode.
+    "MAX_WORKERS": POOL_SIZE,
+    "POOL_SIZE": POOL_SIZE,
 }
-# Unset: the library's defaults, which is what the benchmark measures unless
-# told otherwise. BENCH_LANE_WAIT_TIMEOUT=none: wait as long as it takes.
-if "BENCH_LANE_FULL" in os.environ:
-    ASYNC_DBBRIDGE["LANE_FULL"] = os.environ["BENCH_LANE_FULL"]
-if "BENCH_LANE_WAIT_TIMEOUT" in os.environ:
-    _wait = os.environ["BENCH_LANE_WAIT_TIMEOUT"]
-    ASYNC_DBBRIDGE["LANE_WAIT_TIMEOUT"] = None if _wait == "none" else float(_wait)
+# Unset: the library's defaults, which is what the benchmark measures unless told otherwise.
+if "BENCH_HOLD" in os.environ:
+    ASYNC_DBBRIDGE["HOLD"] = os.environ["BENCH_HOLD"]
+if "BENCH_POOL_TIMEOUT" in os.environ:
+    ASYNC_DBBRIDGE["POOL_TIMEOUT"] = float(os.environ["BENCH_POOL_TIMEOUT"])
 
 # Errors (stock60 runs out of connections) go to stderr once each, without
 # the traceback: the harness counts them, and a traceback per failed request

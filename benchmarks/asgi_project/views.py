@@ -6,6 +6,7 @@ import threading
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
+import async_dbbridge
 from async_dbbridge import db_call
 from async_dbbridge.conf import get_settings
 
@@ -13,7 +14,7 @@ from .models import Item
 
 
 class _Served:
-    """Requests the three query views began (from lanes, request threads and the loop)."""
+    """Requests the three query views began (from request threads and the loop)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -33,7 +34,7 @@ def _first_name() -> str:
 
 
 def sync_view(request: HttpRequest) -> HttpResponse:
-    """A sync view: Django runs it on the request's thread (stock) or its lane."""
+    """A sync view: Django runs it on asgiref's thread (stock) or a request thread."""
     _served.add()
     return HttpResponse(_first_name())
 
@@ -56,26 +57,33 @@ async def ping(request: HttpRequest) -> HttpResponse:
 
 
 async def stats(request: HttpRequest) -> JsonResponse:
-    """What the server did, for the harness: connections opened, lane and pool counters."""
+    """What the server did, for the harness: connections opened, the pools and request threads."""
     from django.db import connections
 
     from . import asgi
     from .apps import connects
 
-    lanes = getattr(asgi.application, "lanes", None)
+    # Django's psycopg pool ("pool" mode only): its own counters.
     pool = getattr(connections["default"], "pool", None)
     bridge = get_settings()
     return JsonResponse(
         {
             # What the wrapper really ran with (the library's defaults included).
             "settings": {
-                "lanes": bridge.lanes,
-                "lane_full": bridge.lane_full,
-                "lane_wait_timeout": bridge.lane_wait_timeout,
+                "max_workers": bridge.max_workers,
+                "pool_size": bridge.effective_pool_size,
+                "pool_timeout": bridge.pool_timeout,
+                "hold": bridge.hold,
             },
+            # The wrapper's mode ("request-threads" or "per-request"); None for
+            # Django's own handler.
+            "wrapper_mode": getattr(asgi.application, "mode", None),
             "served": _served.count,
             "connects": connects(),
-            "lanes": lanes.stats().as_dict() if lanes is not None else None,
+            # The library's pools, request threads and bridge, in every mode:
+            # db_call's bridge takes its connections from the pool under stock
+            # Django too.
+            "dbbridge": async_dbbridge.stats().as_dict(),
             "pool": pool.get_stats() if pool is not None else None,
         }
     )
