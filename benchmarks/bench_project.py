@@ -105,12 +105,13 @@ BACKENDS: Final = ("postgresql", "mysql", "sqlite")
 def wrapper_settings(pool_size: int) -> dict[str, Any]:
     """The wrapper variant's ``ASYNC_DBBRIDGE``: the one place to change when the library's do.
 
-    Today's library bounds a process's connections by its lanes (one per
-    request in flight) and the bridge's threads; the pooled design adds
-    ``POOL_SIZE``, ``POOL_TIMEOUT`` and ``HOLD``. Whatever this returns
-    (merged with ``--wrapper-settings``) reaches the server as JSON, unchanged.
+    One pool of ``POOL_SIZE`` connections per alias bounds the process's
+    sessions (request threads and the bridge's workers share it); the bridge
+    gets as many threads. ``POOL_TIMEOUT`` and ``HOLD`` are the library's
+    defaults. Whatever this returns (merged with ``--wrapper-settings``)
+    reaches the server as JSON, unchanged.
     """
-    return {"MAX_WORKERS": pool_size, "LANES": pool_size}
+    return {"MAX_WORKERS": pool_size, "POOL_SIZE": pool_size}
 
 
 @dataclass(frozen=True)
@@ -889,7 +890,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         metavar="JSON",
         default="{}",
         help="ASYNC_DBBRIDGE keys merged over the defaults (null removes a key), e.g. "
-        '\'{"POOL_SIZE": 8, "LANES": null}\'',
+        '\'{"HOLD": "request", "POOL_TIMEOUT": null}\'',
     )
     parser.add_argument(
         "--wrapper-src",
