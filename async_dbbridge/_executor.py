@@ -13,13 +13,14 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.thread import BrokenThreadPool
 from dataclasses import asdict, dataclass
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
+from django.conf import settings as django_settings
 from django.db import connections
 from django.db.backends.signals import connection_created
 
@@ -72,7 +73,10 @@ class ConnectionCounts:
 
 @dataclass(frozen=True)
 class ExecutorStats(ConnectionCounts):
-    """A snapshot of a :class:`DBExecutor`. Counts only; never settings or credentials."""
+    """A snapshot of a [`DBExecutor`][async_dbbridge.DBExecutor].
+
+    Counts only; never settings or credentials.
+    """
 
     max_workers: int
     workers: int
@@ -153,6 +157,10 @@ class _Worker(OwnerThread):
         # Work is handed to a worker directly (see DBExecutor._idle); None stops it.
         self.inbox: SimpleQueue[_Item | None] = SimpleQueue()
         self.busy = False
+        # The call running now: a loop's default executor handle must not wait
+        # for a call running on the very thread that asks it to shut down
+        # (see calls_running_on).
+        self.current: _Item | None = None
         self.calls = 0
         self.errors = 0
 
@@ -201,7 +209,7 @@ def run_plain(
 
 
 class _WorkItem:
-    """A call for the pool's :class:`concurrent.futures.Future` API.
+    """A call for the pool's `concurrent.futures.Future` API.
 
     ``execute`` runs the call and keeps its outcome; ``deliver`` hands it over.
     They are separate so the worker can declare itself free in between: a
@@ -329,22 +337,23 @@ _Item = _WorkItem | _LoopItem
 class DBExecutor(ThreadPoolExecutor):
     """A thread pool whose threads never leak a Django database connection.
 
-    A drop-in :class:`~concurrent.futures.ThreadPoolExecutor` (so asyncio accepts
+    A drop-in `concurrent.futures.ThreadPoolExecutor` (so asyncio accepts
     it as the default executor): every call submitted to it — through
-    ``submit``, ``map``, ``loop.run_in_executor``, ``asyncio.to_thread`` once
-    installed as the default, or :func:`db_call` — runs inside a wrapper that
-    treats the call like a request:
+    `submit`, `map`, `loop.run_in_executor`, `asyncio.to_thread` once
+    installed as the default, or [`db_call`][async_dbbridge.db_call] — runs
+    inside a wrapper that treats the call like a request:
 
     * before the call, connections past their lifetime or broken by an earlier
       error are closed and health checks are re-armed (``request_started``);
-    * after the call, the :class:`Policy` decides: honour ``CONN_MAX_AGE``
+    * after the call, the [`Policy`][async_dbbridge.Policy] decides: honour `CONN_MAX_AGE`
       (default), always close, or a lifetime of the pool's own;
     * a call that raised a database error has its connections closed
       unconditionally; a call that left a transaction open is rolled back, its
-      connection closed and a :class:`TransactionLeftOpenWarning` names it.
+      connection closed and a
+      [`TransactionLeftOpenWarning`][async_dbbridge.TransactionLeftOpenWarning] names it.
 
     Workers close every connection they opened when they exit: on
-    :meth:`shutdown`, when idle longer than ``idle_timeout``, and at interpreter
+    `shutdown`, when idle longer than `idle_timeout`, and at interpreter
     exit. So open connections never exceed ``max_workers`` times the aliases used, and
     ``shutdown(wait=True)`` returns with none left.
 
@@ -354,7 +363,7 @@ class DBExecutor(ThreadPoolExecutor):
         thread_name_prefix: Names the worker threads (``dbbridge-0``, ...).
         initializer: Called with ``initargs`` at the start of every worker. If
             it raises, the pool is broken, as in the standard library.
-        policy: A :class:`Policy`, or ``"request"`` / ``"close"``.
+        policy: A [`Policy`][async_dbbridge.Policy], or `"request"` / `"close"`.
         idle_timeout: Seconds a worker waits for work before it retires and
             closes its connections; ``None`` keeps workers until shutdown.
         databases: Aliases the per-call cleanup looks at; ``None`` (default)
@@ -441,6 +450,18 @@ class DBExecutor(ThreadPoolExecutor):
         Called from one of the pool's own threads, it does not wait for that
         thread (which would wait for itself).
         """
+        self._shutdown_sparing(wait, cancel_futures=cancel_futures, spare=())
+
+    def _shutdown_sparing(
+        self, wait: bool, *, cancel_futures: bool, spare: Collection[int]
+    ) -> None:
+        """``shutdown()``, not waiting for the workers whose thread ident is in ``spare``.
+
+        A worker that runs the event loop being shut down (``asyncio.run()``
+        called inside a call) waits for that shutdown to finish: joining it
+        would wait for ever. Spared workers stop on their own once their call
+        returns, closing their connections as every worker does.
+        """
         with self._state_lock:
             self._closing = True
             if cancel_futures:
@@ -454,7 +475,7 @@ class DBExecutor(ThreadPoolExecutor):
         if wait:
             current = threading.current_thread()
             for worker in workers:
-                if worker is not current:
+                if worker is not current and worker.ident not in spare:
                     worker.join()
 
     def stats(self) -> ExecutorStats:
@@ -517,7 +538,17 @@ class DBExecutor(ThreadPoolExecutor):
                 worker = _Worker(self, f"{self._prefix}-{next(self._counter)}")
                 worker.inbox.put(item)
                 self._workers.add(worker)
-                worker.start()
+                try:
+                    worker.start()
+                except BaseException:
+                    # "can't start new thread" (a thread or memory limit): the
+                    # caller gets the error, as from the standard library's
+                    # pool. The thread never ran, so it must not count: a
+                    # phantom worker would fill the pool (later calls queued
+                    # for ever) and make shutdown join a thread never started.
+                    # Its call goes with it, never run and never reported.
+                    self._workers.discard(worker)
+                    raise
             else:
                 self._backlog.append(item)
 
@@ -580,7 +611,12 @@ class DBExecutor(ThreadPoolExecutor):
                     return
             self._serve(worker)
         finally:
-            close_all_for_exit()
+            # Settings never loaded: Django cannot have connected anything in
+            # this process, and asking its connection handler would load them
+            # — ImproperlyConfigured, printed from the exiting thread, in a
+            # script that uses the pool without configuring Django.
+            if django_settings.configured:
+                close_all_for_exit()
             with self._state_lock:
                 self._workers.discard(worker)
                 self._retired_calls += worker.calls
@@ -595,10 +631,12 @@ class DBExecutor(ThreadPoolExecutor):
         item = inbox.get()  # a new worker is started with its first call
         while item is not None:
             worker.busy = True
+            worker.current = item
             try:
                 ran = item.execute(run)
             finally:
                 worker.busy = False
+                worker.current = None
                 # Become available before delivering the result: a caller that
                 # submits again as soon as it wakes then reuses this thread and
                 # its connection instead of starting another.
@@ -648,6 +686,21 @@ class DBExecutor(ThreadPoolExecutor):
             f"<{type(self).__name__} {state} max_workers={self._max_workers} "
             f"workers={len(self._workers)} policy={self._policy.kind}>"
         )
+
+
+def calls_running_on(idents: Collection[int]) -> set[Future[Any]]:
+    """Futures of the ``submit()`` calls that workers on these threads are running now.
+
+    For a shutdown that must not wait for its own thread: such a call cannot
+    finish before the shutdown returns.
+    """
+    running: set[Future[Any]] = set()
+    for thread in threading.enumerate():
+        if isinstance(thread, _Worker) and thread.ident in idents:
+            item = thread.current
+            if isinstance(item, _WorkItem):
+                running.add(item.future)
+    return running
 
 
 def _validate_aliases(databases: Iterable[str] | None) -> tuple[str, ...] | None:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.thread import BrokenThreadPool
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -24,6 +29,7 @@ from async_dbbridge import (
     db_call,
     install_default_executor,
 )
+from async_dbbridge._executor import _Worker
 from async_dbbridge.testing import (
     open_connection_aliases,
     server_session_count,
@@ -388,6 +394,61 @@ def test_shutdown_from_inside_a_worker_does_not_deadlock() -> None:
             break
         threading.Event().wait(0.01)
     assert executor.stats().workers == 0
+
+
+def test_a_worker_that_cannot_start_is_not_counted_and_the_caller_gets_the_error() -> None:
+    """A thread limit reached: the call fails at once; the pool is not left a phantom."""
+    executor = DBExecutor(max_workers=1)
+    cannot_start = RuntimeError("can't start new thread")
+    try:
+        with (
+            mock.patch.object(_Worker, "start", side_effect=cannot_start),
+            pytest.raises(RuntimeError, match="can't start new thread"),
+        ):
+            executor.submit(Item.objects.count)
+        assert executor.stats().workers == 0
+        # The only slot is free again: the next call starts a worker and runs.
+        assert executor.submit(Item.objects.count).result(timeout=10) == 0
+
+        executor.shutdown(wait=True)
+        # The same through db_call, on a pool with no worker yet.
+        executor = DBExecutor(max_workers=1)
+
+        async def db_call_path() -> int:
+            install_default_executor(executor)
+            with (
+                mock.patch.object(_Worker, "start", side_effect=cannot_start),
+                pytest.raises(RuntimeError, match="can't start new thread"),
+            ):
+                await db_call(Item.objects.count)
+            return await asyncio.wait_for(db_call(Item.objects.count), 10)
+
+        assert asyncio.run(db_call_path()) == 0
+    finally:
+        # Before: "cannot join thread before it is started".
+        executor.shutdown(wait=True)
+    assert executor.stats().workers == 0
+
+
+def test_a_script_without_django_settings_gets_its_result_and_exits_cleanly() -> None:
+    """Worker exit must not ask Django for connections nobody configured."""
+    script = textwrap.dedent(
+        """
+        from async_dbbridge import DBExecutor
+
+        with DBExecutor(max_workers=2) as pool:
+            print(sum(pool.map(abs, [-1, -2, -3])))
+        # Never shut down by the script: its workers exit at interpreter exit.
+        left = DBExecutor(max_workers=1)
+        print(left.submit(len, "abc").result())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "6\n3\n", "")
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "8"])
