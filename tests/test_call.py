@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import threading
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Coroutine, Generator, Iterator
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -160,6 +163,95 @@ async def test_db_call_rejects_coroutines_and_coroutine_functions() -> None:
         coro.close()
     with pytest.raises(TypeError, match="callable"):
         await db_call(42)  # type: ignore[arg-type]
+
+
+async def test_db_call_rejects_a_returned_coroutine_and_closes_it() -> None:
+    ran: list[str] = []
+    returned: list[Coroutine[Any, Any, None]] = []
+
+    async def forgotten() -> None:
+        ran.append("body")
+
+    def creates_then_forgets_to_await() -> object:
+        Item.objects.create(name="forgot")
+        returned.append(forgotten())
+        return returned[-1]
+
+    # Both shapes of the mistake: a function, and a lambda around the call.
+    for fn in (creates_then_forgets_to_await, lambda: creates_then_forgets_to_await()):
+        with pytest.raises(TypeError, match="returned the coroutine") as excinfo:
+            await db_call(fn)
+        assert str(excinfo.value).startswith(f"db_call() takes a sync function, but {fn!r}")
+        # Closed, so no "never awaited" warning follows (warnings are errors here).
+        assert inspect.getcoroutinestate(returned.pop()) == inspect.CORO_CLOSED
+    assert ran == []
+    # The sync part did run, on the bridge, and was cleaned up like any call.
+    assert await db_call(Item.objects.filter(name="forgot").count) == 2
+    stats = get_bridge_executor().stats()
+    assert stats.connections_opened["default"] >= 1
+    assert stats.errors == 0  # the call itself succeeded; the mistake is the caller's
+
+
+async def test_db_call_rejects_a_returned_generator_based_coroutine() -> None:
+    returned: list[Generator[None, None, None]] = []
+
+    @types.coroutine
+    def old_style() -> Generator[None, None, None]:
+        yield
+
+    def forgets() -> object:
+        returned.append(old_style())
+        return returned[-1]
+
+    with pytest.raises(TypeError, match="returned the coroutine"):
+        await db_call(forgets)
+    assert inspect.getgeneratorstate(returned[0]) == inspect.GEN_CLOSED
+
+
+class Later:
+    """An awaitable that is not a coroutine: handing one back can be deliberate."""
+
+    def __await__(self) -> Generator[None, None, str]:
+        yield from ()
+        return "awaited"
+
+
+def plain_generator() -> Iterator[int]:
+    """A generator, not a coroutine: returned like any other object."""
+    yield 1
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: None,
+        lambda: 0,
+        lambda: 1.5,
+        lambda: True,
+        lambda: "",
+        lambda: b"",
+        lambda: (),
+        lambda: [],
+        lambda: {},
+        lambda: set(),
+        lambda: Item(name="unsaved"),
+        lambda: Item.objects.none(),
+        Later,
+        plain_generator,
+    ],
+)
+async def test_db_call_returns_other_results_unchanged(make: Callable[[], object]) -> None:
+    value = make()
+    assert await db_call(lambda: value) is value
+    if isinstance(value, Later):
+        assert await value == "awaited"
+
+
+async def test_db_call_lets_a_future_through() -> None:
+    future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    assert await db_call(lambda: future) is future
+    future.set_result("done")
+    assert await future == "done"
 
 
 def test_db_call_without_a_running_loop_is_a_runtime_error() -> None:
