@@ -655,7 +655,8 @@ class DBExecutor(ThreadPoolExecutor):
         """The per-call wrapper: prepare like ``request_started``, run, clean up."""
         aliases = self._databases
         worker.calls += 1
-        # A pooled worker holds nothing between calls: nothing can expire.
+        # A pooled worker holds nothing between calls (except while it runs a
+        # backlog, see _cleanup_pooled): nothing can expire.
         cleanup = _cleanup_pooled if self._pooled else cleanup_after_call
         if not self._pooled:
             expire_connections(worker.connections(aliases), time.monotonic())
@@ -670,7 +671,21 @@ class DBExecutor(ThreadPoolExecutor):
                 logger.warning("connection cleanup after a failed call raised", exc_info=True)
             raise
         try:
-            cleanup(self._policy, error=None, fn=fn, conns=worker.connections(aliases))
+            if self._pooled:
+                # Read after the call: calls queued meanwhile are what it may keep
+                # its connection for (a plain read; a stale answer costs one
+                # checkout, or keeps the connection until the worker idles).
+                _cleanup_pooled(
+                    self._policy,
+                    error=None,
+                    fn=fn,
+                    conns=worker.connections(aliases),
+                    busy=bool(self._backlog),
+                )
+            else:
+                cleanup_after_call(
+                    self._policy, error=None, fn=fn, conns=worker.connections(aliases)
+                )
         except Exception as exc:
             # The call's own work succeeded (and in autocommit it is committed):
             # reporting failure now would invite a retry of work that is done.
@@ -756,6 +771,9 @@ class DBExecutor(ThreadPoolExecutor):
             if following is not None:
                 item = following  # type: ignore[assignment]  # an _Item
                 continue
+            if self._pooled:
+                # Idle now: a connection kept through a backlog goes back.
+                _give_back_all(worker)
             try:
                 item = inbox.get(timeout=timeout)
             except Empty:
@@ -813,6 +831,7 @@ def _cleanup_pooled(
     error: BaseException | None,
     fn: Callable[..., object],
     conns: Iterable[BaseDatabaseWrapper],
+    busy: bool = False,
 ) -> None:
     """After a call on a pooled worker: give its connections back, or really close them.
 
@@ -821,7 +840,7 @@ def _cleanup_pooled(
     open is rolled back and reported, then the connection goes back clean;
     `Policy.always_close()` closes; otherwise each goes back to its pool.
     """
-    from ._pool import _abandon, end_of_request
+    from ._pool import _abandon, end_of_request, may_keep
 
     conns = [conn for conn in conns if conn.connection is not None]
     if not conns:
@@ -843,6 +862,12 @@ def _cleanup_pooled(
                     end_of_request(conn)  # roll back, give back clean
             elif close:
                 conn.close()  # the pooled wrapper's real close frees the slot
+            elif busy and error is None and may_keep(conn):
+                # Calls are queued for the pool's workers and nobody waits for
+                # a connection: keep it for the next call (a give-back and a
+                # checkout saved per call under load); the worker gives it
+                # back once it has nothing queued (_serve) or someone waits.
+                continue
             else:
                 # Gives back when idle; one it cannot (a chunked cursor the
                 # call left open) is really closed: the next call may run on

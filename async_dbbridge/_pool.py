@@ -54,6 +54,7 @@ __all__ = (
     "get_pool",
     "give_back",
     "make_pooled",
+    "may_keep",
     "pool_stats",
     "pooled_class",
     "release_all",
@@ -784,6 +785,33 @@ def give_back(wrapper: BaseDatabaseWrapper) -> bool:
         pooled._dbbridge_giving_back = False
     # False if it was really closed instead (broken, or past its lifetime).
     return pooled._dbbridge_put
+
+
+def may_keep(wrapper: BaseDatabaseWrapper) -> bool:
+    """Whether a thread with more work queued may keep `wrapper`'s connection for it.
+
+    Only an idle connection (what `give_back()` would take), still within its
+    lifetime and its errors-free state, of a pool nobody is waiting on: a
+    bridge worker that runs call after call then skips a give-back and a
+    checkout per call, and gives it back as soon as someone waits or it has
+    nothing queued.
+    """
+    entry = getattr(wrapper, "_dbbridge_entry", None)
+    if (
+        entry is None
+        or wrapper.connection is None
+        or wrapper.in_atomic_block
+        or wrapper.needs_rollback
+        or wrapper.errors_occurred
+        or not wrapper.autocommit
+        or cast("_PooledWrapper", wrapper)._dbbridge_cursors
+    ):
+        return False
+    if entry.deadline is not None and time.monotonic() >= entry.deadline:
+        return False
+    # A plain read of the pool's queue of waiters (no lock): a waiter that
+    # arrives just after it waits at most for this worker's next call.
+    return not entry.pool._waiters
 
 
 def end_of_request(wrapper: BaseDatabaseWrapper) -> str | None:

@@ -609,6 +609,35 @@ def test_a_pooled_executor_gives_its_connection_back_after_each_call(
     assert server_session_count() == 1
 
 
+def test_a_pooled_worker_keeps_its_connection_through_a_backlog_and_gives_it_back_idle(
+    db_settings: SetSetting,
+) -> None:
+    """Under load a pooled worker runs call after call on one checkout; once it has
+    nothing queued the connection is back in the pool."""
+    from async_dbbridge import stats
+
+    db_settings(CONN_MAX_AGE=60)
+    gate = threading.Event()
+
+    def first_call() -> int:
+        session = backend_id()  # really connected
+        assert gate.wait(30)
+        return session
+
+    with DBExecutor(max_workers=1, pooled=True) as executor:
+        first = executor.submit(first_call)
+        # Queued behind the first call, which holds the only worker.
+        queued = [executor.submit(backend_id) for _ in range(3)]
+        assert executor.stats().queued == 3
+        gate.set()
+        sessions = {first.result(30)} | {future.result(30) for future in queued}
+        assert len(sessions) == 1
+        pool = stats().pools["default"]
+        # One checkout for the four calls, and nothing held once idle.
+        assert (pool.opened, pool.checkouts) == (1, 1)
+        assert (pool.in_use, pool.idle) == (0, 1)
+
+
 def test_a_pooled_executor_rolls_back_a_leftover_transaction_and_gives_the_connection_back(
     db_settings: SetSetting,
 ) -> None:
