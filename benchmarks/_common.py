@@ -1,8 +1,10 @@
-"""What the end-to-end benchmarks share: wrk, a uvicorn server process, counting and CPU.
+"""What the benchmarks share: the database, wrk, a uvicorn server process, counting and CPU.
 
 ``bench_asgi.py`` and ``bench_project.py`` both serve a Django project with
 one uvicorn worker in a subprocess, drive it with ``wrk``, and count the
-server's sessions from outside while it runs. The scripts are run directly
+server's sessions from outside while it runs; they create and drop their
+database and role the same way, and their projects' settings build the
+database aliases and the log setup from here. The scripts are run directly
 (``benchmarks/`` is then ``sys.path[0]``), so they put the repository root on
 ``sys.path`` themselves and import this module as ``benchmarks._common``.
 """
@@ -10,27 +12,55 @@ server's sessions from outside while it runs. The scripts are run directly
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
+import platform
 import re
 import resource
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeVar
 
 ROOT: Final = Path(__file__).resolve().parent.parent
+
+_DatabaseT = TypeVar("_DatabaseT", bound="BenchDatabase")
+_T = TypeVar("_T")
 
 
 class HarnessError(RuntimeError):
     """The benchmark itself failed (as opposed to a configuration doing badly)."""
+
+
+def rotated(items: tuple[_T, ...], round_no: int) -> tuple[_T, ...]:
+    """``items`` rotated left by ``round_no``: so that none always runs first in its round."""
+    shift = round_no % len(items)
+    return items[shift:] + items[:shift]
+
+
+def interleaved(
+    rounds: int, outer: tuple[str, ...], inner: tuple[str, ...]
+) -> Iterator[tuple[int, str, str]]:
+    """(round, inner, outer): outer by outer, every inner for each, both rotated each round.
+
+    The inner items a ratio compares run back to back, so the machine's drift
+    hits both sides alike; rotating the order keeps any from always going first.
+    """
+    for round_no in range(rounds):
+        inners = rotated(inner, round_no)
+        for item in rotated(outer, round_no):
+            for each in inners:
+                yield round_no, each, item
 
 
 def split_option(value: str, choices: Sequence[str], option: str) -> tuple[str, ...]:
@@ -42,6 +72,281 @@ def split_option(value: str, choices: Sequence[str], option: str) -> tuple[str, 
             f"{option}: choose from {', '.join(choices)} (comma-separated), not {value!r}"
         )
     return items
+
+
+# -- the database ---------------------------------------------------------------------
+
+
+@dataclass
+class BenchDatabase:
+    """The benchmark database and the role the servers connect as.
+
+    Subclasses create their tables and rows in ``create()``: between
+    ``_create_objects()`` and ``_created()``, through the servers' alias
+    ``default`` (so the role owns what it made); ``admin`` creates and drops.
+    """
+
+    backend: str
+    name: str
+    user: str
+    password: str
+    session_cap: int
+    version: str = ""
+
+    @classmethod
+    def for_run(cls: type[_DatabaseT], backend: str, db_name: str, session_cap: int) -> _DatabaseT:
+        """This run's: on SQLite a file of this process's in the temporary directory."""
+        if backend == "sqlite":
+            name = os.path.join(tempfile.gettempdir(), f"{db_name}-{os.getpid()}.sqlite3")
+        else:
+            name = db_name
+        return cls(
+            backend=backend,
+            name=name,
+            user=db_name,
+            # The role exists only during the run; a fresh password each time.
+            password=secrets.token_hex(16),
+            session_cap=session_cap,
+        )
+
+    def server_env(self) -> dict[str, str]:
+        return {
+            "BENCH_BACKEND": self.backend,
+            "BENCH_DB_NAME": self.name,
+            "BENCH_DB_USER": self.user,
+            "BENCH_DB_PASSWORD": self.password,
+        }
+
+    def _create_objects(self) -> None:
+        """Drop what a crashed run left, then create the role and the empty database."""
+        from django.db import connections
+
+        if self.backend == "sqlite":
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.name)
+            return
+        self._drop_objects()
+        with connections["admin"]._nodb_cursor() as cursor:
+            if self.backend == "postgresql":
+                # The cap is the database's: PostgreSQL exempts superusers,
+                # hence a role of our own.
+                limit = self.session_cap or -1
+                cursor.execute(f"CREATE ROLE {self.user} LOGIN PASSWORD '{self.password}'")
+                cursor.execute(
+                    f"CREATE DATABASE {self.name} OWNER {self.user} CONNECTION LIMIT {limit}"
+                )
+            else:
+                cursor.execute(
+                    f"CREATE USER '{self.user}'@'%' IDENTIFIED BY '{self.password}' "
+                    f"WITH MAX_USER_CONNECTIONS {self.session_cap}"
+                )
+                cursor.execute(f"CREATE DATABASE {self.name} CHARACTER SET utf8mb4")
+                cursor.execute(f"GRANT ALL PRIVILEGES ON {self.name}.* TO '{self.user}'@'%'")
+
+    def _created(self) -> None:
+        """Read the server's version, then let go of every session the harness opened."""
+        from django.db import connections
+
+        self.version = server_version()
+        # The harness holds no session on the database while servers run.
+        connections.close_all()
+
+    def drop(self) -> None:
+        from django.db import connections
+
+        from async_dbbridge.testing import close_monitor
+
+        connections.close_all()
+        close_monitor()
+        if self.backend == "sqlite":
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.name)
+            return
+        self._drop_objects()
+
+    def _drop_objects(self) -> None:
+        from django.db import connections
+
+        with connections["admin"]._nodb_cursor() as cursor:
+            if self.backend == "postgresql":
+                # FORCE ends the sessions of a server a crashed run left behind.
+                cursor.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+                cursor.execute(f"DROP ROLE IF EXISTS {self.user}")
+            else:
+                cursor.execute(f"DROP DATABASE IF EXISTS {self.name}")
+                cursor.execute(f"DROP USER IF EXISTS '{self.user}'@'%'")
+
+    def count_sessions(self, pid: int) -> int:
+        """The sessions on the benchmark database, counted from outside server ``pid``."""
+        if self.backend == "sqlite":
+            return open_files(pid, self.name)
+        from async_dbbridge.testing import server_session_count
+
+        # Every session on the database, whoever holds it: one server runs at a
+        # time, and the harness holds none (its counting session is excluded).
+        return server_session_count("admin")
+
+
+def run_harness(prog: str, database: BenchDatabase, body: Callable[[], _T]) -> _T | None:
+    """``body()`` (which creates ``database``), then drop it whatever happened.
+
+    None, with the reason on stderr, when ``body`` failed or the database could
+    not be dropped: the harness failed, whatever the figures say.
+    """
+    result: _T | None = None
+    try:
+        result = body()
+    except Exception as exc:
+        # A database error outside a server (creating the database, counting
+        # sessions) is the harness's too: the servers' own errors are in their logs.
+        print(f"{prog}: the harness failed: {exc}", file=sys.stderr)
+    finally:
+        try:
+            database.drop()
+        except Exception as exc:
+            print(f"{prog}: could not drop {database.name}: {exc}", file=sys.stderr)
+            result = None
+    return result
+
+
+def server_version(alias: str = "default") -> str:
+    """The database server as a report names it: "postgresql 17.2", "sqlite 3.45.1"."""
+    from django.db import connections
+
+    conn = connections[alias]
+    sql = "SELECT sqlite_version()" if conn.vendor == "sqlite" else "SELECT VERSION()"
+    with conn.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    version = str(row[0]) if row else "?"
+    # PostgreSQL's is a sentence ("PostgreSQL 15.2 (Debian ...) on x86_64 ..."): keep the start.
+    return f"{conn.vendor} {version.split(' (')[0].removeprefix('PostgreSQL ')}"
+
+
+def max_connections() -> int | None:
+    """The database server's own limit on sessions (every database, every role), or None."""
+    from django.db import connections
+
+    conn = connections["admin"]
+    sql = "SHOW max_connections" if conn.vendor == "postgresql" else "SELECT @@max_connections"
+    with conn.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    connections["admin"].close()
+    return int(row[0]) if row else None
+
+
+# -- the served projects' settings ----------------------------------------------------
+
+
+def databases_setting(
+    backend: str, name: str, conn_max_age: int, *, pool_size: int | None, pool_needs: str
+) -> dict[str, dict[str, Any]]:
+    """DATABASES for a served project: ``default`` as the servers' role, ``admin`` the harness's.
+
+    ``pool_size``: psycopg's pool of that size on ``default`` (PostgreSQL only;
+    on another server the error names ``pool_needs``, the setting that asked).
+    """
+
+    def database(*, admin: bool) -> dict[str, Any]:
+        if backend == "sqlite":
+            return {
+                "ENGINE": "django.db.backends.sqlite3",
+                "NAME": name,
+                "CONN_MAX_AGE": conn_max_age,
+                "OPTIONS": {"timeout": 20},
+            }
+        if backend == "postgresql":
+            default_user = os.environ.get("PGUSER", "postgres")
+            settings: dict[str, Any] = {
+                "ENGINE": "django.db.backends.postgresql",
+                "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+                "PORT": os.environ.get("PGPORT", "5432"),
+            }
+            admin_password = os.environ.get("PGPASSWORD", "")
+        elif backend == "mysql":
+            default_user = os.environ.get("MYSQL_USER", "root")
+            settings = {
+                "ENGINE": "django.db.backends.mysql",
+                "HOST": os.environ.get("MYSQL_HOST", "127.0.0.1"),
+                "PORT": os.environ.get("MYSQL_PORT", "3306"),
+                "OPTIONS": {"charset": "utf8mb4"},
+            }
+            admin_password = os.environ.get("MYSQL_PASSWORD", "")
+        else:
+            raise RuntimeError(
+                f"BENCH_BACKEND must be sqlite, postgresql or mysql, not {backend!r}"
+            )
+        settings["NAME"] = name
+        if admin:
+            settings["USER"] = os.environ.get("BENCH_ADMIN_USER", default_user)
+            settings["PASSWORD"] = os.environ.get("BENCH_ADMIN_PASSWORD", admin_password)
+            return settings
+        settings["USER"] = os.environ.get("BENCH_DB_USER", default_user)
+        settings["PASSWORD"] = os.environ.get("BENCH_DB_PASSWORD", admin_password)
+        settings["CONN_MAX_AGE"] = conn_max_age
+        if pool_size is not None:
+            if backend != "postgresql":
+                raise RuntimeError(f"{pool_needs} needs BENCH_BACKEND=postgresql")
+            settings["OPTIONS"] = {"pool": {"min_size": pool_size, "max_size": pool_size}}
+        return settings
+
+    databases = {"default": database(admin=False)}
+    if backend != "sqlite":
+        databases["admin"] = database(admin=True)
+    return databases
+
+
+def server_logging() -> dict[str, Any]:
+    """LOGGING for a served project: errors to stderr, one line each.
+
+    Without the traceback: the harness counts them (a stock server out of
+    connections logs one per failed request), and a traceback per failed
+    request would make the server spend its time formatting them.
+    """
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"one_line": {"()": "benchmarks.asgi_project.log.OneLineErrors"}},
+        "formatters": {"short": {"format": "%(levelname)s %(name)s: %(message)s"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "short",
+                "filters": ["one_line"],
+            }
+        },
+        "loggers": {
+            "django.request": {"handlers": ["stderr"], "level": "ERROR", "propagate": False},
+            "async_dbbridge": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+        },
+    }
+
+
+# -- the report's environment ---------------------------------------------------------
+
+
+def software_versions(server: str) -> dict[str, Any]:
+    """The report's first facts: the database ``server`` and what served it."""
+    import asgiref
+    import django
+    import uvicorn
+
+    import async_dbbridge
+
+    return {
+        "server": server,
+        "python": platform.python_version(),
+        "django": django.get_version(),
+        "asgiref": asgiref.__version__,
+        "uvicorn": uvicorn.__version__,
+        "async_dbbridge": async_dbbridge.__version__,
+    }
+
+
+def loadavg() -> str:
+    """The machine's load averages (1, 5, 15 min), for the report: "1.2, 0.8, 0.5"."""
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 # -- counting sessions ----------------------------------------------------------------

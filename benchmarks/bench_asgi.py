@@ -45,12 +45,9 @@ completed, whatever the targets and checks say (they print PASS or FAIL);
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
-import platform
-import secrets
 import shutil
 import statistics
 import sys
@@ -74,7 +71,8 @@ from benchmarks._common import (
     clean_exit,
     cpu_per_request,
     error_summary,
-    open_files,
+    interleaved,
+    run_harness,
     settle,
     split_option,
 )
@@ -166,95 +164,19 @@ def _setup_django(backend: str, user: str, password: str, name: str) -> None:
     django.setup()
 
 
-@dataclass
-class Database:
+class Database(_common.BenchDatabase):
     """The benchmark database and the role the servers connect as."""
-
-    backend: str
-    name: str
-    user: str
-    password: str
-    session_cap: int
-    version: str = ""
-
-    def server_env(self) -> dict[str, str]:
-        return {
-            "BENCH_BACKEND": self.backend,
-            "BENCH_DB_NAME": self.name,
-            "BENCH_DB_USER": self.user,
-            "BENCH_DB_PASSWORD": self.password,
-        }
 
     def create(self) -> None:
         from django.db import connections
 
         from benchmarks.asgi_project.models import Item
 
-        if self.backend == "sqlite":
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.name)
-        else:
-            self._drop_objects()
-            admin = connections["admin"]
-            with admin._nodb_cursor() as cursor:
-                if self.backend == "postgresql":
-                    # The cap is the database's: PostgreSQL exempts superusers,
-                    # hence a role of our own.
-                    limit = self.session_cap or -1
-                    cursor.execute(f"CREATE ROLE {self.user} LOGIN PASSWORD '{self.password}'")
-                    cursor.execute(
-                        f"CREATE DATABASE {self.name} OWNER {self.user} CONNECTION LIMIT {limit}"
-                    )
-                else:
-                    cursor.execute(
-                        f"CREATE USER '{self.user}'@'%' IDENTIFIED BY '{self.password}' "
-                        f"WITH MAX_USER_CONNECTIONS {self.session_cap}"
-                    )
-                    cursor.execute(f"CREATE DATABASE {self.name} CHARACTER SET utf8mb4")
-                    cursor.execute(f"GRANT ALL PRIVILEGES ON {self.name}.* TO '{self.user}'@'%'")
+        self._create_objects()
         with connections["default"].schema_editor() as editor:
             editor.create_model(Item)
         Item.objects.bulk_create(Item(pk=n, name=f"item {n}", value=n) for n in range(1, 11))
-        self.version = _server_version()
-        # The harness holds no session on the database while servers run.
-        connections.close_all()
-
-    def drop(self) -> None:
-        from django.db import connections
-
-        from async_dbbridge.testing import close_monitor
-
-        connections.close_all()
-        close_monitor()
-        if self.backend == "sqlite":
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.name)
-            return
-        self._drop_objects()
-
-    def _drop_objects(self) -> None:
-        from django.db import connections
-
-        with connections["admin"]._nodb_cursor() as cursor:
-            if self.backend == "postgresql":
-                # FORCE ends the sessions of a server a crashed run left behind.
-                cursor.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
-                cursor.execute(f"DROP ROLE IF EXISTS {self.user}")
-            else:
-                cursor.execute(f"DROP DATABASE IF EXISTS {self.name}")
-                cursor.execute(f"DROP USER IF EXISTS '{self.user}'@'%'")
-
-
-def _server_version() -> str:
-    from django.db import connections
-
-    conn = connections["default"]
-    sql = "SELECT sqlite_version()" if conn.vendor == "sqlite" else "SELECT VERSION()"
-    with conn.cursor() as cursor:
-        cursor.execute(sql)
-        row = cursor.fetchone()
-    version = str(row[0]) if row else "?"
-    return f"{conn.vendor} {version.split(' (')[0].removeprefix('PostgreSQL ')}"
+        self._created()
 
 
 class SessionCounter:
@@ -264,13 +186,7 @@ class SessionCounter:
         self.database = database
 
     def count(self, pid: int) -> int:
-        if self.database.backend == "sqlite":
-            return open_files(pid, self.database.name)
-        from async_dbbridge.testing import server_session_count
-
-        # Every session on the database, whoever holds it: one server runs at
-        # a time, and the harness holds none (its monitor is excluded).
-        return server_session_count("admin")
+        return self.database.count_sessions(pid)
 
     def settle(self, pid: int, timeout: float, stable: float) -> int:
         """The count once it is 0, or unchanged for ``stable`` s (bounded): see `settle`."""
@@ -936,38 +852,17 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
 
 
 def schedule(config: Config) -> Iterator[tuple[int, str, str]]:
-    """(round, mode, view): view by view, the modes in a different order each round.
-
-    The modes a ratio compares run back to back, so the machine's drift hits
-    both sides alike; rotating the order keeps any mode from always going first.
-    """
-    for round_no in range(config.rounds):
-        shift = round_no % len(config.modes)
-        modes = config.modes[shift:] + config.modes[:shift]
-        view_shift = round_no % len(config.views)
-        views = config.views[view_shift:] + config.views[:view_shift]
-        for view in views:
-            for mode in modes:
-                if (mode, view) not in SKIPPED:
-                    yield round_no, mode, view
+    """(round, mode, view): view by view, the modes in a different order each round."""
+    for round_no, mode, view in interleaved(config.rounds, config.views, config.modes):
+        if (mode, view) not in SKIPPED:
+            yield round_no, mode, view
 
 
 def _environment(database: Database) -> dict[str, Any]:
-    import asgiref
-    import django
-    import uvicorn
-
-    import async_dbbridge
-
     return {
-        "server": database.version,
-        "python": platform.python_version(),
-        "django": django.get_version(),
-        "asgiref": asgiref.__version__,
-        "uvicorn": uvicorn.__version__,
-        "async_dbbridge": async_dbbridge.__version__,
+        **_common.software_versions(database.version),
         "cpus": os.cpu_count(),
-        "loadavg_before": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "loadavg_before": _common.loadavg(),
     }
 
 
@@ -1027,36 +922,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("bench_asgi: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
-    if config.backend == "sqlite":
-        name = os.path.join(tempfile.gettempdir(), f"{DB_NAME}-{os.getpid()}.sqlite3")
-    else:
-        name = DB_NAME
-    database = Database(
-        backend=config.backend,
-        name=name,
-        user=DB_NAME,
-        # The role exists only during the run; a fresh password each time.
-        password=secrets.token_hex(16),
-        session_cap=config.session_cap,
-    )
+    database = Database.for_run(config.backend, DB_NAME, config.session_cap)
     _setup_django(config.backend, database.user, database.password, database.name)
     started = time.monotonic()
-    report: Report | None = None
-    try:
+
+    def body() -> Report:
         database.create()
         report = Report(environment=_environment(database), config=asdict(config))
         report.samples = run(config, database, lambda s: print(_progress(s), file=sys.stderr))
-    except Exception as exc:
-        # A database error outside a server (creating the database, counting
-        # sessions) is the harness's too: the servers' own errors are in their logs.
-        print(f"bench_asgi: the harness failed: {exc}", file=sys.stderr)
-        report = None
-    finally:
-        try:
-            database.drop()
-        except Exception as exc:
-            print(f"bench_asgi: could not drop {database.name}: {exc}", file=sys.stderr)
-            report = None
+        return report
+
+    report = run_harness("bench_asgi", database, body)
     if report is None:
         return 2
     used = next((sample for sample in report.samples if sample.mode == "wrapper"), None)
@@ -1068,7 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             wrapper_mode_used=used.wrapper_mode or "",
         )
         report.config = asdict(config)
-    report.environment["loadavg_after"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    report.environment["loadavg_after"] = _common.loadavg()
     report.environment["seconds"] = round(time.monotonic() - started, 1)
     report.summary = summarize(report.samples, config)
     report.checks = check_targets(report.summary, config)

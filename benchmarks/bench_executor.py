@@ -57,6 +57,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+# Run as a script, benchmarks/ is sys.path[0]: the repository root makes the
+# shared helpers, the settings and the test app importable (and this
+# checkout's async_dbbridge the one imported).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import asgiref
 import django
 from asgiref.sync import sync_to_async
@@ -66,6 +71,7 @@ from django.db.backends.signals import connection_created
 import async_dbbridge
 from async_dbbridge import DBExecutor, db_call, install_default_executor
 from async_dbbridge.testing import close_monitor, server_session_count
+from benchmarks._common import rotated, server_version, settle
 
 WORKERS: Final = 8
 CONCURRENCY: Final = 32
@@ -359,18 +365,7 @@ def _settle(timeout: float, stable: float) -> int:
     closed it, so one read right after shutdown could still see it; a leaked
     one never goes, so waiting for 0 would only burn the timeout.
     """
-    deadline = time.monotonic() + timeout
-    last = server_session_count(ALIAS)
-    since = time.monotonic()
-    while last:
-        now = time.monotonic()
-        if now >= deadline or now - since >= stable:
-            break
-        time.sleep(0.02)
-        count = server_session_count(ALIAS)
-        if count != last:
-            last, since = count, time.monotonic()
-    return last
+    return settle(lambda: server_session_count(ALIAS), timeout, stable)
 
 
 def _start_clean(config: Config, before: str) -> None:
@@ -429,8 +424,7 @@ def speed_phase(config: Config) -> SpeedPhase:
         for round_no in range(config.rounds):
             gc.collect()
             # Rotate the order each round so that no path is always first or last.
-            shift = round_no % len(PATHS)
-            order = PATHS[shift:] + PATHS[:shift]
+            order = rotated(PATHS, round_no)
             row = {path.key: SpeedSample(path.key, round_no) for path in order}
             # Sequential round trips in a short block per path. Taking turns
             # call by call looked fairer but is not: a round trip then depends
@@ -531,17 +525,6 @@ def lifecycle_run(path: BenchPath, config: Config, round_no: int) -> LifecycleRu
 # -- the database ---------------------------------------------------------------------
 
 
-def _server_version() -> str:
-    conn = connections[ALIAS]
-    sql = "SELECT sqlite_version()" if conn.vendor == "sqlite" else "SELECT VERSION()"
-    with conn.cursor() as cursor:
-        cursor.execute(sql)
-        row = cursor.fetchone()
-    version = str(row[0]) if row else "?"
-    # PostgreSQL's is a sentence ("PostgreSQL 15.2 (Debian ...) on x86_64 ..."): keep the start.
-    return f"{conn.vendor} {version.split(' (')[0].removeprefix('PostgreSQL ')}"
-
-
 def _drop_database_sql(vendor: str, quoted: str) -> str:
     if vendor == "postgresql":
         # FORCE (PostgreSQL 13+; Django 5.2 needs 14) ends sessions a crashed run left.
@@ -567,7 +550,7 @@ def create_database() -> str:
     with conn.schema_editor() as editor:
         editor.create_model(Item)
     Item.objects.create(pk=1, name="bench", value=1)
-    version = _server_version()
+    version = server_version(ALIAS)
     # The main thread holds no session while the paths are measured.
     connections.close_all()
     return version
@@ -806,11 +789,6 @@ def print_report(report: Report) -> None:
 
 
 def _setup_django(backend: str) -> None:
-    # Run as a script, sys.path[0] is benchmarks/; the settings and the test
-    # app are imported from the repository root.
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
     os.environ["DBBRIDGE_BENCH_BACKEND"] = backend
     os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.settings"
     django.setup()
@@ -854,8 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.speed = speed.samples
         report.environment["speed_seconds"] = round(speed.seconds, 1)
         for round_no in range(config.lifecycle_rounds):
-            shift = round_no % len(PATHS)
-            for path in PATHS[shift:] + PATHS[:shift]:
+            for path in rotated(PATHS, round_no):
                 report.lifecycle.append(lifecycle_run(path, config, round_no))
     except OperationalError as exc:
         # Most often "too many clients": other programs hold the server's slots.

@@ -57,12 +57,9 @@ say; 2 if the harness itself failed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import re
-import secrets
 import shutil
 import statistics
 import sys
@@ -88,7 +85,8 @@ from benchmarks._common import (
     clean_exit,
     cpu_per_request,
     error_summary,
-    open_files,
+    interleaved,
+    run_harness,
     settle,
     split_option,
 )
@@ -206,56 +204,19 @@ def _setup_django(database: Database) -> None:
 
 
 @dataclass
-class Database:
+class Database(_common.BenchDatabase):
     """The benchmark database, the role the servers connect as, and the logged-in sessions."""
 
-    backend: str
-    name: str
-    user: str
-    password: str
-    session_cap: int
-    version: str = ""
     session_keys: list[str] = field(default_factory=list)
-
-    def server_env(self) -> dict[str, str]:
-        return {
-            "BENCH_BACKEND": self.backend,
-            "BENCH_DB_NAME": self.name,
-            "BENCH_DB_USER": self.user,
-            "BENCH_DB_PASSWORD": self.password,
-        }
 
     def create(self, sessions: int) -> None:
         """Drop what a crashed run left, then create, migrate, seed and log users in."""
         from django.core.management import call_command
-        from django.db import connections
 
-        if self.backend == "sqlite":
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.name)
-        else:
-            self._drop_objects()
-            with connections["admin"]._nodb_cursor() as cursor:
-                if self.backend == "postgresql":
-                    # The cap is the database's: PostgreSQL exempts superusers,
-                    # hence a role of our own.
-                    limit = self.session_cap or -1
-                    cursor.execute(f"CREATE ROLE {self.user} LOGIN PASSWORD '{self.password}'")
-                    cursor.execute(
-                        f"CREATE DATABASE {self.name} OWNER {self.user} CONNECTION LIMIT {limit}"
-                    )
-                else:
-                    cursor.execute(
-                        f"CREATE USER '{self.user}'@'%' IDENTIFIED BY '{self.password}' "
-                        f"WITH MAX_USER_CONNECTIONS {self.session_cap}"
-                    )
-                    cursor.execute(f"CREATE DATABASE {self.name} CHARACTER SET utf8mb4")
-                    cursor.execute(f"GRANT ALL PRIVILEGES ON {self.name}.* TO '{self.user}'@'%'")
+        self._create_objects()
         call_command("migrate", database="default", interactive=False, verbosity=0)
         self._seed(sessions)
-        self.version = _server_version()
-        # The harness holds no session on the database while servers run.
-        connections.close_all()
+        self._created()
 
     def _seed(self, sessions: int) -> None:
         from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
@@ -282,67 +243,6 @@ class Database:
             store.create()
             assert store.session_key is not None
             self.session_keys.append(store.session_key)
-
-    def drop(self) -> None:
-        from django.db import connections
-
-        from async_dbbridge.testing import close_monitor
-
-        connections.close_all()
-        close_monitor()
-        if self.backend == "sqlite":
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.name)
-            return
-        self._drop_objects()
-
-    def _drop_objects(self) -> None:
-        from django.db import connections
-
-        with connections["admin"]._nodb_cursor() as cursor:
-            if self.backend == "postgresql":
-                # FORCE ends the sessions of a server a crashed run left behind.
-                cursor.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
-                cursor.execute(f"DROP ROLE IF EXISTS {self.user}")
-            else:
-                cursor.execute(f"DROP DATABASE IF EXISTS {self.name}")
-                cursor.execute(f"DROP USER IF EXISTS '{self.user}'@'%'")
-
-
-def _server_version() -> str:
-    from django.db import connections
-
-    conn = connections["default"]
-    sql = "SELECT sqlite_version()" if conn.vendor == "sqlite" else "SELECT VERSION()"
-    with conn.cursor() as cursor:
-        cursor.execute(sql)
-        row = cursor.fetchone()
-    version = str(row[0]) if row else "?"
-    return f"{conn.vendor} {version.split(' (')[0].removeprefix('PostgreSQL ')}"
-
-
-def _max_connections() -> int | None:
-    """The database server's own limit on sessions (every database, every role), or None."""
-    from django.db import connections
-
-    conn = connections["admin"]
-    sql = "SHOW max_connections" if conn.vendor == "postgresql" else "SELECT @@max_connections"
-    with conn.cursor() as cursor:
-        cursor.execute(sql)
-        row = cursor.fetchone()
-    connections["admin"].close()
-    return int(row[0]) if row else None
-
-
-def _count_sessions(database: Database, pid: int) -> int:
-    """The sessions on the benchmark database, counted from outside the server."""
-    if database.backend == "sqlite":
-        return open_files(pid, database.name)
-    from async_dbbridge.testing import server_session_count
-
-    # Every session on the database, whoever holds it: one server runs at a
-    # time, and the harness holds none (its counting session is excluded).
-    return server_session_count("admin")
 
 
 # -- one measurement ------------------------------------------------------------------
@@ -429,7 +329,7 @@ def measure(
     variant: str, workload: Workload, round_no: int, config: Config, database: Database
 ) -> Sample:
     def count() -> int:
-        return _count_sessions(database, server.pid)
+        return database.count_sessions(server.pid)
 
     with tempfile.TemporaryFile() as log:
         server = Server(variant, config, database, log)
@@ -969,40 +869,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
 
 
 def schedule(config: Config) -> Iterator[tuple[int, str, str]]:
-    """(round, variant, workload): workload by workload, variants rotated each round.
-
-    The variants a ratio compares run back to back, so the machine's drift hits
-    both sides alike; rotating the order keeps any variant from always going first.
-    """
-    for round_no in range(config.rounds):
-        shift = round_no % len(config.variants)
-        variants = config.variants[shift:] + config.variants[:shift]
-        w_shift = round_no % len(config.workloads)
-        workloads = config.workloads[w_shift:] + config.workloads[:w_shift]
-        for workload in workloads:
-            for variant in variants:
-                yield round_no, variant, workload
+    """(round, variant, workload): workload by workload, variants rotated each round."""
+    return interleaved(config.rounds, config.workloads, config.variants)
 
 
 def _environment(database: Database, config: Config) -> dict[str, Any]:
-    import asgiref
-    import django
-    import uvicorn
-
-    import async_dbbridge
-
     return {
-        "server": database.version,
-        "python": platform.python_version(),
-        "django": django.get_version(),
-        "asgiref": asgiref.__version__,
-        "uvicorn": uvicorn.__version__,
-        "async_dbbridge": async_dbbridge.__version__,
+        **_common.software_versions(database.version),
         "wrapper_src": config.wrapper_src or str(ROOT),
         "cpus": os.cpu_count(),
         # Shared with whatever else uses the server: the cap only helps below it.
-        "max_connections": _max_connections() if database.backend != "sqlite" else None,
-        "loadavg_before": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "max_connections": _common.max_connections() if database.backend != "sqlite" else None,
+        "loadavg_before": _common.loadavg(),
     }
 
 
@@ -1049,42 +927,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("bench_project: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
-    if config.backend == "sqlite":
-        name = os.path.join(tempfile.gettempdir(), f"{DB_NAME}-{os.getpid()}.sqlite3")
-    else:
-        name = DB_NAME
-    database = Database(
-        backend=config.backend,
-        name=name,
-        user=DB_NAME,
-        # The role exists only during the run; a fresh password each time.
-        password=secrets.token_hex(16),
-        session_cap=config.session_cap,
-    )
+    database = Database.for_run(config.backend, DB_NAME, config.session_cap)
     _setup_django(database)
     started = time.monotonic()
-    report: Report | None = None
-    try:
+
+    def run() -> Report:
         database.create(config.sessions)
         report = Report(environment=_environment(database, config), config=asdict(config))
         for round_no, variant, key in schedule(config):
             sample = measure(variant, WORKLOAD_BY_KEY[key], round_no, config, database)
             print(_progress(sample), file=sys.stderr)
             report.samples.append(sample)
-    except Exception as exc:
-        # A database error outside a server (creating the database, counting
-        # sessions) is the harness's too: the servers' own errors are in their logs.
-        print(f"bench_project: the harness failed: {exc}", file=sys.stderr)
-        report = None
-    finally:
-        try:
-            database.drop()
-        except Exception as exc:
-            print(f"bench_project: could not drop {database.name}: {exc}", file=sys.stderr)
-            report = None
+        return report
+
+    report = run_harness("bench_project", database, run)
     if report is None:
         return 2
-    report.environment["loadavg_after"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    report.environment["loadavg_after"] = _common.loadavg()
     report.environment["seconds"] = round(time.monotonic() - started, 1)
     report.summary = summarize(report.samples, config)
     report.checks = check_targets(report.summary, config)

@@ -30,6 +30,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from benchmarks._common import databases_setting, server_logging
+
 MODES = ("stock0", "stock60", "pool", "wrapper")
 
 BENCH_MODE = os.environ.get("BENCH_MODE", "wrapper")
@@ -45,51 +47,13 @@ POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "8"))
 CONN_MAX_AGE = 0 if BENCH_MODE in ("stock0", "pool") else 60
 
 
-def _database(*, admin: bool) -> dict[str, Any]:
-    if BACKEND == "sqlite":
-        return {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": DB_NAME,
-            "CONN_MAX_AGE": CONN_MAX_AGE,
-            "OPTIONS": {"timeout": 20},
-        }
-    if BACKEND == "postgresql":
-        default_user = os.environ.get("PGUSER", "postgres")
-        database: dict[str, Any] = {
-            "ENGINE": "django.db.backends.postgresql",
-            "HOST": os.environ.get("PGHOST", "127.0.0.1"),
-            "PORT": os.environ.get("PGPORT", "5432"),
-        }
-        admin_password = os.environ.get("PGPASSWORD", "")
-    elif BACKEND == "mysql":
-        default_user = os.environ.get("MYSQL_USER", "root")
-        database = {
-            "ENGINE": "django.db.backends.mysql",
-            "HOST": os.environ.get("MYSQL_HOST", "127.0.0.1"),
-            "PORT": os.environ.get("MYSQL_PORT", "3306"),
-            "OPTIONS": {"charset": "utf8mb4"},
-        }
-        admin_password = os.environ.get("MYSQL_PASSWORD", "")
-    else:
-        raise RuntimeError(f"BENCH_BACKEND must be sqlite, postgresql or mysql, not {BACKEND!r}")
-    database["NAME"] = DB_NAME
-    if admin:
-        database["USER"] = os.environ.get("BENCH_ADMIN_USER", default_user)
-        database["PASSWORD"] = os.environ.get("BENCH_ADMIN_PASSWORD", admin_password)
-        return database
-    database["USER"] = os.environ.get("BENCH_DB_USER", default_user)
-    database["PASSWORD"] = os.environ.get("BENCH_DB_PASSWORD", admin_password)
-    database["CONN_MAX_AGE"] = CONN_MAX_AGE
-    if BENCH_MODE == "pool":
-        if BACKEND != "postgresql":
-            raise RuntimeError("BENCH_MODE=pool needs BENCH_BACKEND=postgresql")
-        database["OPTIONS"] = {"pool": {"min_size": POOL_SIZE, "max_size": POOL_SIZE}}
-    return database
-
-
-DATABASES = {"default": _database(admin=False)}
-if BACKEND != "sqlite":
-    DATABASES["admin"] = _database(admin=True)
+DATABASES = databases_setting(
+    BACKEND,
+    DB_NAME,
+    CONN_MAX_AGE,
+    pool_size=POOL_SIZE if BENCH_MODE == "pool" else None,
+    pool_needs="BENCH_MODE=pool",
+)
 
 INSTALLED_APPS = ["async_dbbridge", "benchmarks.asgi_project"]
 # No middleware: every mode runs the same code around the one query, and a
@@ -116,22 +80,5 @@ if "BENCH_POOL_TIMEOUT" in os.environ:
     ASYNC_DBBRIDGE["POOL_TIMEOUT"] = float(os.environ["BENCH_POOL_TIMEOUT"])
 
 # Errors (stock60 runs out of connections) go to stderr once each, without
-# the traceback: the harness counts them, and a traceback per failed request
-# would make the server spend its time formatting them.
-LOGGING: dict[str, Any] = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "filters": {"one_line": {"()": "benchmarks.asgi_project.log.OneLineErrors"}},
-    "formatters": {"short": {"format": "%(levelname)s %(name)s: %(message)s"}},
-    "handlers": {
-        "stderr": {
-            "class": "logging.StreamHandler",
-            "formatter": "short",
-            "filters": ["one_line"],
-        }
-    },
-    "loggers": {
-        "django.request": {"handlers": ["stderr"], "level": "ERROR", "propagate": False},
-        "async_dbbridge": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
-    },
-}
+# the traceback: see server_logging.
+LOGGING: dict[str, Any] = server_logging()

@@ -28,6 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import databases_setting, server_logging
+
 VARIANTS = ("stock", "djpool", "wrapper")
 
 BENCH_VARIANT = os.environ.get("BENCH_VARIANT", "wrapper")
@@ -97,52 +99,13 @@ TEMPLATES = [
 CONN_MAX_AGE = 60 if BENCH_VARIANT == "wrapper" else 0
 
 
-def _database(*, admin: bool) -> dict[str, Any]:
-    if BACKEND == "sqlite":
-        return {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": DB_NAME,
-            "CONN_MAX_AGE": CONN_MAX_AGE,
-            "OPTIONS": {"timeout": 20},
-        }
-    if BACKEND == "postgresql":
-        default_user = os.environ.get("PGUSER", "postgres")
-        database: dict[str, Any] = {
-            "ENGINE": "django.db.backends.postgresql",
-            "HOST": os.environ.get("PGHOST", "127.0.0.1"),
-            "PORT": os.environ.get("PGPORT", "5432"),
-        }
-        admin_password = os.environ.get("PGPASSWORD", "")
-    elif BACKEND == "mysql":
-        default_user = os.environ.get("MYSQL_USER", "root")
-        database = {
-            "ENGINE": "django.db.backends.mysql",
-            "HOST": os.environ.get("MYSQL_HOST", "127.0.0.1"),
-            "PORT": os.environ.get("MYSQL_PORT", "3306"),
-            "OPTIONS": {"charset": "utf8mb4"},
-        }
-        admin_password = os.environ.get("MYSQL_PASSWORD", "")
-    else:
-        raise RuntimeError(f"BENCH_BACKEND must be sqlite, postgresql or mysql, not {BACKEND!r}")
-    database["NAME"] = DB_NAME
-    if admin:
-        database["USER"] = os.environ.get("BENCH_ADMIN_USER", default_user)
-        database["PASSWORD"] = os.environ.get("BENCH_ADMIN_PASSWORD", admin_password)
-        return database
-    database["USER"] = os.environ.get("BENCH_DB_USER", default_user)
-    database["PASSWORD"] = os.environ.get("BENCH_DB_PASSWORD", admin_password)
-    database["CONN_MAX_AGE"] = CONN_MAX_AGE
-    if BENCH_VARIANT == "djpool":
-        if BACKEND != "postgresql":
-            raise RuntimeError("BENCH_VARIANT=djpool needs BENCH_BACKEND=postgresql")
-        size = int(os.environ.get("BENCH_POOL_SIZE", "8"))
-        database["OPTIONS"] = {"pool": {"min_size": size, "max_size": size}}
-    return database
-
-
-DATABASES = {"default": _database(admin=False)}
-if BACKEND != "sqlite":
-    DATABASES["admin"] = _database(admin=True)
+DATABASES = databases_setting(
+    BACKEND,
+    DB_NAME,
+    CONN_MAX_AGE,
+    pool_size=int(os.environ.get("BENCH_POOL_SIZE", "8")) if BENCH_VARIANT == "djpool" else None,
+    pool_needs="BENCH_VARIANT=djpool",
+)
 
 
 def _bridge_settings() -> dict[str, Any]:
@@ -197,22 +160,5 @@ STATIC_URL = "static/"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Errors (stock Django out of connections) go to stderr once each, without the
-# traceback: the harness counts them ("too many clients"), and a traceback per
-# failed request would make the server spend its time formatting them.
-LOGGING: dict[str, Any] = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "filters": {"one_line": {"()": "benchmarks.asgi_project.log.OneLineErrors"}},
-    "formatters": {"short": {"format": "%(levelname)s %(name)s: %(message)s"}},
-    "handlers": {
-        "stderr": {
-            "class": "logging.StreamHandler",
-            "formatter": "short",
-            "filters": ["one_line"],
-        }
-    },
-    "loggers": {
-        "django.request": {"handlers": ["stderr"], "level": "ERROR", "propagate": False},
-        "async_dbbridge": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
-    },
-}
+# traceback: the harness counts them ("too many clients"); see server_logging.
+LOGGING: dict[str, Any] = server_logging()
