@@ -26,7 +26,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from django.core.handlers.asgi import ASGIHandler
 from django.db import connections
 from pytest_django.fixtures import Settings
@@ -35,12 +34,13 @@ import async_dbbridge
 from async_dbbridge import PoolStats, db_call
 from async_dbbridge import _pool as pool_module
 from async_dbbridge._pool import close_pools
-from async_dbbridge.asgi import ASGIApp, DBBridgeASGIApp
+from async_dbbridge.asgi import DBBridgeASGIApp
 from async_dbbridge.testing import server_session_count, wait_for_server_sessions
 from tests.conftest import SetSetting, backend_id, kill_backend
 from tests.e2e_project.driver import call_http
 from tests.pool_project.settings import OVERRIDES, REQUEST_LOCAL_MIDDLEWARE
 from tests.pool_project.views import probe
+from tests.test_e2e import ServerThread as E2EServerThread
 from tests.test_fork import run_forked
 from tests.testapp.models import Item
 
@@ -57,36 +57,11 @@ DEADLINE = 30.0
 # -- the server and the client ----------------------------------------------------------
 
 
-class ServerThread:
-    """uvicorn serving ``app`` on a free port of 127.0.0.1, in a thread.
+class ServerThread(E2EServerThread):
+    """test_e2e's uvicorn thread, with this module's deadlines; on exit it first
+    opens every gate a view may be parked on."""
 
-    In a thread, uvicorn installs no signal handlers: the test polls
-    ``started``, sets ``should_exit`` and joins (httpx's test pattern).
-    """
-
-    def __init__(self, app: ASGIApp, *, lifespan: str = "on") -> None:
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            lifespan=lifespan,  # type: ignore[arg-type]  # a Literal in uvicorn
-            log_level="warning",
-            access_log=False,
-            ws="none",  # no websockets import (its deprecation warnings are errors here)
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn")
-        self.port = 0
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + DEADLINE
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise AssertionError("uvicorn did not start")
-            time.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        return self
+    start_timeout = stop_timeout = DEADLINE
 
     def __exit__(
         self,
@@ -98,13 +73,7 @@ class ServerThread:
         # waiting for them: open every gate first.
         for gate in list(probe.gates.values()):
             gate.open()
-        self.server.should_exit = True
-        self.thread.join(DEADLINE)
-        assert not self.thread.is_alive(), "uvicorn did not exit"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__exit__(exc_type, exc, tb)
 
 
 @dataclass

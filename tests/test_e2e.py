@@ -49,7 +49,15 @@ CONCURRENCY = 32
 
 
 class ServerThread:
-    """uvicorn serving ``app`` on a free port of 127.0.0.1, in a thread."""
+    """uvicorn serving ``app`` on a free port of 127.0.0.1, in a thread.
+
+    In a thread, uvicorn installs no signal handlers: the test polls
+    ``started``, sets ``should_exit`` and joins (httpx's test pattern).
+    """
+
+    #: Seconds to wait for uvicorn to start, and to exit.
+    start_timeout = 10.0
+    stop_timeout = 20.0
 
     def __init__(self, app: ASGIApp, *, lifespan: str = "on") -> None:
         config = uvicorn.Config(
@@ -67,7 +75,7 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + self.start_timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise AssertionError("uvicorn did not start")
@@ -82,7 +90,7 @@ class ServerThread:
         tb: TracebackType | None,
     ) -> None:
         self.server.should_exit = True
-        self.thread.join(20)
+        self.thread.join(self.stop_timeout)
         assert not self.thread.is_alive(), "uvicorn did not exit"
 
     @property
