@@ -89,7 +89,6 @@ MODE_LABELS: Final = {
     "pool": "stock + psycopg pool ({size})",
     "wrapper": "wrapper, CONN_MAX_AGE=60",
 }
-HOLD_CHOICES: Final = ("transaction", "request")
 VIEWS: Final = {"sync": "/sync/", "async-orm": "/async-orm/", "db-call": "/db-call/"}
 #: (mode, view) pairs never run: async_dbbridge refuses to pool an alias that
 #: has Django's own pool (OPTIONS["pool"], ImproperlyConfigured, system check
@@ -764,6 +763,9 @@ def write_chart(report: Report, config: Config, path: Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
+    # The library's own choices, not a copy (reading them needs no settings).
+    from async_dbbridge.conf import HOLD_CHOICES
+
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--backend", choices=("postgresql", "mysql", "sqlite"), default="postgresql"
