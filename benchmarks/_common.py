@@ -537,11 +537,29 @@ def http_get(
         conn.close()
 
 
+def library_first() -> None:
+    """In a served application module, before it imports the library: honour ``library_src``.
+
+    Puts the checkout named by ``BENCH_LIBRARY_SRC`` first on ``sys.path``, so
+    that ``async_dbbridge`` comes from there. Raises if the library was already
+    imported (from elsewhere): the server would measure the wrong build.
+    """
+    src = os.environ.get("BENCH_LIBRARY_SRC")
+    if not src:
+        return
+    if "async_dbbridge" in sys.modules:
+        raise RuntimeError(f"BENCH_LIBRARY_SRC={src}: async_dbbridge was imported before it")
+    sys.path.insert(0, src)
+
+
 class UvicornServer:
     """One uvicorn process, 1 worker, no access log, on 127.0.0.1; its output goes to ``log``.
 
-    Its environment is the harness's, plus ``env``, minus ``unset``; ``pythonpath``
-    goes before the repository root (to serve another checkout's library).
+    Its environment is the harness's, plus ``env``, minus ``unset``. ``library_src``
+    is a checkout whose ``async_dbbridge`` the application imports instead of this
+    one's: PYTHONPATH cannot say so, because uvicorn puts its ``--app-dir`` (the
+    working directory, this repository) first on ``sys.path``; the served
+    application module reads ``BENCH_LIBRARY_SRC`` (see `library_first`).
     """
 
     def __init__(
@@ -552,18 +570,21 @@ class UvicornServer:
         env: Mapping[str, str],
         lifespan: str,
         log: IO[bytes],
-        pythonpath: Sequence[str] = (),
+        library_src: str | None = None,
         unset: Sequence[str] = (),
     ) -> None:
         self.label = label
         self.port = free_port()
         self.log = log
-        paths = [*pythonpath, str(ROOT), os.environ.get("PYTHONPATH", "")]
+        paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
         full_env = {
             **os.environ,
             **env,
             "PYTHONPATH": os.pathsep.join(p for p in paths if p),
         }
+        full_env.pop("BENCH_LIBRARY_SRC", None)
+        if library_src is not None:
+            full_env["BENCH_LIBRARY_SRC"] = library_src
         # Settings the harness did not ask for must not leak in from its own environment.
         for key in unset:
             full_env.pop(key, None)

@@ -97,6 +97,8 @@ APPLICATION: Final = "benchmarks.project.asgi:application"
 WRK_SCRIPT: Final = ROOT / "benchmarks" / "project" / "wrk_statuses.lua"
 
 VARIANTS: Final = ("stock", "djpool", "wrapper")
+#: With ``--baseline-src``: the wrapper served from another checkout, in the same rounds.
+BASELINE: Final = "baseline"
 BACKENDS: Final = ("postgresql", "mysql", "sqlite")
 
 
@@ -164,6 +166,9 @@ class Config:
     wrapper_settings: dict[str, Any]
     #: A checkout whose async_dbbridge the servers import first (None: this repository's).
     wrapper_src: str | None
+    #: Another checkout served as the "baseline" variant, interleaved with the others,
+    #: so that a change is compared with what it changes in one run (None: no baseline).
+    baseline_src: str | None
     #: Logged-in users (one session each) whose cookies the requests carry in turn.
     sessions: int
     #: The most sessions the servers' role may hold (0: no cap).
@@ -259,7 +264,10 @@ class Server(UvicornServer):
             "BENCH_ASYNC_DBBRIDGE": json.dumps(config.wrapper_settings),
             "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
         }
-        wrapper = variant == "wrapper"
+        wrapper = variant in ("wrapper", BASELINE)
+        src = config.baseline_src if variant == BASELINE else config.wrapper_src
+        if variant == BASELINE:
+            env["BENCH_VARIANT"] = "wrapper"  # the settings know the library, not its source
         super().__init__(
             variant,
             APPLICATION,
@@ -268,8 +276,18 @@ class Server(UvicornServer):
             # uvicorn's "on" turns into a failed startup; the wrapper needs it.
             lifespan="on" if wrapper else "off",
             log=log,
-            pythonpath=[config.wrapper_src] if wrapper and config.wrapper_src else (),
+            library_src=src if wrapper else None,
         )
+
+    def check_library(self, config: Config) -> None:
+        """A wrapper server must run the checkout it was given, not whichever comes first."""
+        if self.label not in ("wrapper", BASELINE):
+            return
+        src = config.baseline_src if self.label == BASELINE else config.wrapper_src
+        expected = Path(src or ROOT, "async_dbbridge", "__init__.py").resolve()
+        served = Path(self.get_json("/stats/")["library"]["file"]).resolve()
+        if served != expected:
+            raise HarnessError(f"{self.label}: the server imported {served}, not {expected}")
 
     def check_login(self, session_key: str) -> None:
         """A cookie must log the request in, and no cookie must not: else nothing is measured."""
@@ -336,6 +354,7 @@ def measure(
         try:
             server.wait_ready(config.start_timeout)
             server.check_login(database.session_keys[0])
+            server.check_library(config)
             before = settle(count, config.idle_timeout, config.settle_stable)
             url = server.url(workload.path)
             # Threads, connections and pools start during the burst; the
@@ -404,6 +423,7 @@ class Summary:
     vs_stock: float | None
     vs_djpool: float | None
     p99_vs_stock: float | None
+    vs_baseline: float | None
     requests: int
     #: Non-2xx responses by status, summed over the rounds.
     non_2xx: dict[str, int]
@@ -493,6 +513,7 @@ def summarize(samples: Sequence[Sample], config: Config) -> list[Summary]:
                     vs_stock=_paired(samples, variant, "stock", key, _rate),
                     vs_djpool=_paired(samples, variant, "djpool", key, _rate),
                     p99_vs_stock=_paired(samples, variant, "stock", key, _p99),
+                    vs_baseline=_paired(samples, variant, BASELINE, key, _rate),
                     requests=requests,
                     non_2xx=dict(sorted(non_2xx.items())),
                     socket_errors=sum(sum(s.socket_errors.values()) for s in mine),
@@ -585,6 +606,8 @@ def _variant_label(variant: str, config: Config) -> str:
         return "stock, CONN_MAX_AGE=0"
     if variant == "djpool":
         return f"Django pool ({config.pool_size}), CONN_MAX_AGE=0"
+    if variant == BASELINE:
+        return f"baseline wrapper ({config.baseline_src}), CONN_MAX_AGE=60"
     return "wrapper, CONN_MAX_AGE=60"
 
 
@@ -603,10 +626,13 @@ def markdown_table(report: Report, config: Config) -> str:
     checks: dict[str, list[Check]] = {}
     for check in report.checks:
         checks.setdefault(check.workload, []).append(check)
+    baseline = config.baseline_src is not None
     lines = [
         "| workload | variant | req/s (2xx) | p99 ms | non-2xx | too many conns "
-        "| peak sessions | vs stock | vs Django pool | p99 vs stock | targets |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| peak sessions | vs stock | vs Django pool | p99 vs stock "
+        + ("| vs baseline " if baseline else "")
+        + "| targets |",
+        "|---|---|" + "---:|" * (9 if baseline else 8) + "---|",
     ]
     for s in report.summary:
         targets = ""
@@ -616,7 +642,8 @@ def markdown_table(report: Report, config: Config) -> str:
             f"| {s.workload} | {_variant_label(s.variant, config)} | {s.ok_per_s:,.0f} "
             f"| {s.p99_ms:,.0f} | {_non_2xx(s)} | {s.too_many:,} | {s.sessions_peak} "
             f"| {_ratio(s.vs_stock)} | {_ratio(s.vs_djpool)} | {_ratio(s.p99_vs_stock)} "
-            f"| {targets} |"
+            + (f"| {_ratio(s.vs_baseline)} " if baseline else "")
+            + f"| {targets} |"
         )
     return "\n".join(lines)
 
@@ -679,7 +706,12 @@ def print_report(report: Report, config: Config) -> None:
 
 # -- the chart ------------------------------------------------------------------------
 
-_COLORS: Final = {"stock": "#9e9e9e", "djpool": "#5b8fd9", "wrapper": "#3aa675"}
+_COLORS: Final = {
+    "stock": "#9e9e9e",
+    "djpool": "#5b8fd9",
+    "wrapper": "#3aa675",
+    BASELINE: "#a5d6a7",
+}
 
 
 def write_chart(report: Report, config: Config, path: Path) -> None:
@@ -798,6 +830,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         help="a checkout whose async_dbbridge the wrapper variant imports (default: this one)",
     )
     parser.add_argument(
+        "--baseline-src",
+        metavar="DIR",
+        help="also serve the wrapper from this checkout (variant 'baseline'), interleaved "
+        "with the others: a change measured against what it changes, in one run",
+    )
+    parser.add_argument(
         "--sessions", type=int, default=64, help="logged-in users whose cookies requests carry"
     )
     parser.add_argument(
@@ -851,6 +889,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         src = str(Path(args.wrapper_src).resolve())
         if not (Path(src) / "async_dbbridge" / "__init__.py").is_file():
             parser.error(f"--wrapper-src: no async_dbbridge package in {src}")
+    baseline = None
+    if args.baseline_src is not None:
+        baseline = str(Path(args.baseline_src).resolve())
+        if not (Path(baseline) / "async_dbbridge" / "__init__.py").is_file():
+            parser.error(f"--baseline-src: no async_dbbridge package in {baseline}")
+        variants = (*variants, BASELINE)
     config = Config(
         backend=backend,
         variants=variants,
@@ -861,6 +905,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         pool_size=args.pool_size,
         wrapper_settings=wrapper,
         wrapper_src=src,
+        baseline_src=baseline,
         sessions=args.sessions,
         session_cap=args.session_cap,
         wrk_threads=args.wrk_threads,
@@ -902,6 +947,7 @@ def _config_from_json(data: dict[str, Any]) -> Config:
     fields: dict[str, Any] = {
         key: tuple(value) if isinstance(value, list) else value for key, value in data.items()
     }
+    fields.setdefault("baseline_src", None)  # JSON written before --baseline-src
     return Config(**fields)
 
 

@@ -17,6 +17,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.project.settings")
 
 def _application() -> Any:
     if os.environ.get("BENCH_VARIANT", "wrapper") == "wrapper":
+        from benchmarks._common import library_first
+
+        library_first()  # --wrapper-src / --baseline-src: that checkout's library
         from async_dbbridge.asgi import get_asgi_application
 
         return get_asgi_application()
