@@ -16,9 +16,14 @@ in one method (`RequestBinding._advance`) under one lock:
 
 ```
 UNBOUND --first call--> BOUND --end()--> ENDING --cleanup ran on the thread--> DONE
-   |                                                                            ^
+   |                      |                                                     ^
+   |                      +--end(), nothing queued, no connection held----------+
    +-------------------------------end()----------------------------------------+
 ```
+
+The middle path is the common one (hold mode "transaction", every call
+awaited): the cleanup would find nothing to do, so the thread goes back to the
+set from `end()` itself, without a job on it and a round trip to the loop.
 
 This module imports nothing of the library at run time: the pool imports
 `current_request_state` from here, and the request threads import the pool.
@@ -268,9 +273,19 @@ class RequestBinding(Executor):
                     self._phase = BindingState.DONE
                     self._ended = _completed([])
                 elif phase is BindingState.BOUND:
-                    assert self._thread is not None
-                    self._phase = BindingState.ENDING
-                    self._ended = self._thread.end_request(self._finished)
+                    bound = self._thread
+                    assert bound is not None
+                    if bound.done_with_request():
+                        # The common case: every call delivered, connections
+                        # already back in the pool. Waking the thread for an
+                        # empty cleanup would cost a round trip per request.
+                        self._phase = BindingState.DONE
+                        self._thread = None
+                        self._threads.release(bound)
+                        self._ended = _completed([])
+                    else:
+                        self._phase = BindingState.ENDING
+                        self._ended = bound.end_request(self._finished)
                 assert self._ended is not None
                 return self._ended
             # FINISHED, on the thread: its cleanup ran and it is about to go

@@ -24,6 +24,7 @@ from django.conf import settings as django_settings
 from django.db import connections
 from django.db.backends.signals import connection_created
 
+from ._completions import completions_for
 from ._connections import (
     Policy,
     cleanup_after_call,
@@ -283,26 +284,16 @@ class _WorkItem:
             self.future.set_exception(error)
 
 
-def _deliver(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    # Runs on the loop. The awaiting task may have been cancelled meanwhile;
-    # its result is then dropped, which is the documented contract.
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
 class _LoopItem:
     """A call awaited on an event loop.
 
     Skips ``concurrent.futures.Future`` and ``wrap_future``: the worker hands the
-    outcome straight to the loop, which is what makes ``db_call`` cheaper than
-    ``run_in_executor``.
+    outcome straight to the loop (through the loop's `Completions`, which
+    batches the wake-ups), which is what makes ``db_call`` cheaper than
+    ``run_in_executor``. Make it on the loop's thread.
     """
 
-    __slots__ = ("args", "context", "error", "fn", "future", "kwargs", "loop", "result")
+    __slots__ = ("args", "completions", "context", "error", "fn", "future", "kwargs", "result")
 
     def __init__(
         self,
@@ -313,7 +304,7 @@ class _LoopItem:
         args: tuple[Any, ...],
         kwargs: Any,
     ) -> None:
-        self.loop = loop
+        self.completions = completions_for(loop)
         self.future = future
         self.context = context
         self.fn = fn
@@ -337,15 +328,14 @@ class _LoopItem:
         return True
 
     def deliver(self) -> None:
-        try:
-            self.loop.call_soon_threadsafe(_deliver, self.future, self.result, self.error)
-        except RuntimeError:
-            # The loop was closed while the call ran: nobody is left to tell.
-            pass
+        # A loop closed while the call ran drops it: nobody is left to tell.
+        self.completions.post(self.future, self.result, self.error)
         self.result = self.error = None
 
     def cancel(self) -> None:
-        future, loop = self.future, self.loop
+        future, loop = self.future, self.completions.loop
+        if loop is None:
+            return
         try:
             loop.call_soon_threadsafe(future.cancel)
         except RuntimeError:

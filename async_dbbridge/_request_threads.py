@@ -120,11 +120,20 @@ class RequestThread(threading.Thread):
         # Why the wrappers could not be made pooled: every call then fails
         # with it rather than open connections outside the pool's bound.
         self._broken: BaseException | None = None
+        # Calls queued on this thread, and calls it is done with (run, failed
+        # or cancelled, and idle connections given back). Each count has one
+        # writer — the binding, under its lock, and this thread — so neither
+        # needs a lock; equal counts mean nothing is queued or running.
+        self.submitted = 0
+        self.finished = 0
+        # Waits for a call that reached idle_timeout (idle, or between two calls).
+        self.waits_timed_out = 0
 
     # -- used by the binding (any thread) ---------------------------------------
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Future[Any]:
         """Queue a call; on an event loop, returns the loop's own future (see the binding)."""
+        self.submitted += 1
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -140,6 +149,23 @@ class RequestThread(threading.Thread):
         # No context: asgiref's callable enters the request's context itself.
         self._queue.put(_LoopItem(loop, on_loop, None, fn, args, kwargs))
         return cast("Future[Any]", on_loop)
+
+    def done_with_request(self) -> bool:
+        """Whether the request using this thread can end without a last job on it.
+
+        True when every call queued on it is finished and it holds no
+        connection (none was left in a transaction, hold mode "transaction"),
+        so the end-of-request job would find nothing to do: the binding then
+        gives the thread back at once, and the request's end costs no
+        wake-up of this thread and no round trip to the loop. Read from the
+        loop's thread: plain reads of counts and attributes this thread
+        wrote before it delivered the request's last result.
+        """
+        return (
+            self.finished == self.submitted
+            and self._broken is None
+            and all(conn.connection is None for conn in self.wrappers)
+        )
 
     def end_request(self, finished: Callable[[], object]) -> Future[list[str]]:
         """Queue the request's last job; ``finished`` runs on this thread before it goes back."""
@@ -190,27 +216,29 @@ class RequestThread(threading.Thread):
 
     def _serve(self) -> None:
         queue, threads = self._queue, self._threads
-        idle = False  # started by acquire(): serving a request
         while True:
             try:
-                # Only an idle thread times out; one serving a request waits
-                # as long as the request takes to send its next call.
-                item = queue.get(timeout=threads.idle_timeout) if idle else queue.get()
+                # The wait for a call times out while the thread serves a
+                # request too (its next call may be an await away); only a
+                # thread in the set's idle stack retires then. Whether it is
+                # there is the set's business: a request's end may put it back
+                # from the loop's thread (see done_with_request), or this thread
+                # itself after an end-of-request job.
+                item = queue.get(timeout=threads.idle_timeout)
             except Empty:
+                self.waits_timed_out += 1
                 if threads._retire(self):
                     return
-                # Taken by a request just as the wait timed out: its call is
-                # on the way (queued right after acquire() under the binding's lock).
-                idle = False
+                # Busy, or taken by a request just as the wait timed out: its
+                # call is on the way (queued right after acquire() under the
+                # binding's lock).
                 continue
             if isinstance(item, _EndOfRequest):
                 if not self._end_request(item):
                     return
-                idle = True
             elif isinstance(item, _Stop):
                 return
             else:
-                idle = False
                 self._call(item)
             del item  # nothing of a finished call stays alive while idling
 
@@ -221,14 +249,19 @@ class RequestThread(threading.Thread):
                 f"pooled: {self._broken!r}"
             )
             error.__cause__ = self._broken
+            self.finished += 1
             item.fail(error)
             return
         if not item.execute(run_plain):
+            self.finished += 1
             return  # cancelled before it started: nothing ran
         if self._threads.hold == "transaction":
             # Before the result is delivered: by the time the request goes on,
             # an idle connection is back in the pool for others.
             self._give_back_idle()
+        # Before the result too: once the request has its last result, the
+        # binding may end it without a job on this thread (done_with_request).
+        self.finished += 1
         item.deliver()
 
     def _give_back_idle(self) -> None:
@@ -396,6 +429,16 @@ class RequestThreads:
             return self._thread_ended.wait_for(
                 lambda: all(thread is current for thread in self._alive), timeout
             )
+
+    def release(self, thread: RequestThread) -> None:
+        """Put back a thread whose request ended with nothing left to do on it.
+
+        From the binding, on the loop's thread, when `done_with_request()` says
+        the end-of-request job would be empty. The thread itself is waiting
+        for its next call; while the set is closing it is told to stop instead.
+        """
+        if not self._release(thread, keep=True):
+            thread._stop()
 
     # -- used by the threads --------------------------------------------------------
 

@@ -35,8 +35,9 @@ from django.db import connections
 
 from . import _compat, _install
 from ._binding import RequestBinding, RequestState, current_request_state
+from ._completions import deliver
 from ._connections import TransactionLeftOpenWarning, end_request_cleanup
-from ._executor import DBExecutor, _deliver
+from ._executor import DBExecutor
 from ._install import install_default_executor
 from ._pool import ConnectionPool, PoolTimeout, close_pools
 from ._request_threads import RequestThreads
@@ -224,7 +225,7 @@ class DBBridgeASGIApp:
             except BaseException as exc:
                 error = exc
             try:
-                loop.call_soon_threadsafe(_deliver, done, drained, error)
+                loop.call_soon_threadsafe(deliver, done, drained, error)
             except RuntimeError:
                 pass  # the loop is gone (we timed out and it ended): nobody waits
 

@@ -384,3 +384,94 @@ async def test_a_django_request_runs_on_one_request_thread_signals_included(
     (count,), _, _ = await run_request(threads, Item.objects.count)
     assert count == 0
     assert threads.stats().started == 1
+
+
+# -- the end of a request with nothing left to do on its thread ----------------------------
+
+
+async def test_end_with_every_call_done_and_no_connection_gives_the_thread_back_at_once(
+    make_threads: MakeThreads,
+) -> None:
+    threads = make_threads()
+    binding = RequestBinding(threads)
+    async with ThreadSensitiveContext(executor=binding):
+        # A query: the connection was really taken, and given back after the call.
+        assert await sync_to_async(lambda: Item.objects.count())() == 0
+    thread = next(iter(threads._busy))
+    assert thread.wrappers[0].connection is None
+    ended = binding.end()
+    # No job queued on the thread and no round trip: done before any await.
+    assert ended.done()
+    assert ended.result() == []
+    assert state_of(binding) is BindingState.DONE
+    assert (threads.stats().busy, threads.stats().idle) == (0, 1)
+    # The thread serves the next request as usual.
+    (name,), leftovers, second = await run_request(threads, thread_name)
+    assert (name, leftovers, second.thread_name) == (binding.thread_name, [], binding.thread_name)
+    assert threads.stats().started == 1
+
+
+async def test_end_with_a_call_still_queued_ends_on_the_thread_after_it(
+    make_threads: MakeThreads,
+) -> None:
+    threads = make_threads()
+    binding = RequestBinding(threads)
+    gate = threading.Event()
+    ran: list[str] = []
+
+    def slow() -> None:
+        assert gate.wait(WAIT)
+        ran.append(thread_name())
+
+    async with ThreadSensitiveContext(executor=binding):
+        await sync_to_async(thread_name)()
+        # Spawned and not awaited: still queued (running) when the request ends.
+        orphan = asyncio.create_task(sync_to_async(slow)())
+        await asyncio.sleep(0)
+        await eventually(lambda: next(iter(threads._busy)).submitted == 2)
+        ended = binding.end()
+        assert not ended.done()
+        assert state_of(binding) is BindingState.ENDING
+        gate.set()
+        await orphan
+    assert await asyncio.wrap_future(ended) == []
+    assert state_of(binding) is BindingState.DONE
+    assert ran == [binding.thread_name]
+    assert (threads.stats().busy, threads.stats().idle) == (0, 1)
+
+
+async def test_end_with_a_transaction_left_open_still_rolls_back_on_the_thread(
+    make_threads: MakeThreads,
+) -> None:
+    threads = make_threads()
+    binding = RequestBinding(threads)
+
+    def begin_and_insert() -> None:
+        transaction.atomic().__enter__()  # never exited: the request leaves it open
+        Item.objects.create(name="left open", value=1)
+
+    async with ThreadSensitiveContext(executor=binding):
+        await sync_to_async(begin_and_insert)()
+    ended = binding.end()
+    assert not ended.done()  # the thread must roll back: a job, not the quick path
+    assert await asyncio.wrap_future(ended) == ["default"]
+    (count,), _, _ = await run_request(threads, lambda: Item.objects.count())
+    assert count == 0
+
+
+async def test_a_busy_thread_waiting_longer_than_idle_timeout_is_not_retired(
+    make_threads: MakeThreads,
+) -> None:
+    threads = make_threads(idle_timeout=0.05)
+    binding = RequestBinding(threads)
+    async with ThreadSensitiveContext(executor=binding):
+        first = await sync_to_async(thread_name)()
+        # Several idle timeouts between two calls of one request (an await on I/O).
+        thread = next(iter(threads._busy))
+        await eventually(lambda: thread.waits_timed_out >= 3)
+        second = await sync_to_async(thread_name)()
+    await asyncio.wrap_future(binding.end())
+    assert first == second
+    assert threads.stats().retired == 0
+    # Back in the idle stack, it retires after the idle timeout.
+    await eventually(lambda: threads.stats().retired == 1)
