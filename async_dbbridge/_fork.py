@@ -35,6 +35,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from ._affinity import _reset_after_fork as _reset_affinity
 from ._completions import _reset_after_fork as _reset_completions
 from ._connections import (
     _INHERITED,
@@ -91,10 +92,11 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     global _held
-    # First, and outside the try below: it does not touch Django (a child of a
-    # process without settings must reset it too), and cannot fail. The
-    # parent's loops do not run here.
+    # First, and outside the try below: neither touches Django (a child of a
+    # process without settings must reset them too), and neither can fail.
+    # The parent's loops do not run here; its CPU lock stays the parent's.
     _reset_completions()
+    _reset_affinity()
     forget_wrappers()
     held, _held = _held, []
     discarded = 0

@@ -34,6 +34,7 @@ from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connections
 
 from . import _compat, _install
+from ._affinity import pin_loop_thread
 from ._binding import RequestBinding, RequestState, current_request_state
 from ._completions import deliver
 from ._connections import TransactionLeftOpenWarning, end_request_cleanup
@@ -273,11 +274,14 @@ class DBBridgeASGIApp:
                     # markers: nothing here may block the loop.
                     old.close(0)
             threads = self._threads
+            # Before the loop starts any thread (request threads, the bridge's
+            # workers): they inherit the loop thread's CPU (see _affinity).
+            cpu = pin_loop_thread(settings.cpu_affinity)
             executor = install_default_executor(loop=loop)
             self._executors[loop] = executor
         # Once per event loop served (lifespan startup, or the first request
         # without lifespan), never per request.
-        _log_startup(settings, threads)
+        _log_startup(settings, threads, cpu)
         return executor
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -439,7 +443,7 @@ def _live_pools() -> list[ConnectionPool]:
     return list(_pool._pools.values())
 
 
-def _log_startup(settings: BridgeSettings, threads: RequestThreads | None) -> None:
+def _log_startup(settings: BridgeSettings, threads: RequestThreads | None, cpu: int | None) -> None:
     """One line: how requests and bridge calls will run, and the versions that decided it."""
     import asgiref
     import django
@@ -457,7 +461,7 @@ def _log_startup(settings: BridgeSettings, threads: RequestThreads | None) -> No
         logging.INFO if threads is not None else logging.WARNING,
         "async_dbbridge started (pid %d): %s; one connection pool per alias "
         "(POOL_SIZE=%d for %s, POOL_TIMEOUT=%gs); db_call on bridge workers "
-        "(MAX_WORKERS=%d, POLICY=%r); asgiref %s, Django %s",
+        "(MAX_WORKERS=%d, POLICY=%r)%s; asgiref %s, Django %s",
         os.getpid(),
         requests,
         settings.effective_pool_size,
@@ -465,6 +469,7 @@ def _log_startup(settings: BridgeSettings, threads: RequestThreads | None) -> No
         settings.pool_timeout,
         settings.max_workers,
         settings.policy.kind,
+        "" if cpu is None else f"; event loop and its threads on CPU {cpu} (CPU_AFFINITY)",
         asgiref.__version__,
         django.get_version(),
     )

@@ -20,6 +20,8 @@ from typing import Any, Final, Literal
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from ._affinity import Affinity
+from ._affinity import validate as validate_affinity
 from ._connections import Policy
 from ._validation import is_number, is_positive_int
 
@@ -43,6 +45,7 @@ _KEYS: Final = frozenset(
         "POOL_SIZE",
         "POOL_TIMEOUT",
         "HOLD",
+        "CPU_AFFINITY",
     }
 )
 
@@ -88,6 +91,9 @@ class BridgeSettings:
     pool_size: int | None = None
     pool_timeout: float = DEFAULT_POOL_TIMEOUT
     hold: Hold = "transaction"
+    # The CPU the ASGI wrapper pins its event loop's thread (and so the threads
+    # that loop starts) to: None (the OS decides), "auto", or a CPU number.
+    cpu_affinity: Affinity = None
 
     @property
     def effective_pool_size(self) -> int:
@@ -198,6 +204,7 @@ def parse_settings(raw: object) -> BridgeSettings:
     hold = raw.get("HOLD", "transaction")
     if hold not in HOLD_CHOICES:
         raise _error("HOLD", hold, "'transaction' or 'request'")
+    cpu_affinity = validate_affinity(raw.get("CPU_AFFINITY"), SETTING_NAME)
 
     return BridgeSettings(
         max_workers=max_workers,
@@ -209,6 +216,7 @@ def parse_settings(raw: object) -> BridgeSettings:
         pool_size=pool_size,
         pool_timeout=pool_timeout,
         hold=hold,
+        cpu_affinity=cpu_affinity,
     )
 
 

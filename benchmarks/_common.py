@@ -559,7 +559,8 @@ class UvicornServer:
     is a checkout whose ``async_dbbridge`` the application imports instead of this
     one's: PYTHONPATH cannot say so, because uvicorn puts its ``--app-dir`` (the
     working directory, this repository) first on ``sys.path``; the served
-    application module reads ``BENCH_LIBRARY_SRC`` (see `library_first`).
+    application module reads ``BENCH_LIBRARY_SRC`` (see `library_first`). ``cpu``
+    runs the whole process under ``taskset -c cpu``.
     """
 
     def __init__(
@@ -571,6 +572,7 @@ class UvicornServer:
         lifespan: str,
         log: IO[bytes],
         library_src: str | None = None,
+        cpu: int | None = None,
         unset: Sequence[str] = (),
     ) -> None:
         self.label = label
@@ -589,6 +591,8 @@ class UvicornServer:
         for key in unset:
             full_env.pop(key, None)
         command = [
+            # Pinned like the wrapper's CPU_AFFINITY pins its loop and threads.
+            *(["taskset", "-c", str(cpu)] if cpu is not None else []),
             sys.executable,
             "-m",
             "uvicorn",

@@ -107,11 +107,14 @@ def wrapper_settings(pool_size: int) -> dict[str, Any]:
 
     One pool of ``POOL_SIZE`` connections per alias bounds the process's
     sessions (request threads and the bridge's workers share it); the bridge
-    gets as many threads. ``POOL_TIMEOUT`` and ``HOLD`` are the library's
-    defaults. Whatever this returns (merged with ``--wrapper-settings``)
-    reaches the server as JSON, unchanged.
+    gets as many threads. ``CPU_AFFINITY`` is ``"auto"``, as the deployment
+    docs recommend for a worker per CPU: the event loop and its request
+    threads share one CPU (``--pin-others`` pins stock Django and Django's
+    pool with ``taskset`` for the like-for-like comparison). ``POOL_TIMEOUT``
+    and ``HOLD`` are the library's defaults. Whatever this returns (merged
+    with ``--wrapper-settings``) reaches the server as JSON, unchanged.
     """
-    return {"MAX_WORKERS": pool_size, "POOL_SIZE": pool_size}
+    return {"MAX_WORKERS": pool_size, "POOL_SIZE": pool_size, "CPU_AFFINITY": "auto"}
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,10 @@ class Config:
     #: Another checkout served as the "baseline" variant, interleaved with the others,
     #: so that a change is compared with what it changes in one run (None: no baseline).
     baseline_src: str | None
+    #: ASYNC_DBBRIDGE for the baseline variant (default: the wrapper's).
+    baseline_settings: dict[str, Any] | None
+    #: A CPU the stock and Django-pool servers are pinned to with taskset (None: not pinned).
+    pin_others: int | None
     #: Logged-in users (one session each) whose cookies the requests carry in turn.
     sessions: int
     #: The most sessions the servers' role may hold (0: no cap).
@@ -261,7 +268,11 @@ class Server(UvicornServer):
             **database.server_env(),
             "BENCH_VARIANT": variant,
             "BENCH_POOL_SIZE": str(config.pool_size),
-            "BENCH_ASYNC_DBBRIDGE": json.dumps(config.wrapper_settings),
+            "BENCH_ASYNC_DBBRIDGE": json.dumps(
+                config.baseline_settings
+                if variant == BASELINE and config.baseline_settings is not None
+                else config.wrapper_settings
+            ),
             "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
         }
         wrapper = variant in ("wrapper", BASELINE)
@@ -277,6 +288,7 @@ class Server(UvicornServer):
             lifespan="on" if wrapper else "off",
             log=log,
             library_src=src if wrapper else None,
+            cpu=None if wrapper else config.pin_others,
         )
 
     def check_library(self, config: Config) -> None:
@@ -602,13 +614,22 @@ def check_targets(summary: Sequence[Summary], config: Config) -> list[Check]:
 
 
 def _variant_label(variant: str, config: Config) -> str:
+    pinned = "" if config.pin_others is None else f", taskset -c {config.pin_others}"
     if variant == "stock":
-        return "stock, CONN_MAX_AGE=0"
+        return f"stock, CONN_MAX_AGE=0{pinned}"
     if variant == "djpool":
-        return f"Django pool ({config.pool_size}), CONN_MAX_AGE=0"
+        return f"Django pool ({config.pool_size}), CONN_MAX_AGE=0{pinned}"
     if variant == BASELINE:
-        return f"baseline wrapper ({config.baseline_src}), CONN_MAX_AGE=60"
-    return "wrapper, CONN_MAX_AGE=60"
+        settings = (
+            config.wrapper_settings
+            if config.baseline_settings is None
+            else config.baseline_settings
+        )
+        affinity = settings.get("CPU_AFFINITY")
+        where = "" if affinity is None else f", CPU_AFFINITY={affinity!r}"
+        return f"baseline wrapper ({config.baseline_src}), CONN_MAX_AGE=60{where}"
+    affinity = config.wrapper_settings.get("CPU_AFFINITY")
+    return "wrapper, CONN_MAX_AGE=60" + ("" if affinity is None else f", CPU_AFFINITY={affinity!r}")
 
 
 def _ratio(value: float | None) -> str:
@@ -836,6 +857,19 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         "with the others: a change measured against what it changes, in one run",
     )
     parser.add_argument(
+        "--pin-others",
+        type=int,
+        metavar="CPU",
+        help="run the stock and Django-pool servers under 'taskset -c CPU', as the "
+        "wrapper's CPU_AFFINITY pins its event loop: the like-for-like comparison",
+    )
+    parser.add_argument(
+        "--baseline-settings",
+        metavar="JSON",
+        help="ASYNC_DBBRIDGE keys for the baseline, merged over the defaults as "
+        "--wrapper-settings are (default: the wrapper's)",
+    )
+    parser.add_argument(
         "--sessions", type=int, default=64, help="logged-in users whose cookies requests carry"
     )
     parser.add_argument(
@@ -867,6 +901,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
             variants = split_option(args.variants, VARIANTS, "--variants")
         groups = split_option(args.only or ",".join(GROUPS), GROUPS, "--only")
         wrapper = _wrapper_settings_option(args.wrapper_settings, args.pool_size)
+        baseline_settings = (
+            None
+            if args.baseline_settings is None
+            else _wrapper_settings_option(args.baseline_settings, args.pool_size)
+        )
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
     if "djpool" in variants and backend != "postgresql":
@@ -882,6 +921,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         parser.error("--rounds, --duration and --warmup must be at least 1")
     if args.pool_size < 1 or args.sessions < 1 or args.wrk_threads < 1:
         parser.error("--pool-size, --sessions and --wrk-threads must be at least 1")
+    if args.pin_others is not None and args.pin_others not in os.sched_getaffinity(0):
+        parser.error(f"--pin-others: CPU {args.pin_others} is not one this process may use")
     if args.session_cap < 0:
         parser.error("--session-cap must be 0 or more")
     src = None
@@ -906,6 +947,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         wrapper_settings=wrapper,
         wrapper_src=src,
         baseline_src=baseline,
+        baseline_settings=baseline_settings,
+        pin_others=args.pin_others,
         sessions=args.sessions,
         session_cap=args.session_cap,
         wrk_threads=args.wrk_threads,
@@ -948,6 +991,8 @@ def _config_from_json(data: dict[str, Any]) -> Config:
         key: tuple(value) if isinstance(value, list) else value for key, value in data.items()
     }
     fields.setdefault("baseline_src", None)  # JSON written before --baseline-src
+    fields.setdefault("baseline_settings", None)
+    fields.setdefault("pin_others", None)
     return Config(**fields)
 
 
