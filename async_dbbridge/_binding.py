@@ -9,7 +9,8 @@ call (a request with no sync work takes none), runs every later call on that
 same thread in submission order (what ``ThreadSensitiveContext`` requires of its
 executor, and what keeps request-scoped ``threading.local`` state working), and
 at the end queues the end-of-request cleanup as the thread's last job, after
-which the thread goes back to the set by itself.
+which the thread goes back to the set by itself — or, when that job would find
+nothing to do, gives the thread back at once.
 
 The binding's life is an explicit state machine (`BindingState`), advanced
 in one method (`RequestBinding._advance`) under one lock:
@@ -208,11 +209,15 @@ class RequestBinding(Executor):
         every connection back, on the request's thread (the only one that
         may touch them); then the thread goes back to the set — whether or not
         anybody waits for the future, so a cancelled request loses no thread.
+        When every call of the request is finished and its thread holds no
+        connection (the usual case with hold mode "transaction"), there is
+        nothing to clean up: the thread goes back at once, without a job.
 
         Returns:
             A future for the aliases whose transaction was left open and
             rolled back, done once the thread has gone back (at once if the
-            request never took a thread). It is never cancelled.
+            request never took a thread or left nothing to clean up). It is
+            never cancelled.
         """
         ended = self._advance(_Event.END)
         assert ended is not None  # END always has an outcome

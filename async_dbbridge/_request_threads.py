@@ -12,7 +12,8 @@ case — so a thread is cheap to keep and the set never needs a bound:
   thread (LIFO: a light load keeps reusing one hot thread, so the ones below
   stay idle long enough to retire), or starts a new one.
 * A thread goes back to the set by itself after running the request's
-  end-of-request job (see ``_binding.RequestBinding.end``).
+  end-of-request job, or is given back by the request's binding when that job
+  would have nothing to do (see ``_binding.RequestBinding.end``).
 * An idle thread retires once it has waited ``idle_timeout`` seconds for a
   request: its own queue wait times out, so no reaper thread is needed.
 
@@ -310,8 +311,9 @@ class RequestThreads:
     `acquire()` never waits: it returns the most recently idle thread, or
     starts a new one. A thread serves its request's calls in order, gives idle
     connections back to the pool after each call (`hold="transaction"`) and
-    everything at the request's end, then returns to the set by itself. Idle
-    threads retire after `idle_timeout` seconds.
+    everything at the request's end, then returns to the set (by itself, or
+    from the binding when the request left nothing to clean up). Idle threads
+    retire after `idle_timeout` seconds.
 
     Args:
         hold: `"transaction"` gives idle connections back after each call;
@@ -364,7 +366,8 @@ class RequestThreads:
         """A thread for one request: the most recently idle one, or a new one. Never waits.
 
         The caller queues the request's calls on it and ends with its
-        end-of-request job, after which the thread comes back by itself.
+        end-of-request job, after which the thread comes back by itself, or
+        gives it back with `release()` when there is nothing to clean up.
 
         Raises:
             RuntimeError: No thread could be started (the set is unchanged).
