@@ -193,10 +193,10 @@ def test_pg_drop_all(pg_proxy: FaultProxy) -> None:
 def test_pg_refuse_new_and_accept_new(pg_proxy: FaultProxy) -> None:
     with pg_connect(pg_proxy.port) as existing:
         pg_proxy.refuse_new()
-        start = time.monotonic()
-        with pytest.raises(psycopg.OperationalError):
+        with pytest.raises(psycopg.OperationalError) as refused:
             pg_connect(pg_proxy.port)
-        assert time.monotonic() - start < 2.0, "refused connect should fail fast"
+        # Failed because the proxy refused it, not after connect_timeout.
+        assert not isinstance(refused.value, psycopg.errors.ConnectionTimeout)
         assert pg_proxy.refused_connections >= 1
         assert pg_proxy.total_connections == 1
         # Existing connections are unaffected.
@@ -334,14 +334,14 @@ def test_my_refuse_new_and_accept_new(my_proxy: FaultProxy) -> None:
     existing = my_connect(my_proxy.port)
     try:
         my_proxy.refuse_new()
-        start = time.monotonic()
         with pytest.raises(MySQLdb.OperationalError) as excinfo:
             my_connect(my_proxy.port)
-        assert time.monotonic() - start < 2.0, "refused connect should fail fast"
         # MariaDB Connector/C reports the RST during connect as 2002 "Can't connect to
         # server on '127.0.0.1' (115)"; 2013 "Lost connection ... at 'handshake: reading
-        # initial communication packet'" would be equally valid.
+        # initial communication packet'" would be equally valid — but not with
+        # "system error: 110" (ETIMEDOUT), which is connect_timeout, not the refusal.
         assert excinfo.value.args[0] in (2002, 2013)
+        assert "system error: 110" not in excinfo.value.args[1]
         assert my_proxy.refused_connections == 1
         assert my_query(existing, "SELECT 1") == (1,)
 
@@ -405,9 +405,10 @@ def test_my_stall_trips_client_read_timeout(my_proxy: FaultProxy) -> None:
             my_query(conn, "SELECT 1")
         elapsed = time.monotonic() - start
         assert excinfo.value.args[0] == 2013
-        # libmysqlclient retries reads, so the effective timeout is a multiple
-        # of read_timeout; it must still be bounded.
-        assert 0.9 < elapsed < DEADLINE
+        # Not before read_timeout (time only moves forward: no race). libmysqlclient
+        # retries reads, so the effective timeout is a multiple of read_timeout; the
+        # query's end is bounded by the error itself, not by a wall-clock guess.
+        assert elapsed > 0.9
     finally:
         conn.close()
         my_proxy.resume()
@@ -613,7 +614,9 @@ def test_wait_for_active_times_out_with_clear_message(echo: EchoServer) -> None:
         start = time.monotonic()
         with pytest.raises(TimeoutError, match=r"expected 1 active connection\(s\) within 0.2s"):
             proxy.wait_for_active(1, timeout=0.2)
-        assert time.monotonic() - start < 1.0
+        # It waited its timeout (time only moves forward: no race); that it returned
+        # at all is the bound.
+        assert time.monotonic() - start >= 0.2
 
 
 def test_stop_leaves_no_threads_and_resets_clients(echo: EchoServer) -> None:
