@@ -326,7 +326,6 @@ class DBBridgeASGIApp:
         binding = RequestBinding(threads, fallback=bridge)
         state = binding.request_state
         send_503_aware = _Send503OnPoolTimeout(send, state, self._retry_after)
-        leftovers: list[str] = []
         error: BaseException | None = None
         # The request's state, seen by its sync calls (asgiref copies the
         # context into them): the pool marks it when a checkout times out.
