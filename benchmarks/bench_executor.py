@@ -69,7 +69,9 @@ from django.db import OperationalError, close_old_connections, connections
 from django.db.backends.signals import connection_created
 
 import async_dbbridge
-from async_dbbridge import DBExecutor, db_call, install_default_executor
+from async_dbbridge import DBExecutor, db_call
+from async_dbbridge._pool import close_pools, pool_stats
+from async_dbbridge.conf import get_settings
 from async_dbbridge.testing import close_monitor, server_session_count
 from benchmarks._common import rotated, server_version, settle
 
@@ -160,20 +162,38 @@ class _Runner:
 
 
 class _DBCallRunner(_Runner):
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    """``db_call`` on a `DBExecutor` of the path's own, installed on the loop.
+
+    ``pooled``: its workers take their connections from the alias's pool
+    (``POOL_SIZE`` = the workers), as the process-wide bridge does — the
+    executor ``db_call`` uses when nothing else is installed.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, key: str = "db_call", *, pooled: bool = False
+    ) -> None:
+        self.pooled = pooled
         self.executor = DBExecutor(
-            max_workers=WORKERS, thread_name_prefix=_thread_prefix("db_call")
+            max_workers=WORKERS, thread_name_prefix=_thread_prefix(key), pooled=pooled
         )
-        # Installed, so asyncio.run() shuts it down with the loop, as in an app.
-        # db_call finds it through the install even when another path later
-        # swaps the loop's default executor.
-        install_default_executor(self.executor, loop=loop)
+        self.loop = loop
+        self.activate(loop)
 
     def bind(self, fn: _Fn) -> _Call:
         return functools.partial(db_call, fn)
 
+    def activate(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The loop's default executor, which db_call uses when nothing is
+        # installed: set again before each measurement, since the two db_call
+        # paths take turns (installing one would shut the other down).
+        loop.set_default_executor(self.executor)
+
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        if self.pooled:
+            # What lifespan shutdown (or reset_bridge_executor()) does: the pool
+            # keeps the connections the workers gave back until it is closed.
+            close_pools(10.0)
 
 
 class _PoolRunner(_Runner):
@@ -252,10 +272,15 @@ class BenchPath:
     start: Callable[[asyncio.AbstractEventLoop], _Runner]
 
 
-# db_call first: it installs its executor as the loop's default, which shuts
-# down whatever default was there before.
+# The db_call paths first: each sets its executor as the loop's default before
+# it is measured, as the other paths that use the default executor do.
 PATHS: Final = (
     BenchPath("db_call", "`db_call` (DBExecutor)", _DBCallRunner),
+    BenchPath(
+        "db_call_pooled",
+        "`db_call` (pooled, as the bridge)",
+        lambda loop: _DBCallRunner(loop, "db_call_pooled", pooled=True),
+    ),
     BenchPath("raw", "raw `run_in_executor`", lambda loop: _PoolRunner(loop, "raw")),
     BenchPath(
         "to_thread", "`asyncio.to_thread`", lambda loop: _LoopDefaultRunner(loop, "to_thread")
@@ -277,6 +302,8 @@ PATHS: Final = (
     ),
 )
 BASELINE: Final = "raw"
+#: Paths whose workers take connections from the pool (their opened count is the pool's).
+POOLED_PATHS: Final = frozenset({"db_call_pooled"})
 CLOSING: Final = "close_after"
 
 
@@ -334,12 +361,17 @@ class _ConnectionCounter:
         self._lock = threading.Lock()
         self._active = False
         self._counts: Counter[str] = Counter()
+        self._pool_opened_before = 0
 
     def __call__(self, sender: object, connection: object, **kwargs: object) -> None:
         # The session-count monitor's own connection belongs to no path.
         if not self._active or getattr(connection, "_dbbridge_monitor", False):
             return
         key = _path_of_thread(threading.current_thread().name) or "other"
+        if key in POOLED_PATHS:
+            # A pooled wrapper sends connection_created on every checkout (as
+            # with Django's own pool); what it opened is the pool's count.
+            return
         with self._lock:
             self._counts[key] += 1
 
@@ -347,11 +379,21 @@ class _ConnectionCounter:
         with self._lock:
             self._counts = Counter()
             self._active = True
+            self._pool_opened_before = _pool_opened()
 
     def stop(self) -> Counter[str]:
         with self._lock:
             self._active = False
+            for key in POOLED_PATHS:
+                # The pooled paths share the alias's pool; there is one.
+                self._counts[key] = _pool_opened() - self._pool_opened_before
             return self._counts
+
+
+def _pool_opened() -> int:
+    """Connections the alias's pool has opened since it was built (0 without one)."""
+    pool = pool_stats().get(ALIAS)
+    return pool.opened if pool is not None else 0
 
 
 _counter = _ConnectionCounter()
@@ -464,9 +506,11 @@ def speed_phase(config: Config) -> SpeedPhase:
     try:
         asyncio.run(measure())
     finally:
+        # Counted first: closing the pooled path closes its pool, and with it
+        # the pool's count of what it opened.
+        opened = _counter.stop()
         for runner in runners.values():
             runner.close()
-        opened = _counter.stop()
     return SpeedPhase(
         samples,
         connections_opened={p.key: opened[p.key] for p in PATHS},
@@ -503,9 +547,9 @@ def lifecycle_run(path: BenchPath, config: Config, round_no: int) -> LifecycleRu
         # asyncio.run() closes the loop and shuts down its default executor.
         orm_calls = asyncio.run(burst())
     finally:
+        opened = _counter.stop()  # before the pool closes (see the speed phase)
         for runner in runners:
             runner.close()
-        opened = _counter.stop()
     left = _settle(config.settle_timeout, config.settle_stable)
     # A leaked connection belongs to a wrapper held only by reference cycles
     # once its thread is gone: the collector finalizes it and the driver closes
@@ -685,14 +729,35 @@ def check_targets(
     summary: Sequence[PathSummary], speed_seconds: float, lifecycle_rounds: int
 ) -> list[Check]:
     by_key = {s.key: s for s in summary}
-    ours, raw = by_key["db_call"], by_key[BASELINE]
+    ours, raw, pooled = by_key["db_call"], by_key[BASELINE], by_key["db_call_pooled"]
 
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "FAIL"
 
     speed_bound = WORKERS * _reconnect_bound(speed_seconds)
     in_range = 13 <= raw.orm_vs_close_after <= 18
+    pool_size = get_settings().effective_pool_size
     return [
+        Check(
+            verdict(pooled.noop_seq_vs_raw <= 1.0 and pooled.noop_c32_vs_raw <= 1.0),
+            f"db_call through the pool (the bridge's way) no-op overhead <= 1.0x raw "
+            f"run_in_executor: {pooled.noop_seq_vs_raw:.2f}x sequential, "
+            f"{pooled.noop_c32_vs_raw:.2f}x at concurrency {CONCURRENCY}",
+        ),
+        Check(
+            verdict(pooled.orm_vs_raw >= 0.95),
+            f"db_call through the pool one-query throughput >= 0.95x raw pool: "
+            f"{pooled.orm_vs_raw:.2f}x",
+        ),
+        Check(
+            verdict(
+                pooled.lifecycle_connections_opened_max <= pool_size
+                and pooled.sessions_left_max == 0
+            ),
+            f"db_call through the pool opened <= POOL_SIZE={pool_size} per lifecycle run "
+            f"(at most {pooled.lifecycle_connections_opened_max}) and left 0 sessions once "
+            f"the pool closed (at most {pooled.sessions_left_max})",
+        ),
         Check(
             verdict(ours.noop_seq_vs_raw <= 1.0 and ours.noop_c32_vs_raw <= 1.0),
             f"db_call no-op overhead <= 1.0x raw run_in_executor: "

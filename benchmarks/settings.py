@@ -26,6 +26,9 @@ CONN_MAX_AGE = 60
 # descriptors on it.
 DATABASES = {"default": {**database(BACKEND, BENCH_DATABASE), "CONN_MAX_AGE": CONN_MAX_AGE}}
 
+# The pooled db_call path: as many pooled connections as the paths' workers.
+ASYNC_DBBRIDGE = {"MAX_WORKERS": 8, "POOL_SIZE": 8}
+
 INSTALLED_APPS = ["tests.testapp"]
 SECRET_KEY = "benchmarks-only"
 USE_TZ = True
