@@ -104,8 +104,8 @@ def pin_loop_thread(affinity: Affinity) -> int | None:
 
     Threads started by this thread afterwards inherit the pin. Failing to pin
     (a mask the kernel refuses, say after the container's cpuset changed) is
-    logged once as a warning and the thread runs unpinned: the setting is an
-    optimisation, never a reason to refuse requests.
+    logged as a warning, once per event loop started, and the thread runs
+    unpinned: the setting is an optimisation, never a reason to refuse requests.
     """
     if affinity is None:
         return None
