@@ -47,34 +47,13 @@ PEERS_CACHE="${PEERS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/async_dbbridge-peers
 for v in PEERS_SUITES DJANGO_SERIES PEERS_BACKENDS PEERS_ASGIREF_MODES; do
     printf -v "$v" '%s' "${!v//,/ }"
 done
-for s in $PEERS_SUITES; do
-    case "$s" in asgiref | django) ;; *)
-        echo "peer_suites: unknown suite '$s' in PEERS_SUITES (expected asgiref, django)" >&2
-        exit 2
-        ;;
-    esac
-done
-for s in $DJANGO_SERIES; do
-    case "$s" in 52 | 61) ;; *)
-        echo "peer_suites: unknown DJANGO_SERIES '$s' (expected 52, 61)" >&2
-        exit 2
-        ;;
-    esac
-done
-for b in $PEERS_BACKENDS; do
-    case "$b" in sqlite | postgresql | mysql) ;; *)
-        echo "peer_suites: unknown backend '$b' in PEERS_BACKENDS (expected sqlite, postgresql, mysql)" >&2
-        exit 2
-        ;;
-    esac
-done
-for m in $PEERS_ASGIREF_MODES; do
-    case "$m" in executor | db_sync_to_async) ;; *)
-        echo "peer_suites: unknown mode '$m' in PEERS_ASGIREF_MODES (expected executor, db_sync_to_async)" >&2
-        exit 2
-        ;;
-    esac
-done
+# shellcheck source=scripts/_lib.sh
+. "$ROOT/scripts/_lib.sh"
+
+check_choices peer_suites suite PEERS_SUITES asgiref django
+check_choices peer_suites "Django series" DJANGO_SERIES 52 61
+check_choices peer_suites backend PEERS_BACKENDS sqlite postgresql mysql
+check_choices peer_suites mode PEERS_ASGIREF_MODES executor db_sync_to_async
 
 # A narrowed run need not contain every listed expected failure.
 if [ -n "$PEERS_PYTEST_ARGS$PEERS_DJANGO_LABELS" ]; then
@@ -93,16 +72,6 @@ mkdir -p "$PEERS_CACHE" || exit 1
 
 timeout_cmd=(timeout --kill-after=10 "$PEERS_RUN_TIMEOUT")
 [ -t 0 ] && timeout_cmd=(timeout --foreground --kill-after=10 "$PEERS_RUN_TIMEOUT")
-
-loud() {
-    {
-        echo
-        echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-        printf '!! %s\n' "$@"
-        echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-        echo
-    } >&2
-}
 
 # sdist PY NAME VERSION -> path of the cached sdist (downloaded with PY's pip once)
 sdist() {

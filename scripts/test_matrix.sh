@@ -33,33 +33,14 @@ MY_START='start-stop-daemon --start --oknodo --background --exec /usr/sbin/maria
 PG_HOST="${PGHOST:-127.0.0.1}" PG_PORT="${PGPORT:-5432}"
 MY_HOST="${MYSQL_HOST:-127.0.0.1}" MY_PORT="${MYSQL_PORT:-3306}"
 
-for b in $BACKENDS; do
-    case "$b" in sqlite | postgresql | mysql) ;; *)
-        echo "test_matrix: unknown backend '$b' (expected sqlite, postgresql, mysql)" >&2
-        exit 2
-        ;;
-    esac
-done
-for s in $DJANGO_SERIES; do
-    case "$s" in 52 | 61) ;; *)
-        echo "test_matrix: unknown DJANGO_SERIES '$s' (expected 52, 61)" >&2
-        exit 2
-        ;;
-    esac
-done
+# shellcheck source=scripts/_lib.sh
+. "$ROOT/scripts/_lib.sh"
+
+check_choices test_matrix backend BACKENDS sqlite postgresql mysql
+check_choices test_matrix "Django series" DJANGO_SERIES 52 61
 
 logdir="$(mktemp -d "${TMPDIR:-/tmp}/dbbridge-matrix.XXXXXX")"
 trap 'rm -rf "$logdir"' EXIT
-
-loud() {
-    {
-        echo
-        echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-        printf '!! %s\n' "$@"
-        echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-        echo
-    } >&2
-}
 
 # ---------------------------------------------------------------- DB servers
 # A python connect is used as a fallback when the client tools are missing.
