@@ -12,9 +12,10 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -26,6 +27,8 @@ from async_dbbridge._compat import REQUEST_THREADS_SUPPORTED
 from async_dbbridge.asgi import DBBridgeASGIApp
 from async_dbbridge.conf import parse_settings
 from tests.e2e_project.driver import Lifespan, call_http
+
+_T = TypeVar("_T")
 
 CPUS = sorted(os.sched_getaffinity(0))
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,23 +73,10 @@ def test_a_platform_without_affinity_says_so(monkeypatch: pytest.MonkeyPatch) ->
 # -- pinning -----------------------------------------------------------------------------
 
 
-def _in_thread(fn: Any) -> Any:
-    """Run fn on a fresh thread; return its result (or raise its exception)."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = fn()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(30)
-    assert not thread.is_alive()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+def _in_thread(fn: Callable[[], _T]) -> _T:
+    """Run fn on a fresh thread of its own (a pin must not outlive the test); its result."""
+    with ThreadPoolExecutor(max_workers=1) as fresh:
+        return fresh.submit(fn).result(30)
 
 
 def test_pinning_applies_to_the_calling_thread_and_the_threads_it_starts() -> None:
