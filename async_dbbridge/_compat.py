@@ -13,6 +13,7 @@ library can add their entries without reshuffling.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -224,3 +225,60 @@ def context_has_own_thread(context: Any) -> bool:
             f"it was checked on asgiref {', '.join(CHECKED_ASGIREF)}. Please report this."
         )
     return getattr(context, "token", None) is not None and context in executors
+
+
+# -- Django's middleware chain ------------------------------------------------------------------
+#
+# `BaseHandler.load_middleware(is_async=True)` (ASGIHandler.__init__) stores the
+# chain it builds in the private `_middleware_chain`, read by
+# `get_response_async()` on every request. Under ASGI every layer is wrapped in
+# `convert_exception_to_response(mw_instance)`, whose async `inner` is made with
+# `functools.wraps(mw_instance)`, so `inner.__wrapped__` is the instance, and a
+# `MiddlewareMixin` instance keeps the next layer (itself such an `inner`, or the
+# wrapped `_get_response_async`) in its public `get_response`. No adaptation
+# sits between two async-capable layers (`adapt_method_mode` returns the handler
+# as is), nor on top of an async chain. Checked on Django 5.2.19 and 6.1.3:
+# `MiddlewareMixin.__call__`/`__acall__`, `convert_exception_to_response` and
+# `load_middleware` are the same code in both.
+
+
+@functools.cache
+def _converted_inner_code() -> Any:
+    """The code object of `convert_exception_to_response`'s async wrapper.
+
+    Computed on first use: importing Django's handler modules at import time
+    would pull in settings-dependent modules before `django.setup()`.
+    """
+    from django.core.handlers.exception import convert_exception_to_response
+
+    async def probe(request: Any) -> Any:
+        return None
+
+    return convert_exception_to_response(probe).__code__
+
+
+def middleware_chain(handler: Any) -> Callable[[Any], Any] | None:
+    """`handler`'s built middleware chain, or None before `load_middleware()` ran."""
+    chain: Callable[[Any], Any] | None = getattr(handler, "_middleware_chain", None)
+    return chain
+
+
+def set_middleware_chain(handler: Any, chain: Callable[[Any], Any]) -> None:
+    """Replace `handler`'s middleware chain (what `load_middleware()` assigns last)."""
+    if not hasattr(handler, "_middleware_chain"):
+        raise _fail(
+            "BaseHandler._middleware_chain (set by load_middleware())",
+            f"{type(handler).__qualname__} has none",
+        )
+    handler._middleware_chain = chain
+
+
+def unwrap_converted(layer: Any) -> Any | None:
+    """What Django's `convert_exception_to_response` wrapped into `layer`, else None.
+
+    Identified by code object, not by name: any other callable (a wrapper of
+    the project's own, a future Django's changed wrapper) is not unwrapped.
+    """
+    if getattr(layer, "__code__", None) is not _converted_inner_code():
+        return None
+    return getattr(layer, "__wrapped__", None)

@@ -40,6 +40,7 @@ from ._completions import deliver
 from ._connections import TransactionLeftOpenWarning, end_request_cleanup
 from ._executor import DBExecutor
 from ._install import install_default_executor
+from ._middleware import FusedMiddleware, fuse_middleware, unfuse_middleware
 from ._pool import ConnectionPool, PoolTimeout, close_pools
 from ._request_threads import RequestThreads
 from .conf import DEFAULT_POOL_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, BridgeSettings, get_settings
@@ -274,6 +275,12 @@ class DBBridgeASGIApp:
                     # markers: nothing here may block the loop.
                     old.close(0)
             threads = self._threads
+            # Before any request of this start: the chain is read per request.
+            if settings.fuse_middleware:
+                fused = fuse_middleware(self.app)
+            else:
+                unfuse_middleware(self.app)
+                fused = None
             # Before the loop starts any thread (request threads, the bridge's
             # workers): they inherit the loop thread's CPU (see _affinity).
             cpu = pin_loop_thread(settings.cpu_affinity)
@@ -281,7 +288,7 @@ class DBBridgeASGIApp:
             self._executors[loop] = executor
         # Once per event loop served (lifespan startup, or the first request
         # without lifespan), never per request.
-        _log_startup(settings, threads, cpu)
+        _log_startup(settings, threads, cpu, fused)
         return executor
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -442,7 +449,12 @@ def _live_pools() -> list[ConnectionPool]:
     return list(_pool._pools.values())
 
 
-def _log_startup(settings: BridgeSettings, threads: RequestThreads | None, cpu: int | None) -> None:
+def _log_startup(
+    settings: BridgeSettings,
+    threads: RequestThreads | None,
+    cpu: int | None,
+    fused: FusedMiddleware | None,
+) -> None:
     """One line: how requests and bridge calls will run, and the versions that decided it."""
     import asgiref
     import django
@@ -460,7 +472,7 @@ def _log_startup(settings: BridgeSettings, threads: RequestThreads | None, cpu: 
         logging.INFO if threads is not None else logging.WARNING,
         "async_dbbridge started (pid %d): %s; one connection pool per alias "
         "(POOL_SIZE=%d for %s, POOL_TIMEOUT=%gs); db_call on bridge workers "
-        "(MAX_WORKERS=%d, POLICY=%r)%s; asgiref %s, Django %s",
+        "(MAX_WORKERS=%d, POLICY=%r)%s%s; asgiref %s, Django %s",
         os.getpid(),
         requests,
         settings.effective_pool_size,
@@ -469,6 +481,10 @@ def _log_startup(settings: BridgeSettings, threads: RequestThreads | None, cpu: 
         settings.max_workers,
         settings.policy.kind,
         "" if cpu is None else f"; event loop and its threads on CPU {cpu} (CPU_AFFINITY)",
+        ""
+        if fused is None
+        else f"; {len(fused.layers)} MiddlewareMixin layer(s) in two thread hops per request "
+        "(FUSE_MIDDLEWARE)",
         asgiref.__version__,
         django.get_version(),
     )

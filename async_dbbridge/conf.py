@@ -46,6 +46,7 @@ _KEYS: Final = frozenset(
         "POOL_TIMEOUT",
         "HOLD",
         "CPU_AFFINITY",
+        "FUSE_MIDDLEWARE",
     }
 )
 
@@ -94,6 +95,9 @@ class BridgeSettings:
     # The CPU the ASGI wrapper pins its event loop's thread (and so the threads
     # that loop starts) to: None (the OS decides), "auto", or a CPU number.
     cpu_affinity: Affinity = None
+    # Whether the ASGI wrapper runs the outermost run of Django's
+    # MiddlewareMixin layers in two thread hops per request (_middleware.py).
+    fuse_middleware: bool = True
 
     @property
     def effective_pool_size(self) -> int:
@@ -205,6 +209,9 @@ def parse_settings(raw: object) -> BridgeSettings:
     if hold not in HOLD_CHOICES:
         raise _error("HOLD", hold, "'transaction' or 'request'")
     cpu_affinity = validate_affinity(raw.get("CPU_AFFINITY"), SETTING_NAME)
+    fuse_middleware = raw.get("FUSE_MIDDLEWARE", True)
+    if not isinstance(fuse_middleware, bool):
+        raise _error("FUSE_MIDDLEWARE", fuse_middleware, "True or False")
 
     return BridgeSettings(
         max_workers=max_workers,
@@ -217,6 +224,7 @@ def parse_settings(raw: object) -> BridgeSettings:
         pool_timeout=pool_timeout,
         hold=hold,
         cpu_affinity=cpu_affinity,
+        fuse_middleware=fuse_middleware,
     )
 
 
