@@ -2,10 +2,11 @@
 
 Every thread-sensitive call of a request is a hand-off of the GIL between the
 loop's thread and the request's thread, and back: six per request to a sync
-view with Django's default middleware fused (_middleware.py), sixteen unfused. When the two threads sit on different CPUs,
-each hand-off wakes a thread on the other CPU (an inter-processor interrupt,
-dearer still in a virtual machine) while the first one still holds the GIL, so
-the woken thread goes back to sleep until the GIL is released, and wakes again.
+view with Django's default middleware fused (_middleware.py), sixteen unfused.
+When the two threads sit on different CPUs, each hand-off wakes a thread on
+the other CPU (an inter-processor interrupt, dearer still in a virtual machine)
+while the first one still holds the GIL, so the woken thread goes back to sleep
+until the GIL is released, and wakes again.
 On one CPU a hand-off is a plain context switch when the holder blocks. The
 process cannot run Python on two CPUs at once anyway; what it loses is running
 C code that releases the GIL (a driver parsing a result) beside Python code.
