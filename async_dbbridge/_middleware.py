@@ -94,6 +94,11 @@ def _response_for_exception(request: HttpRequest, exc: Exception) -> HttpRespons
     return response
 
 
+#: Where Django's own exception wrappers build the response for an exception
+#: that escaped a layer: on any thread (`convert_exception_to_response`).
+_respond_on_any_thread = sync_to_async(_response_for_exception, thread_sensitive=False)
+
+
 class FusedMiddleware:
     """A run of `MiddlewareMixin` layers, as Django nests them, in two thread hops.
 
@@ -133,16 +138,12 @@ class FusedMiddleware:
                     # never sees (inner is itself such a wrapper in every
                     # chain Django builds, so this is a safety net).
                     entered -= 1
-                    response = await sync_to_async(_response_for_exception, thread_sensitive=False)(
-                        request, exc
-                    )
+                    response = await _respond_on_any_thread(request, exc)
             return await self._response_phase(request, response, entered)
         except Exception as exc:
             # The outermost layer's wrapper: nothing escapes the chain as an
             # exception (the executor refusing work at shutdown, say).
-            return await sync_to_async(_response_for_exception, thread_sensitive=False)(
-                request, exc
-            )
+            return await _respond_on_any_thread(request, exc)
 
     def _process_requests(self, request: HttpRequest) -> tuple[int, HttpResponseBase | None]:
         """Every layer's ``process_request``; how many layers were entered, and a response if any.

@@ -338,6 +338,24 @@ async def test_an_inner_handler_that_raises_is_answered_like_djangos_wrapper(
     ]
 
 
+async def test_a_failing_hop_is_answered_like_djangos_outermost_wrapper(
+    chain_settings: SettingsWrapper,
+) -> None:
+    """A hop that cannot run (its executor refusing work at shutdown, say) is a 500, as an
+    exception escaping the outermost layer is in Django's chain, not an exception."""
+    handler = ASGIHandler()
+    fused = fuse_middleware(handler)
+    assert fused is not None
+
+    async def refused(*args: Any) -> Any:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    fused._request_phase = refused  # type: ignore[assignment]
+    status, _, calls = await run(handler, "/sync/")
+    assert status == 500
+    assert calls == []
+
+
 def test_compat_unwraps_only_djangos_exception_wrapper() -> None:
     async def handler(request: Any) -> Any:
         return None
