@@ -12,8 +12,8 @@ One uvicorn worker serves ``benchmarks/asgi_project`` in a subprocess, and
 * ``wrapper`` — ``async_dbbridge.asgi``: elastic request threads and one
   bounded connection pool per alias, ``CONN_MAX_AGE=60``,
   ``ASYNC_DBBRIDGE = {"MAX_WORKERS": 8, "POOL_SIZE": 8}`` (``--pool-size``);
-  ``HOLD`` and ``POOL_TIMEOUT`` the library's defaults unless ``--hold`` /
-  ``--pool-timeout`` say otherwise.
+  ``HOLD``, ``POOL_TIMEOUT`` and ``CPU_AFFINITY`` the library's defaults
+  unless ``--hold`` / ``--pool-timeout`` / ``--cpu-affinity`` say otherwise.
 
 Each serves three views that run one query: a sync view, an async-ORM view
 (``afirst()``) and a view that uses ``db_call``. Every (configuration, view)
@@ -30,7 +30,7 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/bench_asgi.py [--backend postgresql|mysql|sqlite]
         [--pool-size N] [--hold transaction|request] [--pool-timeout S]
-        [--quick] [--rounds N] [--duration S] [--modes stock0,wrapper]
+        [--cpu-affinity auto|CPU] [--quick] [--rounds N] [--duration S] [--modes stock0,wrapper]
         [--views sync,async-orm] [--json FILE] [--chart PNG | --no-chart]
     .venv/bin/python benchmarks/bench_asgi.py --replot FILE.json [--chart PNG]
 
@@ -132,6 +132,9 @@ class Config:
     after_timeout: float = 5.0
     #: Seconds between session samples during a run.
     sample_interval: float = 0.05
+    #: CPU_AFFINITY for the wrapper ("auto" or a CPU number, as text); None: the
+    #: library's default (unpinned). Defaulted so older JSON reports replot.
+    cpu_affinity: str | None = None
     #: What the wrapper really ran with (defaults resolved), read back from a server.
     hold_used: str = ""
     pool_timeout_used: float | None = None
@@ -221,6 +224,7 @@ class Server(UvicornServer):
                 "BENCH_POOL_TIMEOUT",
                 None if config.pool_timeout is None else repr(config.pool_timeout),
             ),
+            ("BENCH_CPU_AFFINITY", config.cpu_affinity),
         ):
             if value is None:
                 unset.append(key)
@@ -544,7 +548,8 @@ def _pool_checks(s: Summary, config: Config) -> list[Check]:
 def _wrapper_kind(config: Config) -> str:
     """The wrapper's pool as configured: "wrapper (pool 8, hold transaction)"."""
     hold = config.hold_used or config.hold or "default"
-    return f"wrapper (pool {config.pool_size}, hold {hold})"
+    pinned = "" if config.cpu_affinity is None else f", CPU_AFFINITY {config.cpu_affinity}"
+    return f"wrapper (pool {config.pool_size}, hold {hold}{pinned})"
 
 
 def _mode_label(mode: str, config: Config) -> str:
@@ -600,18 +605,23 @@ def print_report(report: Report, config: Config) -> None:
     )
     print()
     cap = f"{config.session_cap}" if config.session_cap else "none"
-    given = config.hold is not None or config.pool_timeout is not None
+    given = (
+        config.hold is not None
+        or config.pool_timeout is not None
+        or config.cpu_affinity is not None
+    )
     defaults = "" if given else " (the library's defaults)"
     timeout = (
         config.pool_timeout_used if config.pool_timeout_used is not None else config.pool_timeout
     )
     mode = f", mode {config.wrapper_mode_used!r}" if config.wrapper_mode_used else ""
+    pinned = "" if config.cpu_affinity is None else f", CPU_AFFINITY={config.cpu_affinity!r}"
     print(
         f"uvicorn, 1 worker; wrk -t{config.wrk_threads} -c{config.connections}, "
         f"{config.duration:g} s per run after a {config.warmup:g} s warm-up; "
         f"{config.rounds} interleaved round(s), medians. Wrapper: POOL_SIZE={config.pool_size}, "
         f"MAX_WORKERS={config.pool_size}, HOLD={config.hold_used or config.hold!r}, "
-        f"POOL_TIMEOUT={timeout}{defaults}{mode}; psycopg pool: {config.pool_size}. "
+        f"POOL_TIMEOUT={timeout}{pinned}{defaults}{mode}; psycopg pool: {config.pool_size}. "
         f"Session cap on the servers' role: {cap}. Load average before/after: "
         f"{env['loadavg_before']} / {env['loadavg_after']}."
     )
@@ -793,6 +803,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         metavar="S",
         help="POOL_TIMEOUT for the wrapper, seconds > 0 (default: the library's)",
     )
+    parser.add_argument(
+        "--cpu-affinity",
+        metavar="auto|CPU",
+        help="CPU_AFFINITY for the wrapper (default: the library's, unpinned)",
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (3; --quick: 1)")
     parser.add_argument("--duration", type=float, help="seconds per measured run (5; --quick: 3)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up (1)")
@@ -843,6 +858,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         pool_size=args.pool_size,
         hold=args.hold,
         pool_timeout=args.pool_timeout,
+        cpu_affinity=args.cpu_affinity,
         rounds=rounds,
         duration=duration,
         warmup=args.warmup,

@@ -78,6 +78,10 @@ if "BENCH_HOLD" in os.environ:
     ASYNC_DBBRIDGE["HOLD"] = os.environ["BENCH_HOLD"]
 if "BENCH_POOL_TIMEOUT" in os.environ:
     ASYNC_DBBRIDGE["POOL_TIMEOUT"] = float(os.environ["BENCH_POOL_TIMEOUT"])
+if "BENCH_CPU_AFFINITY" in os.environ:
+    # "auto" or a CPU number; anything else reaches the library, which names the error.
+    affinity = os.environ["BENCH_CPU_AFFINITY"]
+    ASYNC_DBBRIDGE["CPU_AFFINITY"] = int(affinity) if affinity.isdigit() else affinity
 
 # Errors (stock60 runs out of connections) go to stderr once each, without
 # the traceback: see server_logging.
