@@ -212,11 +212,16 @@ def test_burst_on_per_request_threads_closes_their_connections(
     monkeypatch.setattr(async_dbbridge._compat, "REQUEST_THREADS_SUPPORTED", False)
     project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 2}
     app = DBBridgeASGIApp(ASGIHandler())
-    result = serve_burst(app, requests=100)
-    assert result.statuses == {200: 100}
+    requests = 100
+    result = serve_burst(app, requests=requests)
+    assert result.statuses == {200: requests}
     assert app.mode == "per-request"
-    # Each request's own thread has one, plus the bridge's pool.
-    assert 1 <= result.peak_sessions <= 2 + CONCURRENCY
+    # Each request's own thread has one, plus the bridge's pool. A request's
+    # connection is closed at its end, once the app has returned — after its
+    # body was sent — so a client's next request can open one before the
+    # previous one is closed, and the server lists a closed session a moment
+    # longer: up to two per client. Stranding would keep one per request.
+    assert 1 <= result.peak_sessions <= 2 + 2 * CONCURRENCY < requests
     wait_for_server_sessions("default", 0)
 
 
