@@ -7,6 +7,7 @@ same order, seeing the same responses, and answer the same.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -451,17 +452,28 @@ async def test_the_wrapper_fuses_and_a_request_makes_fewer_calls_on_one_thread(
 
 @requires_request_threads
 async def test_turning_the_setting_off_restores_djangos_chain_on_the_next_start(
-    wrapped: Callable[..., DBBridgeASGIApp], settings: SettingsWrapper
+    wrapped: Callable[..., DBBridgeASGIApp],
+    settings: SettingsWrapper,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="async_dbbridge")
+    fused_line = "4 MiddlewareMixin layer(s) in two thread hops per request (FUSE_MIDDLEWARE)"
     app = wrapped()
     original = _compat.middleware_chain(app.app)
     lifespan = Lifespan(app)
     assert (await lifespan.startup())["type"] == "lifespan.startup.complete"
     assert isinstance(_compat.middleware_chain(app.app), FusedMiddleware)
     assert (await lifespan.shutdown())["type"] == "lifespan.shutdown.complete"
+    started = [r.getMessage() for r in caplog.records if "started" in r.getMessage()]
+    assert len(started) == 1
+    assert fused_line in started[0]
+    caplog.clear()
     settings.ASYNC_DBBRIDGE = {"MAX_WORKERS": 2, "FUSE_MIDDLEWARE": False}
     lifespan = Lifespan(app)
     assert (await lifespan.startup())["type"] == "lifespan.startup.complete"
+    started = [r.getMessage() for r in caplog.records if "started" in r.getMessage()]
+    assert len(started) == 1
+    assert "FUSE_MIDDLEWARE" not in started[0]
     try:
         assert _compat.middleware_chain(app.app) is original
         response = await call_http(app, "/sync/")
