@@ -75,7 +75,9 @@ def begin_job(databases: Iterable[str] | None = None) -> None:
             # The caller's transaction (a job run eagerly inside atomic()):
             # its connection is the caller's business.
             continue
-        if conn.vendor == "sqlite" and conn.is_in_memory_db():
+        if conn.vendor == "sqlite" and getattr(conn, "is_in_memory_db", lambda: False)():
+            # Django never closes an in-memory database's connection (closing
+            # would destroy the database): it keeps the thread's own.
             unpooled.append(conn)
             continue
         if conn.settings_dict.get("OPTIONS", {}).get("pool"):
