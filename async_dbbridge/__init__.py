@@ -9,7 +9,8 @@ from ._call import db_call, db_sync_to_async
 from ._connections import Policy, TransactionLeftOpenWarning
 from ._executor import DBExecutor, ExecutorStats
 from ._install import get_bridge_executor, install_default_executor, reset_bridge_executor
-from ._pool import PoolStats, PoolTimeout
+from ._lending import PoolTimeout
+from ._pool import PoolStats
 from ._request_threads import RequestThreadStats
 from ._stats import BridgeStats, stats
 from .threads import ConnectionScope, DBThread, db_connection_scope

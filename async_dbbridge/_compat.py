@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import select
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -155,6 +156,56 @@ def ping_raw(wrapper: BaseDatabaseWrapper, raw: Any) -> bool:
         return bool(wrapper.is_usable())
     finally:
         wrapper.connection = saved
+
+
+# -- driver connections: is it still there? ---------------------------------------------------
+#
+# Public driver API only: psycopg 3 `Connection.fileno()`, `.closed`, `.broken`
+# (3.1+); psycopg 2 `connection.fileno()`, `.closed` (an int); mysqlclient
+# `Connection.fileno()` (2.2). sqlite3 has no socket and no way to die while idle.
+
+
+def _socket_of(raw: Any) -> int | None:
+    fileno = getattr(raw, "fileno", None)
+    if not callable(fileno):
+        return None
+    try:
+        fd = fileno()
+    except Exception:
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
+def may_be_disconnected(raw: Any) -> bool:
+    """No round trip: True if an idle connection may be dead.
+
+    An idle connection has no request in flight, so its socket has nothing to
+    read unless the server spoke first: a termination notice and EOF (a
+    killed backend, a server restart, PgBouncer gone) or, rarely, a
+    notification. Either way the caller pings it; an unreadable socket is
+    trusted. A connection the driver already knows to be closed is dead.
+    """
+    if getattr(raw, "broken", False):
+        return True
+    closed = getattr(raw, "closed", False)
+    if closed:
+        return True
+    fd = _socket_of(raw)
+    if fd is None:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    try:
+        return bool(poller.poll(0))
+    except OSError:
+        return True
+
+
+def is_disconnected(raw: Any) -> bool:
+    """After an error: did the connection die of a disconnect (not a bad query)?"""
+    if getattr(raw, "broken", False) or getattr(raw, "closed", False):
+        return True
+    return may_be_disconnected(raw)
 
 
 # -- Django cursors --------------------------------------------------------------------------

@@ -24,17 +24,17 @@ from django.conf import settings as django_settings
 from django.db import connections
 from django.db.backends.signals import connection_created
 
+from . import _fork
 from ._completions import completions_for
 from ._connections import (
     Policy,
     cleanup_after_call,
     close_all_for_exit,
     describe,
+    discard_inherited,
     expire_connections,
-    in_transaction,
-    is_database_error,
-    warn_left_open,
 )
+from ._lending import after_call, give_back_all, make_pooled, pool_stats
 from ._validation import is_number, is_positive_int
 
 if TYPE_CHECKING:
@@ -647,7 +647,7 @@ class DBExecutor(ThreadPoolExecutor):
         worker.calls += 1
         # A pooled worker holds nothing between calls (except while it runs a
         # backlog, see _cleanup_pooled): nothing can expire.
-        cleanup = _cleanup_pooled if self._pooled else cleanup_after_call
+        cleanup = after_call if self._pooled else cleanup_after_call
         if not self._pooled:
             expire_connections(worker.connections(aliases), time.monotonic())
         try:
@@ -665,7 +665,7 @@ class DBExecutor(ThreadPoolExecutor):
                 # Read after the call: calls queued meanwhile are what it may keep
                 # its connection for (a plain read; a stale answer costs one
                 # checkout, or keeps the connection until the worker idles).
-                _cleanup_pooled(
+                after_call(
                     self._policy,
                     error=None,
                     fn=fn,
@@ -707,7 +707,7 @@ class DBExecutor(ThreadPoolExecutor):
             # script that uses the pool without configuring Django.
             if django_settings.configured:
                 if self._pooled:
-                    _give_back_all(worker)
+                    give_back_all(worker.wrappers.values())
                 close_all_for_exit()
             with self._state_lock:
                 self._workers.discard(worker)
@@ -719,8 +719,6 @@ class DBExecutor(ThreadPoolExecutor):
 
     def _make_pooled(self, worker: _Worker) -> bool:
         """At a pooled worker's start: its wrappers take connections from the pools."""
-        from ._pool import make_pooled
-
         try:
             for alias in connections:
                 conn = connections[alias]
@@ -763,7 +761,7 @@ class DBExecutor(ThreadPoolExecutor):
                 continue
             if self._pooled:
                 # Idle now: a connection kept through a backlog goes back.
-                _give_back_all(worker)
+                give_back_all(worker.wrappers.values())
             try:
                 item = inbox.get(timeout=timeout)
             except Empty:
@@ -805,82 +803,12 @@ class DBExecutor(ThreadPoolExecutor):
 
 def _pooled_counts() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
     """(opened, open now, closed) per alias, from the process's connection pools."""
-    from ._pool import pool_stats
-
     pools = pool_stats()
     return (
         {alias: pool.opened for alias, pool in pools.items()},
         {alias: pool.in_use + pool.idle for alias, pool in pools.items()},
         {alias: pool.closed for alias, pool in pools.items()},
     )
-
-
-def _cleanup_pooled(
-    policy: Policy,
-    *,
-    error: BaseException | None,
-    fn: Callable[..., object],
-    conns: Iterable[BaseDatabaseWrapper],
-    busy: bool = False,
-) -> None:
-    """After a call on a pooled worker: give its connections back, or really close them.
-
-    A database error closes them (the pool opens a fresh one next time: a
-    connection broken server-side must never go back); a transaction left
-    open is rolled back and reported, then the connection goes back clean;
-    `Policy.always_close()` closes; otherwise each goes back to its pool.
-    """
-    from ._pool import _abandon, end_of_request, may_keep
-
-    conns = [conn for conn in conns if conn.connection is not None]
-    if not conns:
-        return
-    database_error = error is not None and is_database_error(error, conns)
-    close = database_error or policy.kind == "close"
-    leftovers: list[str] = []
-    cleanup_error: BaseException | None = None
-    for conn in conns:
-        try:
-            if in_transaction(conn):
-                # As cleanup_after_call(): after a database error with only
-                # autocommit off, the work may well be committed.
-                if conn.in_atomic_block or not database_error:
-                    leftovers.append(conn.alias)
-                if close:
-                    _abandon(conn)  # roll back, really close, free the slot
-                else:
-                    end_of_request(conn)  # roll back, give back clean
-            elif close:
-                conn.close()  # the pooled wrapper's real close frees the slot
-            elif busy and error is None and may_keep(conn):
-                # Calls are queued for the pool's workers and nobody waits for
-                # a connection: keep it for the next call (a give-back and a
-                # checkout saved per call under load); the worker gives it
-                # back once it has nothing queued (_serve) or someone waits.
-                continue
-            else:
-                # Gives back when idle; one it cannot (a chunked cursor the
-                # call left open) is really closed: the next call may run on
-                # any worker, so nothing can continue on it.
-                end_of_request(conn)
-        except Exception as exc:
-            cleanup_error = cleanup_error or exc
-    if leftovers:
-        what_else = "and the connection closed" if close else "before the connection went back"
-        warn_left_open(fn, leftovers, what_else)
-    if cleanup_error is not None:
-        raise cleanup_error
-
-
-def _give_back_all(worker: _Worker) -> None:
-    """A pooled worker is exiting: nothing of the pool may stay on a dead thread."""
-    from ._pool import end_of_request
-
-    for conn in worker.wrappers.values():
-        try:
-            end_of_request(conn)
-        except Exception:
-            logger.warning("giving %r back on worker exit failed", conn.alias, exc_info=True)
 
 
 def calls_running_on(idents: Collection[int]) -> set[Future[Any]]:
@@ -928,8 +856,6 @@ def _reinit_after_fork() -> None:
     then starts afresh with no threads and zeroed counters; its next call starts
     a worker. One that was shut down or broken in the parent stays so.
     """
-    from ._connections import discard_inherited
-
     for executor in list(_executors):
         for worker in list(executor._workers):
             for conn in worker.wrappers.values():
@@ -947,8 +873,7 @@ def _shutdown_all_at_exit() -> None:
             logger.warning("shutting down %r at exit failed", executor, exc_info=True)
 
 
-# Importing _fork registers the at-fork hooks: in a child it discards the
-# inherited connections of every thread, then calls _reinit_after_fork().
-from . import _fork  # noqa: E402, F401
-
+# In a child, _fork discards the inherited connections of every thread, then
+# calls the registered hooks in their order.
+_fork.on_child(_reinit_after_fork, order=_fork.ORDER_EXECUTORS)
 atexit.register(_shutdown_all_at_exit)

@@ -33,7 +33,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
 
 from ._affinity import _reset_after_fork as _reset_affinity
 from ._completions import _reset_after_fork as _reset_completions
@@ -54,6 +55,27 @@ logger = logging.getLogger("async_dbbridge")
 
 # Strong references taken just before fork() (see the module docstring).
 _held: list[BaseDatabaseWrapper] = []
+
+#: The order in which modules' child hooks run, after the inherited wrappers
+#: were discarded: executors' workers (their wrappers are discarded with them),
+#: then request threads, then the pools (whose checked-out connections went
+#: with the wrappers; their idle ones are discarded last).
+ORDER_EXECUTORS: Final = 10
+ORDER_REQUEST_THREADS: Final = 20
+ORDER_POOLS: Final = 30
+
+_child_hooks: list[tuple[int, Callable[[], None]]] = []
+
+
+def on_child(hook: Callable[[], None], *, order: int) -> None:
+    """Run `hook` in a forked child, after the inherited connections were discarded.
+
+    Modules register at import (so only what was imported runs); `order`
+    (one of the `ORDER_*` constants) fixes the sequence whatever the import
+    order was.
+    """
+    _child_hooks.append((order, hook))
+    _child_hooks.sort(key=lambda item: item[0])
 
 
 def _discard_pools() -> int:
@@ -110,21 +132,8 @@ def _after_fork_in_child() -> None:
                 discarded += 1
             discard_inherited(conn)
         pooled = _discard_pools()
-        # Imported here: _executor imports this module.
-        from ._executor import _reinit_after_fork
-
-        _reinit_after_fork()
-        # Request threads exist only if the ASGI wrapper was imported; reset
-        # here rather than in a hook of their own, whose order would be luck.
-        request_threads = sys.modules.get("async_dbbridge._request_threads")
-        if request_threads is not None:
-            request_threads._reset_after_fork()
-        # _fork child hook: the connection pools (only if one was ever built).
-        # After the wrappers above: a wrapper's checked-out connection is
-        # discarded with it; the pools' idle ones are discarded here.
-        pool = sys.modules.get("async_dbbridge._pool")
-        if pool is not None:
-            pool._reset_after_fork()
+        for _order, hook in list(_child_hooks):
+            hook()
     except Exception:
         # An exception here would be printed and ignored by os.fork(); say
         # what failed instead, through the library's logger.

@@ -93,7 +93,7 @@ def reset_bridge_executor(*, wait: bool = True) -> None:
     # ones now, those in use when given back; never waiting for them, which
     # could be a request's for as long as it runs). The next use of an alias
     # builds a fresh pool.
-    from ._pool import close_pools
+    from ._lending import close_pools
 
     close_pools(0)
 

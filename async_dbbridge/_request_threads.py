@@ -39,9 +39,10 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from django.db import connections
 
+from . import _fork
 from ._connections import discard_inherited
 from ._executor import _LoopItem, _WorkItem, run_plain
-from ._pool import end_of_request, give_back, make_pooled
+from ._lending import end_request, give_back_idle, make_pooled
 from ._validation import is_number
 from .conf import HOLD_CHOICES, Hold
 
@@ -199,7 +200,7 @@ class RequestThread(threading.Thread):
             # Nothing should be held here (every request ends by giving its
             # connections back), but a pooled connection left on a dead
             # thread would be a pool slot lost for good.
-            self._end_connections()
+            end_request(self.wrappers)
             self._threads._exited(self)
 
     def _set_up(self) -> None:
@@ -267,32 +268,11 @@ class RequestThread(threading.Thread):
 
     def _give_back_idle(self) -> None:
         # Runs after every call: a few attribute reads when nothing is held.
-        for conn in self.wrappers:
-            if conn.connection is not None:
-                try:
-                    give_back(conn)
-                except Exception:
-                    # The call's work is done (and committed, in autocommit);
-                    # failing it now would invite a retry of done work. Django
-                    # has forgotten the connection either way.
-                    logger.warning("giving %r back after a call failed", conn.alias, exc_info=True)
-
-    def _end_connections(self) -> list[str]:
-        """Roll back what the request left open, give everything back: aliases rolled back."""
-        leftovers: list[str] = []
-        for conn in self.wrappers:
-            try:
-                if end_of_request(conn):
-                    leftovers.append(conn.alias)
-            except Exception:
-                logger.warning(
-                    "giving %r back at the end of a request failed", conn.alias, exc_info=True
-                )
-        return leftovers
+        give_back_idle(self.wrappers)
 
     def _end_request(self, item: _EndOfRequest) -> bool:
         """The request's last job. True: the thread stays in the set (idle)."""
-        leftovers = self._end_connections()
+        leftovers = end_request(self.wrappers)
         try:
             item.finished()  # the binding is DONE before anyone else may take this thread
         except Exception:
@@ -510,6 +490,9 @@ def _reset_after_fork() -> None:
             for conn in thread.wrappers:
                 discard_inherited(conn)
         threads._reset_state()
+
+
+_fork.on_child(_reset_after_fork, order=_fork.ORDER_REQUEST_THREADS)
 
 
 def _close_all_at_exit() -> None:

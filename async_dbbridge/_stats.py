@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._executor import ExecutorStats
-from ._pool import PoolStats, pool_stats
+from ._lending import pool_stats
+from ._pool import PoolStats
 from ._request_threads import RequestThreadStats, combined_stats
 
 __all__ = ("BridgeStats", "stats")

@@ -40,8 +40,9 @@ from ._completions import deliver
 from ._connections import TransactionLeftOpenWarning, end_request_cleanup
 from ._executor import DBExecutor
 from ._install import install_default_executor
+from ._lending import PoolTimeout, close_pools, pools
 from ._middleware import FusedMiddleware, fuse_middleware, unfuse_middleware
-from ._pool import ConnectionPool, PoolTimeout, close_pools
+from ._pool import ConnectionPool
 from ._request_threads import RequestThreads
 from .conf import DEFAULT_POOL_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, BridgeSettings, get_settings
 
@@ -432,7 +433,12 @@ class _Send503OnPoolTimeout:
 
 
 def _unavailable_body(error: BaseException | None) -> bytes:
-    if isinstance(error, PoolTimeout):
+    if isinstance(error, PoolTimeout) and error.max_waiting is not None:
+        cause = (
+            f"all {error.max_size} connections to database {error.alias!r} were in use and "
+            f"{error.max_waiting} requests were already waiting (ASYNC_DBBRIDGE MAX_WAITING)"
+        )
+    elif isinstance(error, PoolTimeout):
         cause = (
             f"all {error.max_size} connections to database {error.alias!r} stayed in use "
             f"for {error.timeout:g}s (ASYNC_DBBRIDGE POOL_SIZE / POOL_TIMEOUT)"
@@ -444,9 +450,7 @@ def _unavailable_body(error: BaseException | None) -> bytes:
 
 def _live_pools() -> list[ConnectionPool]:
     """The pools that exist now (closing them removes them from the registry)."""
-    from . import _pool
-
-    return list(_pool._pools.values())
+    return pools()
 
 
 def _log_startup(

@@ -47,6 +47,7 @@ _KEYS: Final = frozenset(
         "HOLD",
         "CPU_AFFINITY",
         "FUSE_MIDDLEWARE",
+        "MAX_WAITING",
     }
 )
 
@@ -56,6 +57,13 @@ DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
 #: `PoolTimeout`: long enough to ride out a burst, short enough that a client
 #: gets a 503 rather than a hung request when the pool is exhausted for good.
 DEFAULT_POOL_TIMEOUT: Final = 5.0
+#: Threads that may wait for one alias's pooled connection at once, per pooled
+#: connection, by default: MAX_WAITING defaults to this many times POOL_SIZE.
+#: Enough that a burst of many clients per connection queues instead of
+#: failing (the project benchmark's overload runs 200 clients on POOL_SIZE 8);
+#: few enough that a database stall parks a bounded number of request threads
+#: rather than one more for every client retry.
+MAX_WAITING_PER_CONNECTION: Final = 32
 #: When a request thread gives a pooled connection back: "transaction" (after
 #: each sync call, when it is idle) or "request" (at the request's end).
 Hold = Literal["transaction", "request"]
@@ -98,10 +106,20 @@ class BridgeSettings:
     # Whether the ASGI wrapper runs the outermost run of Django's
     # MiddlewareMixin layers in two thread hops per request (_middleware.py).
     fuse_middleware: bool = True
+    # Threads that may wait for a pooled connection of one alias at once;
+    # None: MAX_WAITING_PER_CONNECTION x the pool size (parse_settings()
+    # leaves it None unless set, so the default follows POOL_SIZE).
+    max_waiting: int | None = None
 
     @property
     def effective_pool_size(self) -> int:
         return self.max_workers if self.pool_size is None else self.pool_size
+
+    @property
+    def effective_max_waiting(self) -> int:
+        if self.max_waiting is not None:
+            return self.max_waiting
+        return MAX_WAITING_PER_CONNECTION * self.effective_pool_size
 
     def executor_kwargs(self) -> dict[str, Any]:
         return {
@@ -205,6 +223,14 @@ def parse_settings(raw: object) -> BridgeSettings:
         positive=True,
     )
     assert pool_timeout is not None  # allow_none=False
+    max_waiting = raw.get("MAX_WAITING")
+    if max_waiting is not None and not is_positive_int(max_waiting):
+        raise _error(
+            "MAX_WAITING",
+            max_waiting,
+            "a positive integer (threads waiting for one alias's connection) or None "
+            f"({MAX_WAITING_PER_CONNECTION} x POOL_SIZE)",
+        )
     hold = raw.get("HOLD", "transaction")
     if hold not in HOLD_CHOICES:
         raise _error("HOLD", hold, "'transaction' or 'request'")
@@ -225,6 +251,7 @@ def parse_settings(raw: object) -> BridgeSettings:
         hold=hold,
         cpu_affinity=cpu_affinity,
         fuse_middleware=fuse_middleware,
+        max_waiting=max_waiting,
     )
 
 

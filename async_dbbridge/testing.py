@@ -41,7 +41,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.signals import connection_created
 
 from ._connections import open_wrappers
-from ._pool import pool_stats
+from ._lending import pool_stats
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -605,7 +605,7 @@ if pytest is not None:
         then fails the test itself, and the teardown does not check again.
         """
         from ._install import reset_bridge_executor
-        from ._pool import close_pools
+        from ._lending import close_pools
         from ._request_threads import _sets
 
         timeout = _leak_timeout(request.config)

@@ -70,7 +70,7 @@ from django.db.backends.signals import connection_created
 
 import async_dbbridge
 from async_dbbridge import DBExecutor, db_call
-from async_dbbridge._pool import close_pools, pool_stats
+from async_dbbridge._lending import close_pools, pool_stats
 from async_dbbridge.conf import get_settings
 from async_dbbridge.testing import close_monitor, server_session_count
 from benchmarks._common import rotated, server_version, settle

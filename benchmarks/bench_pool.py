@@ -135,7 +135,8 @@ def main() -> int:
     import psycopg_pool
     from django.db import connections
 
-    from async_dbbridge._pool import ConnectionPool, close_pools, give_back, make_pooled
+    from async_dbbridge._lending import close_pools, give_back, make_pooled
+    from async_dbbridge._pool import ConnectionPool
 
     conninfo = psycopg.conninfo.make_conninfo(
         dbname=db["NAME"],

@@ -163,6 +163,10 @@ POOL_KEYS = frozenset(
         "timeouts",
         "wait_time_total",
         "wait_time_max",
+        "rejected",
+        "health_checks",
+        "replaced",
+        "max_waiting",
     }
 )
 

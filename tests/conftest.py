@@ -15,7 +15,7 @@ import pytest
 from django.db import connections
 
 from async_dbbridge import reset_bridge_executor
-from async_dbbridge._pool import close_pools
+from async_dbbridge._lending import close_pools
 from async_dbbridge._request_threads import _sets as request_thread_sets
 from async_dbbridge.testing import wait_for_server_sessions
 

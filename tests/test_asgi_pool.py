@@ -33,7 +33,7 @@ from pytest_django.fixtures import Settings
 import async_dbbridge
 from async_dbbridge import PoolStats, db_call
 from async_dbbridge import _pool as pool_module
-from async_dbbridge._pool import close_pools
+from async_dbbridge._lending import close_pools
 from async_dbbridge.asgi import DBBridgeASGIApp
 from async_dbbridge.testing import server_session_count, wait_for_server_sessions
 from tests.conftest import SetSetting, backend_id, kill_backend

@@ -19,9 +19,9 @@ from django.core.signals import request_finished, request_started
 from django.db import connection, transaction
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from async_dbbridge import DBExecutor, _request_threads
+from async_dbbridge import DBExecutor, _lending
 from async_dbbridge._binding import BindingState, RequestBinding, current_request_state
-from async_dbbridge._pool import end_of_request
+from async_dbbridge._lending import end_of_request
 from async_dbbridge._request_threads import RequestThreads
 from async_dbbridge.asgi import ASGIApp
 from tests.conftest import eventually, off_loop
@@ -150,7 +150,7 @@ def end_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
         log.append(("end_of_request", thread_name(), conn.alias))
         return end_of_request(conn)
 
-    monkeypatch.setattr(_request_threads, "end_of_request", spy)
+    monkeypatch.setattr(_lending, "end_of_request", spy)
     return log
 
 

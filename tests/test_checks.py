@@ -15,7 +15,7 @@ from pytest_django.fixtures import Settings as SettingsWrapper
 from pytest_django.plugin import DjangoDbBlocker
 
 from async_dbbridge import checks
-from async_dbbridge._pool import make_pooled
+from async_dbbridge._lending import make_pooled
 from async_dbbridge.checks import (
     check_connection_budget,
     check_django_pool,

@@ -10,8 +10,7 @@ import pytest
 from django.db import DatabaseError, connections, transaction
 
 from async_dbbridge import TransactionLeftOpenWarning
-from async_dbbridge._lending import begin_job, end_job, end_thread
-from async_dbbridge._pool import get_pool
+from async_dbbridge._lending import begin_job, end_job, end_thread, get_pool
 from async_dbbridge.testing import server_session_count, wait_for_server_sessions
 from tests.conftest import SetSetting, backend_id, kill_backend
 from tests.testapp.models import Item

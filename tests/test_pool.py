@@ -20,9 +20,8 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, OperationalError, connections, transaction
 
-from async_dbbridge import PoolTimeout, TransactionLeftOpenWarning, _pool
-from async_dbbridge._pool import (
-    PoolStats,
+from async_dbbridge import PoolStats, PoolTimeout, TransactionLeftOpenWarning, _lending, _pool
+from async_dbbridge._lending import (
     close_pools,
     end_of_request,
     get_pool,
@@ -546,7 +545,7 @@ def test_fork_resets_the_pool_in_the_child_without_touching_the_parent(
     assert stats().idle == 1  # the parent's session waits in the pool
 
     def child() -> dict[str, Any]:
-        inherited = {alias: s.as_dict() for alias, s in _pool.pool_stats().items()}
+        inherited = {alias: s.as_dict() for alias, s in _lending.pool_stats().items()}
         result: dict[str, Any] = {}
 
         def run() -> None:
@@ -621,7 +620,7 @@ def test_make_pooled_refuses_what_it_cannot_pool(
     thread.start()
     thread.join(DEADLINE)
     assert not errors, errors[0]
-    assert _pool.pool_stats() == {}  # nothing was pooled
+    assert _lending.pool_stats() == {}  # nothing was pooled
 
 
 def test_a_copy_of_a_pooled_wrapper_is_not_pooled(

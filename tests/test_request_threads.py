@@ -20,7 +20,7 @@ from django.db import connection, connections, transaction
 
 from async_dbbridge import _request_threads
 from async_dbbridge._binding import RequestBinding, current_request_state
-from async_dbbridge._pool import make_pooled
+from async_dbbridge._lending import make_pooled
 from async_dbbridge._request_threads import RequestThread, RequestThreads
 from tests.conftest import backend_id, eventually, off_loop
 from tests.test_fork import run_forked
