@@ -298,9 +298,9 @@ def test_a_timeout_and_a_closed_pool_raise_what_the_owner_chose(
     pool.close(0)
     with pytest.raises(MyClosed):
         pool.take(Fake, max_age=None)
+    default = ConnectionPool("fake", 1, 1.0)
+    default.close(0)
     with pytest.raises(PoolClosedError):
-        default = ConnectionPool("fake", 1, 1.0)
-        default.close(0)
         default.take(Fake, max_age=None)
 
 

@@ -112,8 +112,9 @@ class Hammer:
     """Clients sending requests back to back until stopped; statuses timed.
 
     Like wrk, a client gives up on a request after `client_timeout` (status 0;
-    -1 for a broken connection) and sends the next: what made a stall grow threads before MAX_WAITING,
-    since the server-side request still waits for a connection meanwhile.
+    -1 for a broken connection) and sends the next: what made a stall grow
+    threads before MAX_WAITING, since the server-side request still waits for
+    a connection meanwhile.
     """
 
     url: str
