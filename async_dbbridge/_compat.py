@@ -26,7 +26,6 @@ __all__ = ()
 
 CHECKED_DJANGO: Final = ("5.2.19", "6.1.3")
 CHECKED_ASGIREF: Final = ("3.13.0",)
-CHECKED_PYTHON: Final = ("3.11", "3.13")
 
 
 def _thread_sensitive_takes_executor() -> bool:

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 __all__ = (
     "Policy",
     "TransactionLeftOpenWarning",
-    "close_connections",
     "initialized_connections",
 )
 
@@ -174,10 +173,6 @@ def initialized_connections(aliases: Iterable[str] | None = None) -> Iterator[Ba
     return (conn for conn in conns if conn.alias in wanted)
 
 
-def is_open(conn: BaseDatabaseWrapper) -> bool:
-    return conn.connection is not None and not conn.closed_in_transaction
-
-
 def in_transaction(conn: BaseDatabaseWrapper) -> bool:
     """True if ``conn`` is inside an atomic block or has autocommit turned off.
 
@@ -215,32 +210,6 @@ def expire_connections(conns: Iterable[BaseDatabaseWrapper], now: float) -> None
         close_at = conn.close_at
         if close_at is not None and now >= close_at and conn.connection is not None:
             conn.close()
-
-
-def close_connections(aliases: Iterable[str] | None = None, *, only_obsolete: bool = False) -> None:
-    """Close the calling thread's connections, never inside an atomic block.
-
-    With ``only_obsolete`` this is Django's ``close_old_connections()`` (honour
-    ``CONN_MAX_AGE`` and health), otherwise an unconditional close. A connection
-    in a caller's atomic block is left alone: closing it there would not close
-    it but mark the transaction broken, and the caller's next query would fail.
-    """
-    errors: list[BaseException] = []
-    for conn in initialized_connections(aliases):
-        if conn.in_atomic_block:
-            continue
-        try:
-            if only_obsolete:
-                conn.close_if_unusable_or_obsolete()
-            else:
-                conn.close()
-        except DjangoDatabaseError as exc:
-            # The connection is unusable anyway; make sure Django forgets it so
-            # the next query reconnects, and keep closing the other aliases.
-            _forget(conn)
-            errors.append(exc)
-    if errors:
-        raise errors[0]
 
 
 def _forget(conn: BaseDatabaseWrapper) -> None:

@@ -22,6 +22,7 @@ from concurrent.futures import wait as wait_for_futures
 from typing import Any, ParamSpec, TypeVar
 
 from ._executor import DBExecutor, calls_running_on
+from ._lending import close_pools
 
 __all__ = ("get_bridge_executor", "install_default_executor", "reset_bridge_executor")
 
@@ -93,8 +94,6 @@ def reset_bridge_executor(*, wait: bool = True) -> None:
     # ones now, those in use when given back; never waiting for them, which
     # could be a request's for as long as it runs). The next use of an alias
     # builds a fresh pool.
-    from ._lending import close_pools
-
     close_pools(0)
 
 

@@ -20,8 +20,8 @@ The raw connections are made by the backend's original `get_new_connection()`
 Who calls what:
 
 * request threads (`_request_threads`): `make_pooled()` at thread start,
-  `give_back()` after each sync call (`HOLD="transaction"`), `release_all()`
-  at the request's end;
+  `give_back_idle()` after each sync call (`HOLD="transaction"`),
+  `end_request()` at the request's end;
 * the bridge's pooled executor workers (`_executor`): `after_call()` after
   each call, `give_back_all()` when idle or exiting;
 * threads the library does not start — task workers, consumers
@@ -40,7 +40,6 @@ import itertools
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Final, cast
 
@@ -54,7 +53,6 @@ from . import _pool as pool_module
 from ._binding import current_request_state
 from ._connections import (
     Policy,
-    TransactionLeftOpenWarning,
     cleanup_after_call,
     close_all_for_exit,
     discard_inherited,
@@ -65,6 +63,7 @@ from ._connections import (
     warn_left_open,
 )
 from ._pool import ConnectionPool, PooledConnection, PoolStats
+from .conf import get_settings
 
 __all__ = (
     "PoolTimeout",
@@ -83,7 +82,6 @@ __all__ = (
     "may_keep",
     "pool_stats",
     "pooled_class",
-    "release_all",
 )
 
 logger = logging.getLogger("async_dbbridge")
@@ -183,8 +181,6 @@ def get_pool(alias: str) -> ConnectionPool:
     pool = _pools.get(alias)
     if pool is not None:
         return pool
-    from .conf import get_settings  # conf reads Django's settings: not at import time
-
     if alias not in connections.settings:
         raise ValueError(f"no database {alias!r} in settings.DATABASES")
     with _pools_lock:
@@ -527,7 +523,7 @@ def end_of_request(wrapper: BaseDatabaseWrapper) -> str | None:
     A transaction left open is rolled back and the connection given back clean;
     one that cannot be given back (an open chunked cursor, a failed rollback)
     is really closed. Returns the alias if a transaction was rolled back, so
-    that the caller reports it once (see [`release_all`][async_dbbridge._pool.release_all]).
+    that the caller reports it once (see `end_request()`).
     Run it on the thread that owns `wrapper`.
     """
     if wrapper.connection is None:
@@ -591,24 +587,6 @@ def _abandon(wrapper: BaseDatabaseWrapper) -> None:
     finally:
         if entry is not None:
             entry.pool.release(entry)
-
-
-def release_all(wrappers: Iterable[BaseDatabaseWrapper], *, where: str) -> None:
-    """[`end_of_request`][async_dbbridge._pool.end_of_request] for each wrapper; one warning.
-
-    Emits a single `TransactionLeftOpenWarning` naming every alias whose
-    transaction was rolled back; `where` names what left it open (a request
-    path, a callable).
-    """
-    leftovers = [alias for conn in wrappers if (alias := end_of_request(conn)) is not None]
-    if leftovers:
-        warnings.warn(
-            f"{where} ended inside a transaction on database "
-            f"{', '.join(repr(a) for a in leftovers)}: its uncommitted work was rolled back. "
-            "Use 'with transaction.atomic():' so the transaction ends where it began.",
-            TransactionLeftOpenWarning,
-            stacklevel=2,
-        )
 
 
 # -- after a call on a pooled thread ---------------------------------------------------------

@@ -69,21 +69,6 @@ MAX_WAITING_PER_CONNECTION: Final = 32
 Hold = Literal["transaction", "request"]
 HOLD_CHOICES: Final[tuple[Hold, ...]] = ("transaction", "request")
 
-#: Keys that existed before and what replaced them: each raises
-#: `ImproperlyConfigured` naming its replacement, so an upgrade never silently
-#: ignores a setting the project relied on.
-_REMOVED_KEYS: Final = {
-    "LANES": (
-        "POOL_SIZE: request threads are elastic (one per request in flight, reused), "
-        "and connections come from one pool per alias per process, bounded by POOL_SIZE"
-    ),
-    "LANE_FULL": "POOL_TIMEOUT: a thread waits up to POOL_TIMEOUT for a pooled connection",
-    "LANE_WAIT_TIMEOUT": (
-        "POOL_TIMEOUT: a thread waits up to POOL_TIMEOUT for a pooled connection"
-    ),
-    "LANE_IDLE_TIMEOUT": "IDLE_TIMEOUT: idle request threads and connections retire after it",
-}
-
 
 @dataclass(frozen=True)
 class BridgeSettings:
@@ -152,13 +137,6 @@ def parse_settings(raw: object) -> BridgeSettings:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ImproperlyConfigured(f"{SETTING_NAME} must be a dict, not {type(raw).__name__}.")
-    removed = [key for key in _REMOVED_KEYS if key in raw]
-    if removed:
-        raise ImproperlyConfigured(
-            " ".join(
-                f"{SETTING_NAME}[{key!r}] was removed; use {_REMOVED_KEYS[key]}." for key in removed
-            )
-        )
     unknown = sorted(set(map(str, raw)) - _KEYS)
     if unknown:
         raise ImproperlyConfigured(

@@ -51,20 +51,6 @@ def test_invalid_settings_name_the_key_and_the_accepted_values(raw: Any, match: 
 
 # Django 6.1 runs its model checks against every alias, and on MySQL they ask
 # the server for its version: `check` needs the (test) database there.
-@pytest.mark.parametrize(
-    ("key", "replacement"),
-    [
-        ("LANES", "POOL_SIZE: request threads are elastic"),
-        ("LANE_FULL", "POOL_TIMEOUT"),
-        ("LANE_WAIT_TIMEOUT", "POOL_TIMEOUT"),
-        ("LANE_IDLE_TIMEOUT", "IDLE_TIMEOUT"),
-    ],
-)
-def test_a_removed_lane_key_names_what_replaced_it(key: str, replacement: str) -> None:
-    with pytest.raises(ImproperlyConfigured, match=rf"\['{key}'\] was removed; use {replacement}"):
-        parse_settings({key: 1})
-
-
 def test_pool_settings_defaults_and_hold_choices() -> None:
     parsed = parse_settings({"MAX_WORKERS": 3})
     assert (parsed.pool_size, parsed.effective_pool_size) == (3, 3)
