@@ -181,6 +181,8 @@ class Config:
     #: The most sessions the servers' role may hold (0: no cap).
     session_cap: int
     wrk_threads: int
+    #: CONN_HEALTH_CHECKS on the served alias, in every variant alike.
+    health_checks: bool = False
     #: wrk's per-request timeout: longer than any queue the slow workloads build.
     wrk_timeout: float = 10.0
     start_timeout: float = 60.0
@@ -268,6 +270,7 @@ class Server(UvicornServer):
             **database.server_env(),
             "BENCH_VARIANT": variant,
             "BENCH_POOL_SIZE": str(config.pool_size),
+            "BENCH_HEALTH_CHECKS": "1" if config.health_checks else "0",
             "BENCH_ASYNC_DBBRIDGE": json.dumps(
                 config.baseline_settings
                 if variant == BASELINE and config.baseline_settings is not None
@@ -681,7 +684,8 @@ def print_report(report: Report, config: Config) -> None:
     print(
         f"uvicorn, 1 worker; wrk -t{config.wrk_threads}, {config.duration:g} s per run after a "
         f"{config.warmup:g} s warm-up; {config.rounds} interleaved round(s), medians. "
-        f"Django pool: {config.pool_size}. Wrapper ASYNC_DBBRIDGE="
+        f"Django pool: {config.pool_size}. CONN_HEALTH_CHECKS={config.health_checks}. "
+        f"Wrapper ASYNC_DBBRIDGE="
         f"{json.dumps(config.wrapper_settings)}"
         + (f" (library from {config.wrapper_src})" if config.wrapper_src else "")
         + f". Session cap on the servers' role: {cap} (the server's max_connections: "
@@ -864,6 +868,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         "wrapper's CPU_AFFINITY pins its event loop: the like-for-like comparison",
     )
     parser.add_argument(
+        "--health-checks",
+        action="store_true",
+        help="CONN_HEALTH_CHECKS=True on the served alias, for every variant alike",
+    )
+    parser.add_argument(
         "--baseline-settings",
         metavar="JSON",
         help="ASYNC_DBBRIDGE keys for the baseline, merged over the defaults as "
@@ -949,6 +958,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         baseline_src=baseline,
         baseline_settings=baseline_settings,
         pin_others=args.pin_others,
+        health_checks=args.health_checks,
         sessions=args.sessions,
         session_cap=args.session_cap,
         wrk_threads=args.wrk_threads,

@@ -65,20 +65,24 @@ def test_database_error_and_interrupt_close_a_transaction_left_open_is_rolled_ba
     db_settings(CONN_MAX_AGE=60)
     outcomes: list[object] = []
 
+    def closed() -> int:
+        return get_pool("default").stats().closed
+
     def run() -> None:
         begin_job()
-        first = backend_id()
+        backend_id()
         end_job(None, owner=run)
+        opened = get_pool("default").stats().opened
         begin_job()
-        assert backend_id() == first  # reused from the pool
+        backend_id()  # reused from the pool
+        assert get_pool("default").stats().opened == opened
         end_job(DatabaseError("boom"), owner=run)
+        assert closed() == 1  # closed after the database error
         begin_job()
-        second = backend_id()
-        assert second != first  # closed after the database error
+        backend_id()
         end_job(RuntimeError("time limit"), owner=run, interrupted=True)
+        assert closed() == 2  # closed after an interruption
         begin_job()
-        third = backend_id()
-        assert third != second  # closed after an interruption
         transaction.atomic().__enter__()
         Item.objects.create(name="left open")
         with warnings.catch_warnings(record=True) as caught:

@@ -108,6 +108,10 @@ DATABASES = databases_setting(
 )
 
 
+# Every variant alike: bench_project.py --health-checks.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = os.environ.get("BENCH_HEALTH_CHECKS") == "1"
+
+
 def _bridge_settings() -> dict[str, Any]:
     raw = os.environ.get("BENCH_ASYNC_DBBRIDGE", "{}")
     try:
