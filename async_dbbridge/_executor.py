@@ -6,7 +6,6 @@ import asyncio
 import atexit
 import contextvars
 import functools
-import itertools
 import logging
 import os
 import threading
@@ -17,7 +16,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.thread import BrokenThreadPool
 from dataclasses import asdict, dataclass
-from queue import Empty, SimpleQueue
+from queue import Empty
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
 from django.conf import settings as django_settings
@@ -35,6 +34,7 @@ from ._connections import (
     expire_connections,
 )
 from ._lending import after_call, give_back_all, make_pooled, pool_stats
+from ._thread_cache import RETIRE, CachedThread, ThreadCache
 from ._validation import is_number, is_positive_int
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class ExecutorStats(ConnectionCounts):
     pooled: bool = False
 
 
-class OwnerThread(threading.Thread):
+class OwnerThread(CachedThread):
     """A thread the bridge owns (an executor worker), and its connections.
 
     Everything here is written only by the thread itself, so none of it needs a
@@ -127,9 +127,7 @@ class OwnerThread(threading.Thread):
     """
 
     def __init__(self, name: str) -> None:
-        # Daemon: an idle owner thread blocks on its queue, and a non-daemon
-        # thread would hang interpreter exit; atexit hooks close connections.
-        super().__init__(name=name, daemon=True)
+        super().__init__(name)
         self.opened: Counter[str] = Counter()
         # The thread's wrappers, captured when they connect: stats() reads their
         # state from other threads, and after fork() the child must find the
@@ -180,8 +178,7 @@ class _Worker(OwnerThread):
         # A weak reference: a worker must not keep an abandoned executor alive.
         self.executor_ref = weakref.ref(executor)
         self.policy = executor._policy
-        # Work is handed to a worker directly (see DBExecutor._idle); None stops it.
-        self.inbox: SimpleQueue[_Item | None] = SimpleQueue()
+        # Work is handed to a worker directly, through its inbox; None stops it.
         self.busy = False
         # The call running now: a loop's default executor handle must not wait
         # for a call running on the very thread that asks it to shut down
@@ -190,7 +187,7 @@ class _Worker(OwnerThread):
         self.calls = 0
         self.errors = 0
 
-    def run(self) -> None:
+    def main(self) -> None:
         executor = self.executor_ref()
         if executor is not None:
             executor._work(self)
@@ -449,19 +446,17 @@ class DBExecutor(ThreadPoolExecutor):
         _executors.add(self)
 
     def _reset_state(self) -> None:
-        self._state_lock = threading.Lock()
-        self._workers: set[_Worker] = set()
-        # Idle workers, the most recently idle last. A call goes to the top of
-        # this stack, so a light load is served by one hot thread (and one
-        # connection) while the threads at the bottom stay idle long enough to
-        # retire. A shared FIFO queue, as in the standard library, would wake
-        # them in turn and keep every connection of a past burst alive forever.
-        self._idle: list[_Worker] = []
+        # The workers (LIFO idle stack, idle retirement: see _thread_cache);
+        # its lock also guards the backlog and the flags below, which change
+        # together with its idle stack.
+        self._cache: ThreadCache[_Worker] = ThreadCache(
+            functools.partial(_Worker, self), prefix=self._prefix, idle_timeout=self._idle_timeout
+        )
+        self._state_lock = self._cache.lock
         # Calls waiting because every worker is busy and the pool is full.
         self._backlog: deque[_Item] = deque()
         self._closing = False
         self._broken_reason: str | None = None
-        self._counter = itertools.count()
         self._retired_calls = 0
         self._retired_errors = 0
         self._retired_opened: Counter[str] = Counter()
@@ -522,10 +517,9 @@ class DBExecutor(ThreadPoolExecutor):
                 while self._backlog:
                     self._backlog.popleft().cancel()
             # Idle workers stop now; busy ones stop once the backlog is done.
-            for worker in self._idle:
+            for worker in self._cache.take_all_idle_locked():
                 worker.inbox.put(None)
-            self._idle.clear()
-            workers = list(self._workers)
+            workers = list(self._cache.alive)
         if wait:
             current = threading.current_thread()
             for worker in workers:
@@ -539,7 +533,7 @@ class DBExecutor(ThreadPoolExecutor):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._state_lock:
-            workers = list(self._workers)
+            workers = list(self._cache.alive)
         current = threading.current_thread()
         for worker in workers:
             if worker is current:
@@ -552,7 +546,7 @@ class DBExecutor(ThreadPoolExecutor):
     def stats(self) -> ExecutorStats:
         """A snapshot of the pool: threads, queue, calls and connections per alias."""
         with self._state_lock:
-            workers = list(self._workers)
+            workers = list(self._cache.alive)
             retired_opened = Counter(self._retired_opened)
             calls, errors = self._retired_calls, self._retired_errors
             closing = self._closing
@@ -604,25 +598,23 @@ class DBExecutor(ThreadPoolExecutor):
                 raise BrokenThreadPool(self._broken_reason)
             if self._closing:
                 raise RuntimeError("cannot schedule new calls after shutdown")
-            if self._idle:
-                self._idle.pop().inbox.put(item)
-            elif len(self._workers) < self._max_workers:
-                worker = _Worker(self, f"{self._prefix}-{next(self._counter)}")
-                worker.inbox.put(item)
-                self._workers.add(worker)
-                try:
-                    worker.start()
-                except BaseException:
-                    # "can't start new thread" (a thread or memory limit): the
-                    # caller gets the error, as from the standard library's
-                    # pool. The thread never ran, so it must not count: a
-                    # phantom worker would fill the pool (later calls queued
-                    # for ever) and make shutdown join a thread never started.
-                    # Its call goes with it, never run and never reported.
-                    self._workers.discard(worker)
-                    raise
-            else:
+            threads = self._cache
+            idle = threads.pop_idle_locked()
+            if idle is not None:
+                idle.inbox.put(item)
+                return
+            if len(threads.alive) >= self._max_workers:
                 self._backlog.append(item)
+                return
+            worker = threads.new_locked()
+            worker.inbox.put(item)
+        # "can't start new thread" (a thread or memory limit): the caller gets
+        # the error, as from the standard library's pool, and the cache forgets
+        # the thread: a phantom worker would fill the pool (later calls queued
+        # for ever) and make shutdown join a thread never started. Its call
+        # goes with it, never run and never reported. Started outside the
+        # lock, as a request thread is: the one pause a submit may make.
+        threads.start(worker)
 
     def _next_item(self, worker: _Worker) -> _Item | object | None:
         """After a call: the next queued call, _STOP, or None (now idle)."""
@@ -631,7 +623,7 @@ class DBExecutor(ThreadPoolExecutor):
                 return self._backlog.popleft()
             if self._closing or self._broken_reason is not None:
                 return _STOP
-            self._idle.append(worker)
+            self._cache.park_locked(worker)
             return None
 
     def _run_call(
@@ -710,12 +702,12 @@ class DBExecutor(ThreadPoolExecutor):
                     give_back_all(worker.wrappers.values())
                 close_all_for_exit()
             with self._state_lock:
-                self._workers.discard(worker)
                 self._retired_calls += worker.calls
                 self._retired_errors += worker.errors
                 self._retired_opened.update(worker.opened)
                 worker.calls = worker.errors = 0
                 worker.opened.clear()
+            self._cache.exited(worker)
 
     def _make_pooled(self, worker: _Worker) -> bool:
         """At a pooled worker's start: its wrappers take connections from the pools."""
@@ -736,9 +728,9 @@ class DBExecutor(ThreadPoolExecutor):
         return True
 
     def _serve(self, worker: _Worker) -> None:
-        inbox, timeout = worker.inbox, self._idle_timeout
+        threads = self._cache
         run: _Runner = functools.partial(self._run_call, worker)
-        item = inbox.get()  # a new worker is started with its first call
+        item: _Item | None = worker.inbox.get()  # a new worker is started with its first call
         while item is not None:
             worker.busy = True
             worker.current = item
@@ -762,16 +754,10 @@ class DBExecutor(ThreadPoolExecutor):
             if self._pooled:
                 # Idle now: a connection kept through a backlog goes back.
                 give_back_all(worker.wrappers.values())
-            try:
-                item = inbox.get(timeout=timeout)
-            except Empty:
-                with self._state_lock:
-                    if worker in self._idle:
-                        self._idle.remove(worker)
-                        return  # retire: idle for idle_timeout
-                # A call was handed over just as the wait timed out; it is in
-                # the inbox already (the hand-over happens under the lock).
-                item = inbox.get()
+            got = threads.next_item(worker)
+            if got is RETIRE:
+                return  # idle for idle_timeout: off the idle stack already
+            item = got
 
     def _break(self, reason: str, worker: _Worker) -> None:
         """A worker's initializer failed: fail every waiting call, stop idle workers."""
@@ -780,9 +766,8 @@ class DBExecutor(ThreadPoolExecutor):
             self._broken_reason = reason
             pending: list[_Item] = list(self._backlog)
             self._backlog.clear()
-            for idle in self._idle:
+            for idle in self._cache.take_all_idle_locked():
                 idle.inbox.put(None)
-            self._idle.clear()
         while True:
             try:
                 item = worker.inbox.get_nowait()
@@ -797,7 +782,7 @@ class DBExecutor(ThreadPoolExecutor):
         state = "shutdown" if self._closing else "running"
         return (
             f"<{type(self).__name__} {state} max_workers={self._max_workers} "
-            f"workers={len(self._workers)} policy={self._policy.kind}>"
+            f"workers={len(self._cache.alive)} policy={self._policy.kind}>"
         )
 
 
@@ -857,7 +842,7 @@ def _reinit_after_fork() -> None:
     a worker. One that was shut down or broken in the parent stays so.
     """
     for executor in list(_executors):
-        for worker in list(executor._workers):
+        for worker in list(executor._cache.alive):
             for conn in worker.wrappers.values():
                 discard_inherited(conn)
         closing, broken = executor._closing, executor._broken_reason

@@ -270,6 +270,10 @@ class ConnectionPool:
         # Signalled when the last slot is freed while closing (close() waits on it).
         self._drained = threading.Condition(self._lock)
         self._idle: list[PooledConnection] = []  # a stack: the top is the hottest
+        # No idle connection expires or idles out before this (monotonic): a
+        # lower bound kept on every give-back, so the checkout's prune scans
+        # the idle stack only when something may be due.
+        self._prune_due = float("inf")
         self._waiters: deque[_Waiter] = deque()
         self._in_use = 0
         self._closing = False
@@ -464,8 +468,11 @@ class ConnectionPool:
         Also drops expired ones higher up (a lifetime is per connection, not in
         stack order), so a pool with no traffic ends with nothing idle.
         """
+        if now < self._prune_due:
+            return  # the common case, on every checkout: nothing can be due yet
         max_idle = self.max_idle
         kept: list[PooledConnection] = []
+        due = float("inf")
         for entry in self._idle:
             expired = entry.deadline is not None and now >= entry.deadline
             unused = max_idle is not None and now - entry.idle_since >= max_idle
@@ -474,21 +481,23 @@ class ConnectionPool:
                 self._closed += 1
             else:
                 kept.append(entry)
+                due = min(due, self._due(entry))
         if len(kept) != len(self._idle):
             self._idle = kept
+        self._prune_due = due
+
+    def _due(self, entry: PooledConnection) -> float:
+        """When an idle `entry` expires or idles out, whichever comes first."""
+        due = float("inf") if entry.deadline is None else entry.deadline
+        if self.max_idle is not None:
+            due = min(due, entry.idle_since + self.max_idle)
+        return due
 
     def next_due(self) -> float | None:
         """When the next idle connection expires or idles out (monotonic), if any."""
         with self._lock:
-            due: float | None = None
-            for entry in self._idle:
-                times = [entry.deadline] if entry.deadline is not None else []
-                if self.max_idle is not None:
-                    times.append(entry.idle_since + self.max_idle)
-                if times:
-                    first = min(times)
-                    due = first if due is None else min(due, first)
-            return due
+            due = min((self._due(entry) for entry in self._idle), default=float("inf"))
+        return None if due == float("inf") else due
 
     def reap(self) -> int:
         """Close the idle connections past their lifetime or `max_idle`; return how many."""
@@ -547,6 +556,9 @@ class ConnectionPool:
         else:
             self._in_use -= 1
             self._idle.append(entry)
+            due = self._due(entry)
+            if due < self._prune_due:
+                self._prune_due = due
 
     def release(self, entry: PooledConnection) -> None:
         """The holder really closed `entry`'s connection: free its slot.

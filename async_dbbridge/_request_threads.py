@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextvars
 import enum
-import itertools
+import functools
 import logging
-import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
-from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from django.db import connections
@@ -43,6 +40,7 @@ from . import _fork
 from ._connections import discard_inherited
 from ._executor import _LoopItem, _WorkItem, run_plain
 from ._lending import end_request, give_back_idle, make_pooled
+from ._thread_cache import RETIRE, CachedThread, ThreadCache
 from ._validation import is_number
 from .conf import HOLD_CHOICES, Hold
 
@@ -107,15 +105,12 @@ _Call = _WorkItem | _LoopItem
 _Item = _Call | _EndOfRequest | _Stop
 
 
-class RequestThread(threading.Thread):
+class RequestThread(CachedThread):
     """One thread of a `RequestThreads` set; runs the calls queued on it, in order."""
 
     def __init__(self, threads: RequestThreads, name: str) -> None:
-        # Daemon: an idle thread blocks on its queue, and a non-daemon thread
-        # would hang interpreter exit (the atexit hook closes the set instead).
-        super().__init__(name=name, daemon=True)
+        super().__init__(name)
         self._threads = threads
-        self._queue: SimpleQueue[_Item] = SimpleQueue()
         # This thread's wrapper of every alias, made pooled at start; written
         # once by the thread itself, read after fork by the child.
         self.wrappers: tuple[BaseDatabaseWrapper, ...] = ()
@@ -128,8 +123,6 @@ class RequestThread(threading.Thread):
         # needs a lock; equal counts mean nothing is queued or running.
         self.submitted = 0
         self.finished = 0
-        # Waits for a call that reached idle_timeout (idle, or between two calls).
-        self.waits_timed_out = 0
 
     # -- used by the binding (any thread) ---------------------------------------
 
@@ -140,7 +133,7 @@ class RequestThread(threading.Thread):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             future: Future[Any] = Future()
-            self._queue.put(_WorkItem(future, fn, args, kwargs))
+            self.inbox.put(_WorkItem(future, fn, args, kwargs))
             return future
         # The loop's own future, completed with one call_soon_threadsafe: no
         # concurrent Future (a Condition per call) and no chaining between
@@ -149,7 +142,7 @@ class RequestThread(threading.Thread):
         # asyncio.isfuture() accepts as is (Python 3.11 and 3.13).
         on_loop: asyncio.Future[Any] = loop.create_future()
         # No context: asgiref's callable enters the request's context itself.
-        self._queue.put(_LoopItem(loop, on_loop, None, fn, args, kwargs))
+        self.inbox.put(_LoopItem(loop, on_loop, None, fn, args, kwargs))
         return cast("Future[Any]", on_loop)
 
     def done_with_request(self) -> bool:
@@ -176,23 +169,17 @@ class RequestThread(threading.Thread):
         # (a cancelled request) must not cancel this one, which the thread
         # completes regardless.
         future.set_running_or_notify_cancel()
-        self._queue.put(_EndOfRequest(finished, future))
+        self.inbox.put(_EndOfRequest(finished, future))
         return future
 
     def _stop(self) -> None:
-        self._queue.put(_Stop.STOP)
+        self.inbox.put(_Stop.STOP)
 
     # -- the thread ---------------------------------------------------------------
 
-    def run(self) -> None:
-        # A fresh context: no request's context lives on in a reused thread.
-        # Python 3.14 can make new threads inherit their starter's context
-        # (Thread(context=...), sys.flags.thread_inherit_context), and the
-        # starter is a request. Each call still runs in its request's context,
-        # which asgiref enters in the callable it submits.
-        contextvars.Context().run(self._run)
-
-    def _run(self) -> None:
+    def main(self) -> None:
+        # In a fresh context (CachedThread): each call still runs in its
+        # request's context, which asgiref enters in the callable it submits.
         try:
             self._set_up()
             self._serve()
@@ -217,24 +204,14 @@ class RequestThread(threading.Thread):
             )
 
     def _serve(self) -> None:
-        queue, threads = self._queue, self._threads
+        cache = self._threads._cache
         while True:
-            try:
-                # The wait for a call times out while the thread serves a
-                # request too (its next call may be an await away); only a
-                # thread in the set's idle stack retires then. Whether it is
-                # there is the set's business: a request's end may put it back
-                # from the loop's thread (see done_with_request), or this thread
-                # itself after an end-of-request job.
-                item = queue.get(timeout=threads.idle_timeout)
-            except Empty:
-                self.waits_timed_out += 1
-                if threads._retire(self):
-                    return
-                # Busy, or taken by a request just as the wait timed out: its
-                # call is on the way (queued right after acquire() under the
-                # binding's lock).
-                continue
+            # Whether this thread is on the idle stack is the set's business:
+            # a request's end may put it back from the loop's thread (see
+            # done_with_request), or this thread itself after an end-of-request job.
+            item = cache.next_item(self)
+            if item is RETIRE:
+                return
             if isinstance(item, _EndOfRequest):
                 if not self._end_request(item):
                     return
@@ -325,17 +302,14 @@ class RequestThreads:
         _sets.add(self)
 
     def _reset_state(self) -> None:
-        self._lock = threading.Lock()
-        # Notified whenever a thread ends: what close() waits on.
-        self._thread_ended = threading.Condition(self._lock)
-        # Idle threads, the most recently idle last (LIFO).
-        self._idle: list[RequestThread] = []
+        self._cache: ThreadCache[RequestThread] = ThreadCache(
+            functools.partial(RequestThread, self),
+            prefix=f"{self._prefix}-request",
+            idle_timeout=self.idle_timeout,
+        )
+        self._lock = self._cache.lock
+        # Threads serving a request now (the cache keeps the idle and the alive).
         self._busy: set[RequestThread] = set()
-        # Every started thread until its very end, busy, idle or retiring.
-        self._alive: set[RequestThread] = set()
-        self._counter = itertools.count()
-        self._started = 0
-        self._retired = 0
 
     @property
     def closing(self) -> bool:
@@ -352,29 +326,23 @@ class RequestThreads:
         Raises:
             RuntimeError: No thread could be started (the set is unchanged).
         """
+        cache = self._cache
         with self._lock:
-            if self._idle:
-                thread = self._idle.pop()
+            thread = cache.pop_idle_locked()
+            if thread is not None:
                 self._busy.add(thread)
                 return thread
             # After close() too: a request still in flight must finish; its
             # thread ends when the request does (see _release).
-            thread = RequestThread(self, f"{self._prefix}-request-{next(self._counter)}")
+            thread = cache.new_locked()
             self._busy.add(thread)
-            self._alive.add(thread)
-            self._started += 1
         try:
             # Outside the lock: starting a thread is the one pause acquire()
             # may make (the same one asyncio's default executor makes).
-            thread.start()
+            cache.start(thread)
         except BaseException:
-            # "can't start new thread": forget it, so nothing counts a thread
-            # that will never run.
             with self._lock:
                 self._busy.discard(thread)
-                self._alive.discard(thread)
-                self._started -= 1
-                self._thread_ended.notify_all()
             raise
         return thread
 
@@ -383,9 +351,9 @@ class RequestThreads:
         with self._lock:
             return RequestThreadStats(
                 busy=len(self._busy),
-                idle=len(self._idle),
-                started=self._started,
-                retired=self._retired,
+                idle=len(self._cache.idle),
+                started=self._cache.started,
+                retired=self._cache.retired,
                 closing=self._closing,
             )
 
@@ -404,14 +372,10 @@ class RequestThreads:
         """
         with self._lock:
             self._closing = True
-            idle, self._idle = self._idle, []
+            idle = self._cache.take_all_idle_locked()
         for thread in idle:
             thread._stop()
-        current = threading.current_thread()
-        with self._thread_ended:
-            return self._thread_ended.wait_for(
-                lambda: all(thread is current for thread in self._alive), timeout
-            )
+        return self._cache.wait_ended(timeout)
 
     def release(self, thread: RequestThread) -> None:
         """Put back a thread whose request ended with nothing left to do on it.
@@ -431,25 +395,13 @@ class RequestThreads:
             self._busy.discard(thread)
             if self._closing or not keep:
                 return False
-            self._idle.append(thread)
+            self._cache.park_locked(thread)
             return True
-
-    def _retire(self, thread: RequestThread) -> bool:
-        """An idle thread's wait timed out: leave, unless a request took it meanwhile."""
-        with self._lock:
-            if thread in self._idle:
-                self._idle.remove(thread)
-                return True
-            return False
 
     def _exited(self, thread: RequestThread) -> None:
         with self._lock:
-            self._alive.discard(thread)
             self._busy.discard(thread)
-            if thread in self._idle:
-                self._idle.remove(thread)
-            self._retired += 1
-            self._thread_ended.notify_all()
+        self._cache.exited(thread)
 
     def __repr__(self) -> str:
         stats = self.stats()
@@ -486,7 +438,7 @@ def _reset_after_fork() -> None:
     have held one at the fork. A set closed in the parent stays closed.
     """
     for threads in list(_sets):
-        for thread in list(threads._alive):
+        for thread in list(threads._cache.alive):
             for conn in thread.wrappers:
                 discard_inherited(conn)
         threads._reset_state()
