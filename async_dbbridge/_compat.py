@@ -332,3 +332,174 @@ def unwrap_converted(layer: Any) -> Any | None:
     if getattr(layer, "__code__", None) is not _converted_inner_code():
         return None
     return getattr(layer, "__wrapped__", None)
+
+
+# -- Django's request machinery: fingerprints ---------------------------------------------------
+#
+# The fused middleware (_middleware) and the one-hop path (_one_hop) each do in
+# their own code part of what Django's request machinery does. They act only on
+# a Django whose relevant functions are, to the character, the ones they were
+# checked against: the source text of each function below, hashed. Any other
+# Django (a new release, a patched function — also one patched by another
+# library, whose patch a rewrite would bypass) turns the optimisation off, with
+# the reason logged at startup, and Django serves every request its own way.
+# tests/test_compat.py fails when a release in the matrix changes one of them,
+# so the project notices before its users do. Hashes of the source, not of the
+# bytecode: one Django release runs on several Python versions.
+
+#: What the fused middleware rewrites: Django's nesting of MiddlewareMixin
+#: layers in async mode, and the chain it builds.
+MIDDLEWARE_FUNCTIONS: Final = (
+    "django.utils.deprecation.MiddlewareMixin.__call__",
+    "django.utils.deprecation.MiddlewareMixin.__acall__",
+    "django.core.handlers.exception.convert_exception_to_response",
+    "django.core.handlers.base.BaseHandler.load_middleware",
+    "django.core.handlers.base.BaseHandler.adapt_method_mode",
+)
+
+#: What the one-hop path rewrites: ASGIHandler.handle() and the parts of it it
+#: mirrors (run_get_response, the request's path_info, the script prefix).
+REQUEST_FUNCTIONS: Final = (
+    "django.core.handlers.asgi.ASGIHandler.handle",
+    "django.core.handlers.asgi.ASGIHandler.run_get_response",
+    "django.core.handlers.asgi.ASGIHandler.__call__",
+    "django.core.handlers.asgi.ASGIRequest.__init__",
+    "django.core.handlers.asgi.get_script_prefix",
+    "django.core.handlers.base.BaseHandler.get_response",
+    "django.core.handlers.base.BaseHandler._get_response",
+    "django.http.response.HttpResponseBase.close",
+)
+
+_COMMON: Final = {
+    "django.utils.deprecation.MiddlewareMixin.__call__": "337be048dd62e014",
+    "django.utils.deprecation.MiddlewareMixin.__acall__": "adf8cbcaf9f11e45",
+    "django.core.handlers.exception.convert_exception_to_response": "a297ae868bddaca2",
+    "django.core.handlers.base.BaseHandler.adapt_method_mode": "1f6383b647ac2959",
+    "django.core.handlers.asgi.ASGIHandler.run_get_response": "0234ea5fe09a5777",
+    "django.core.handlers.asgi.ASGIHandler.__call__": "f756809e9c9308dc",
+    "django.core.handlers.asgi.get_script_prefix": "bd6e761a557ee4c5",
+    "django.core.handlers.base.BaseHandler.get_response": "3d6a79b124c2cccb",
+    "django.core.handlers.base.BaseHandler._get_response": "ec767cf1bf0296fa",
+    "django.http.response.HttpResponseBase.close": "84589f5b23acbb23",
+}
+
+#: sha256 (first 16 hex digits) of each function's source, per Django series,
+#: as checked: Django 5.2.20 and 6.1.3. 6.1 rewrapped a docstring line of
+#: load_middleware, moved handle() into a TaskGroup, and made ASGIRequest's
+#: path_info stop at a path segment (asgi_path_info follows both).
+FINGERPRINTS: Final[dict[tuple[int, int], dict[str, str]]] = {
+    (5, 2): {
+        **_COMMON,
+        "django.core.handlers.base.BaseHandler.load_middleware": "a1fb7ee5f8586195",
+        "django.core.handlers.asgi.ASGIHandler.handle": "98faeb5bef800331",
+        "django.core.handlers.asgi.ASGIRequest.__init__": "5ff1464df4bf995e",
+    },
+    (6, 1): {
+        **_COMMON,
+        "django.core.handlers.base.BaseHandler.load_middleware": "b75c13d1041e06d9",
+        "django.core.handlers.asgi.ASGIHandler.handle": "c91f27c7fcdc3fff",
+        "django.core.handlers.asgi.ASGIRequest.__init__": "bb92eb4ad9d363bf",
+    },
+}
+
+
+def _resolve(dotted: str) -> Any:
+    import importlib
+
+    parts = dotted.split(".")
+    # The longest importable module prefix, then attributes.
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(dotted)
+
+
+def fingerprint(dotted: str) -> str | None:
+    """The hash of the named function's source text; None when it cannot be read."""
+    import hashlib
+    import inspect
+
+    try:
+        source = inspect.getsource(_resolve(dotted))
+    except (ImportError, AttributeError, OSError, TypeError):
+        return None
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def _machinery_mismatch(functions: tuple[str, ...]) -> str | None:
+    import django
+
+    series = django.VERSION[:2]
+    expected = FINGERPRINTS.get(series)
+    version = ".".join(map(str, django.VERSION[:3]))
+    if expected is None:
+        checked = ", ".join(f"{major}.{minor}" for major, minor in sorted(FINGERPRINTS))
+        return f"Django {version} is not a series it was checked on ({checked})"
+    changed = [name for name in functions if fingerprint(name) != expected.get(name)]
+    if changed:
+        names = ", ".join(".".join(name.split(".")[-2:]) for name in changed)
+        return (
+            f"Django {version}'s {names} differ from the code it was checked against "
+            "(a new release, or patched by another library)"
+        )
+    return None
+
+
+def middleware_machinery_mismatch() -> str | None:
+    """Why the fused middleware must not run on this Django, or None."""
+    return _machinery_mismatch(MIDDLEWARE_FUNCTIONS)
+
+
+def request_machinery_mismatch() -> str | None:
+    """Why the one-hop path must not run on this Django, or None."""
+    return _machinery_mismatch(REQUEST_FUNCTIONS)
+
+
+# -- Django's ASGI handler: the one-hop path's entry point ---------------------------------------
+#
+# `ASGIHandler.__call__` enters a ThreadSensitiveContext and awaits
+# `self.handle(scope, receive, send)` (Django 5.2.19 and 6.1.3, fingerprinted
+# above): an instance attribute `handle` takes its place for that instance
+# only, leaving the class — and whatever wraps `__call__` — untouched.
+
+
+def instance_handle(handler: object) -> Any:
+    """The `handle` set on this handler instance, if any."""
+    return vars(handler).get("handle")
+
+
+def set_instance_handle(handler: object, handle: Any) -> None:
+    """Set (or with None, remove) the instance's own `handle`."""
+    if handle is None:
+        vars(handler).pop("handle", None)
+    else:
+        vars(handler)["handle"] = handle
+
+
+def asgi_script_prefix(scope: Any) -> str:
+    """Django's script prefix for an ASGI scope (`FORCE_SCRIPT_NAME` or `root_path`)."""
+    from django.core.handlers.asgi import get_script_prefix
+
+    prefix: str = get_script_prefix(scope)
+    return prefix
+
+
+def asgi_path_info(scope: Any) -> str:
+    """`ASGIRequest(scope, ...).path_info`, without building the request."""
+    import django
+
+    path: str = scope["path"]
+    script_name = asgi_script_prefix(scope)
+    if not script_name:
+        return path
+    if django.VERSION[:2] >= (6, 1):
+        stripped = script_name.rstrip("/")
+        if path.startswith(stripped + "/") or path == stripped:
+            return path[len(stripped) :]
+        return path
+    return path.removeprefix(script_name)

@@ -43,6 +43,7 @@ The walk over Django's chain touches private structure; it lives in
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import iscoroutinefunction, sync_to_async
@@ -53,9 +54,17 @@ if TYPE_CHECKING:
     from django.http import HttpRequest, HttpResponseBase
     from django.utils.deprecation import MiddlewareMixin
 
-__all__ = ("FusedMiddleware", "fuse_middleware", "unfuse_middleware")
+__all__ = ("FusedMiddleware", "Verdict", "fuse", "fuse_middleware", "unfuse_middleware")
 
 AsyncHandler = Callable[["HttpRequest"], Awaitable["HttpResponseBase"]]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a rewrite of Django's request machinery applies to this app, and why (not)."""
+
+    applied: bool
+    reason: str
 
 
 def _is_plain_mixin(layer: object) -> bool:
@@ -186,20 +195,40 @@ def fuse_middleware(handler: Any) -> FusedMiddleware | None:
 
     `handler` is Django's `ASGIHandler` (any `BaseHandler` whose middleware was
     loaded for async). Idempotent: an already fused chain is returned as is.
-    Returns None when the chain does not start with such a layer, and leaves
-    it untouched.
+    Returns None when the chain does not start with such a layer, or on a
+    Django whose middleware machinery is not the code this was checked
+    against (`_compat.middleware_machinery_mismatch`), and leaves it untouched.
     """
+    return fuse(handler)[0]
+
+
+def fuse(handler: Any) -> tuple[FusedMiddleware | None, Verdict]:
+    """`fuse_middleware()`, and a verdict for the startup line: what was fused, or why not."""
     chain = _compat.middleware_chain(handler)
     if chain is None:
-        return None
+        return None, Verdict(False, f"{type(handler).__qualname__} has no async middleware chain")
     if isinstance(chain, FusedMiddleware):
-        return chain
+        return chain, _fused_verdict(chain)
+    mismatch = _compat.middleware_machinery_mismatch()
+    if mismatch is not None:
+        return None, Verdict(False, mismatch)
     layers, inner = plain_run(chain)
     if not layers:
-        return None
+        first = getattr(chain, "__wrapped__", chain)  # past Django's exception wrapper
+        what = getattr(first, "__qualname__", None) or type(first).__qualname__
+        return None, Verdict(
+            False, f"the outermost middleware, {what}, is not a plain MiddlewareMixin"
+        )
     fused = FusedMiddleware(layers, inner, unfused=chain)
     _compat.set_middleware_chain(handler, fused)
-    return fused
+    return fused, _fused_verdict(fused)
+
+
+def _fused_verdict(fused: FusedMiddleware) -> Verdict:
+    names = ", ".join(type(layer).__qualname__ for layer in fused.layers)
+    return Verdict(
+        True, f"{len(fused.layers)} MiddlewareMixin layer(s) in two thread hops ({names})"
+    )
 
 
 def unfuse_middleware(handler: Any) -> None:

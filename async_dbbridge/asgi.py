@@ -41,7 +41,8 @@ from ._connections import TransactionLeftOpenWarning, end_request_cleanup
 from ._executor import DBExecutor
 from ._install import install_default_executor
 from ._lending import PoolTimeout, close_pools, pools
-from ._middleware import FusedMiddleware, fuse_middleware, unfuse_middleware
+from ._middleware import Verdict, fuse, unfuse_middleware
+from ._one_hop import install_one_hop, uninstall_one_hop
 from ._pool import ConnectionPool
 from ._request_threads import RequestThreads
 from .conf import DEFAULT_POOL_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, BridgeSettings, get_settings
@@ -276,12 +277,21 @@ class DBBridgeASGIApp:
                     # markers: nothing here may block the loop.
                     old.close(0)
             threads = self._threads
-            # Before any request of this start: the chain is read per request.
+            # Before any request of this start: the chain and the handler's
+            # handle() are read per request.
             if settings.fuse_middleware:
-                fused = fuse_middleware(self.app)
+                fusion = fuse(self.app)[1]
             else:
                 unfuse_middleware(self.app)
-                fused = None
+                fusion = Verdict(False, "FUSE_MIDDLEWARE is False")
+            if not settings.one_hop:
+                uninstall_one_hop(self.app)
+                one_hop = Verdict(False, "ONE_HOP is False")
+            elif threads is None:
+                uninstall_one_hop(self.app)
+                one_hop = Verdict(False, "request threads need asgiref >= 3.13")
+            else:
+                one_hop = install_one_hop(self.app)
             # Before the loop starts any thread (request threads, the bridge's
             # workers): they inherit the loop thread's CPU (see _affinity).
             cpu = pin_loop_thread(settings.cpu_affinity)
@@ -289,7 +299,7 @@ class DBBridgeASGIApp:
             self._executors[loop] = executor
         # Once per event loop served (lifespan startup, or the first request
         # without lifespan), never per request.
-        _log_startup(settings, threads, cpu, fused)
+        _log_startup(settings, threads, cpu, fusion, one_hop)
         return executor
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -457,7 +467,8 @@ def _log_startup(
     settings: BridgeSettings,
     threads: RequestThreads | None,
     cpu: int | None,
-    fused: FusedMiddleware | None,
+    fusion: Verdict,
+    one_hop: Verdict,
 ) -> None:
     """One line: how requests and bridge calls will run, and the versions that decided it."""
     import asgiref
@@ -476,7 +487,8 @@ def _log_startup(
         logging.INFO if threads is not None else logging.WARNING,
         "async_dbbridge started (pid %d): %s; one connection pool per alias "
         "(POOL_SIZE=%d for %s, POOL_TIMEOUT=%gs); db_call on bridge workers "
-        "(MAX_WORKERS=%d, POLICY=%r)%s%s; asgiref %s, Django %s",
+        "(MAX_WORKERS=%d, POLICY=%r)%s; sync views in one thread hop (ONE_HOP): %s; "
+        "fused middleware (FUSE_MIDDLEWARE): %s; asgiref %s, Django %s",
         os.getpid(),
         requests,
         settings.effective_pool_size,
@@ -485,10 +497,8 @@ def _log_startup(
         settings.max_workers,
         settings.policy.kind,
         "" if cpu is None else f"; event loop and its threads on CPU {cpu} (CPU_AFFINITY)",
-        ""
-        if fused is None
-        else f"; {len(fused.layers)} MiddlewareMixin layer(s) in two thread hops per request "
-        "(FUSE_MIDDLEWARE)",
+        ("yes, " if one_hop.applied else "no, ") + one_hop.reason,
+        ("yes, " if fusion.applied else "no, ") + fusion.reason,
         asgiref.__version__,
         django.get_version(),
     )

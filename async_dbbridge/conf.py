@@ -48,6 +48,7 @@ _KEYS: Final = frozenset(
         "CPU_AFFINITY",
         "FUSE_MIDDLEWARE",
         "MAX_WAITING",
+        "ONE_HOP",
     }
 )
 
@@ -95,6 +96,9 @@ class BridgeSettings:
     # None: MAX_WAITING_PER_CONNECTION x the pool size (parse_settings()
     # leaves it None unless set, so the default follows POOL_SIZE).
     max_waiting: int | None = None
+    # Whether the ASGI wrapper serves a request for a sync view in one call on
+    # its thread (_one_hop.py).
+    one_hop: bool = True
 
     @property
     def effective_pool_size(self) -> int:
@@ -216,6 +220,9 @@ def parse_settings(raw: object) -> BridgeSettings:
     fuse_middleware = raw.get("FUSE_MIDDLEWARE", True)
     if not isinstance(fuse_middleware, bool):
         raise _error("FUSE_MIDDLEWARE", fuse_middleware, "True or False")
+    one_hop = raw.get("ONE_HOP", True)
+    if not isinstance(one_hop, bool):
+        raise _error("ONE_HOP", one_hop, "True or False")
 
     return BridgeSettings(
         max_workers=max_workers,
@@ -230,6 +237,7 @@ def parse_settings(raw: object) -> BridgeSettings:
         cpu_affinity=cpu_affinity,
         fuse_middleware=fuse_middleware,
         max_waiting=max_waiting,
+        one_hop=one_hop,
     )
 
 

@@ -183,3 +183,35 @@ def test_request_threads_supported_matches_the_installed_asgiref() -> None:
 
     takes_executor = "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
     assert takes_executor == _compat.REQUEST_THREADS_SUPPORTED
+
+
+# -- fingerprints of Django's request machinery --------------------------------------------------
+
+
+def test_the_request_machinery_is_the_code_the_rewrites_were_checked_against() -> None:
+    """Fails when a Django release in the matrix changes a function the fused middleware or
+    the one-hop path rewrites: check the new code, then record its fingerprint."""
+    import django
+
+    series = django.VERSION[:2]
+    assert series in _compat.FINGERPRINTS, f"Django {django.get_version()}: no fingerprints"
+    expected = _compat.FINGERPRINTS[series]
+    functions = _compat.MIDDLEWARE_FUNCTIONS + _compat.REQUEST_FUNCTIONS
+    assert set(expected) == set(functions)
+    actual = {name: _compat.fingerprint(name) for name in functions}
+    assert actual == expected
+    assert _compat.middleware_machinery_mismatch() is None
+    assert _compat.request_machinery_mismatch() is None
+
+
+def test_a_patched_function_is_a_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.utils.deprecation import MiddlewareMixin
+
+    def patched(self: object, request: object) -> object:  # another library's patch
+        return None
+
+    monkeypatch.setattr(MiddlewareMixin, "__call__", patched)
+    reason = _compat.middleware_machinery_mismatch()
+    assert reason is not None
+    assert "MiddlewareMixin.__call__ differ" in reason
+    assert _compat.fingerprint("no.such.module.function") is None

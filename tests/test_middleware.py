@@ -407,7 +407,14 @@ def wrapped(chain_settings: SettingsWrapper) -> Iterator[Callable[..., DBBridgeA
     apps: list[DBBridgeASGIApp] = []
 
     def make(**bridge: Any) -> DBBridgeASGIApp:
-        chain_settings.ASYNC_DBBRIDGE = {"MAX_WORKERS": 2, "POOL_SIZE": 2, **bridge}
+        # ONE_HOP off: requests for sync views take the fused chain too
+        # (tests/test_one_hop.py covers the one-hop path).
+        chain_settings.ASYNC_DBBRIDGE = {
+            "MAX_WORKERS": 2,
+            "POOL_SIZE": 2,
+            "ONE_HOP": False,
+            **bridge,
+        }
         app = DBBridgeASGIApp(ASGIHandler())
         apps.append(app)
         return app
@@ -457,7 +464,10 @@ async def test_turning_the_setting_off_restores_djangos_chain_on_the_next_start(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="async_dbbridge")
-    fused_line = "4 MiddlewareMixin layer(s) in two thread hops per request (FUSE_MIDDLEWARE)"
+    fused_line = (
+        "fused middleware (FUSE_MIDDLEWARE): yes, 4 MiddlewareMixin layer(s) in two thread "
+        "hops (A, B, C, D)"
+    )
     app = wrapped()
     original = _compat.middleware_chain(app.app)
     lifespan = Lifespan(app)
@@ -468,12 +478,12 @@ async def test_turning_the_setting_off_restores_djangos_chain_on_the_next_start(
     assert len(started) == 1
     assert fused_line in started[0]
     caplog.clear()
-    settings.ASYNC_DBBRIDGE = {"MAX_WORKERS": 2, "FUSE_MIDDLEWARE": False}
+    settings.ASYNC_DBBRIDGE = {"MAX_WORKERS": 2, "FUSE_MIDDLEWARE": False, "ONE_HOP": False}
     lifespan = Lifespan(app)
     assert (await lifespan.startup())["type"] == "lifespan.startup.complete"
     started = [r.getMessage() for r in caplog.records if "started" in r.getMessage()]
     assert len(started) == 1
-    assert "FUSE_MIDDLEWARE" not in started[0]
+    assert "fused middleware (FUSE_MIDDLEWARE): no, FUSE_MIDDLEWARE is False" in started[0]
     try:
         assert _compat.middleware_chain(app.app) is original
         response = await call_http(app, "/sync/")

@@ -1,0 +1,226 @@
+"""One thread hop per sync request: the whole sync part of a request in one call.
+
+Under ASGI, Django serves a request whose view is sync in many round trips
+between the event loop and the request's thread: `request_started`, every
+`MiddlewareMixin`'s `process_request` and `process_response` (fused into two
+by `_middleware`, when the chain allows), every `process_view`, the view,
+template rendering, `response.close()`. Each is a loop wake-up, a thread
+wake-up and a GIL hand-over. Django's WSGI handler makes none: the whole
+request runs on the server's thread.
+
+`OneHop` replaces the `handle()` of Django's `ASGIHandler` instance (not its
+class, and not `__call__`, so whatever wraps `__call__` — Sentry's ASGI
+middleware, say — still runs). For a request whose URL resolves to a sync
+view it does what Django's WSGI handler does, in **one** call on the
+request's thread:
+
+1. on the loop: read the body (Django's own `read_body`);
+2. on the request's thread, one call: `request_started`, `create_request`,
+   `get_response` through a chain of the same middleware built in **sync**
+   mode (as `WSGIHandler` builds it), with `process_view`, the view,
+   `process_exception`, `process_template_response` and the rendering;
+3. on the loop: Django's own `send_response`;
+4. on the request's thread, after the body was sent: `response.close()`
+   (`request_finished`), as Django does.
+
+So a sync request costs two round trips instead of six to a dozen. Any other
+request — an async view, a URL that does not resolve with the default
+URLconf to a sync view — takes Django's own `handle()`, unchanged, with the
+fused middleware chain.
+
+What differs from Django's ASGI path, by design:
+
+* the middleware runs in sync mode, as under WSGI: same hooks, same order,
+  same exception handling, on the request's thread; each middleware class is
+  instantiated twice at startup (once per chain), so a middleware keeping
+  state in its instance between requests sees only its own chain's requests;
+* a client that disconnects while a sync view runs does not cancel the
+  awaiting task (it could not stop the thread anyway): the response is
+  produced, its send is dropped by the server, and `response.close()` runs as
+  for any request, so `request_finished` fires exactly once either way;
+* a middleware that sets `request.urlconf` to a URLconf whose view is async
+  gets that view run through `async_to_sync` on the request's thread, as
+  Django's WSGI handler runs it.
+
+It applies only when every middleware is sync-capable (an async-only
+middleware would otherwise be adapted with `async_to_sync`), and only on a
+Django whose request machinery matches what this module was checked against
+(`_compat.request_machinery_matches`); otherwise the wrapper says why at
+startup and Django's own path serves every request.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from asgiref.sync import iscoroutinefunction, sync_to_async
+from django.conf import settings
+from django.core import signals
+from django.core.exceptions import RequestAborted
+from django.core.handlers.base import BaseHandler
+from django.core.signals import setting_changed
+from django.http import FileResponse
+from django.urls import Resolver404, get_resolver, set_script_prefix
+from django.utils.module_loading import import_string
+
+from . import _compat
+from ._middleware import Verdict
+
+if TYPE_CHECKING:
+    from django.core.handlers.asgi import ASGIHandler
+    from django.http import HttpResponseBase
+
+__all__ = ("OneHop", "Verdict", "install_one_hop", "uninstall_one_hop")
+
+logger = logging.getLogger("async_dbbridge")
+
+Handle = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+def _sync_view(urlconf: str, path_info: str) -> bool:
+    """Does `path_info` resolve, with `urlconf`, to a sync view (or to nothing: a 404)?"""
+    try:
+        match = get_resolver(urlconf).resolve(path_info)
+    except Resolver404:
+        return True  # Django's 404 handling runs in sync mode as under WSGI
+    return not iscoroutinefunction(match.func)
+
+
+# Resolving costs a few microseconds per URL pattern tried; the answer depends
+# only on the URLconf and the path (Django's own resolvers are cached alike).
+_sync_view_cached = functools.lru_cache(maxsize=4096)(_sync_view)
+
+
+def _clear_cache(*, setting: str, **kwargs: object) -> None:
+    if setting in ("ROOT_URLCONF", "FORCE_SCRIPT_NAME"):
+        _sync_view_cached.cache_clear()
+
+
+setting_changed.connect(_clear_cache, dispatch_uid="async_dbbridge.one_hop")
+
+
+class OneHop:
+    """The `handle()` of one `ASGIHandler` instance: sync requests in one hop.
+
+    Args:
+        handler: Django's handler, whose `handle` this replaces.
+    """
+
+    def __init__(self, handler: ASGIHandler) -> None:
+        self.handler = handler
+        # Django's own handle(), bound: every request that is not for a sync
+        # view, and the path back when this is uninstalled.
+        self.general: Handle = type(handler).handle.__get__(handler)
+        # The same middleware as a sync chain, as WSGIHandler builds it.
+        self.sync_handler = BaseHandler()
+        self.sync_handler.load_middleware(is_async=False)
+        self.handler_class = type(handler)
+        self.reason = f"{len(settings.MIDDLEWARE)} middleware in one sync chain"
+        # One SyncToAsync each, reused (asgiref 3.13 keeps no per-call state in it).
+        self._respond = sync_to_async(self._respond_on_thread, thread_sensitive=True)
+        self._close = sync_to_async(_close_after_send, thread_sensitive=True)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if not self._is_for_a_sync_view(scope):
+            await self.general(scope, receive, send)
+            return
+        handler = self.handler
+        try:
+            body_file = await handler.read_body(receive)
+        except RequestAborted:
+            return
+        try:
+            response = await self._respond(scope, body_file)
+        except BaseException:
+            # Propagating (DEBUG_PROPAGATE_EXCEPTIONS, a failing request_started
+            # receiver): nothing will close the request body but us.
+            body_file.close()
+            raise
+        try:
+            await handler.send_response(response, send)
+        finally:
+            # After the body was sent (or failed to be): request_finished and
+            # the response's resource closers, on the request's thread.
+            await self._close(response, body_file)
+
+    def _is_for_a_sync_view(self, scope: dict[str, Any]) -> bool:
+        urlconf = getattr(settings, "ROOT_URLCONF", None)
+        if urlconf is None:
+            return False  # Django's own path reports the missing setting
+        try:
+            return _sync_view_cached(urlconf, _compat.asgi_path_info(scope))
+        except Exception:
+            # A broken URLconf: Django's own path reports it as it always does.
+            return False
+
+    def _respond_on_thread(self, scope: dict[str, Any], body_file: Any) -> HttpResponseBase:
+        """Everything Django's handle() does up to sending, in one call on the request's thread."""
+        handler = self.handler
+        set_script_prefix(_compat.asgi_script_prefix(scope))
+        signals.request_started.send(sender=self.handler_class, scope=scope)
+        request, error_response = handler.create_request(scope, body_file)
+        if request is None:
+            body_file.close()
+            assert error_response is not None
+            return error_response
+        response: HttpResponseBase = self.sync_handler.get_response(request)
+        # What ASGIHandler.run_get_response() adds (Django 5.2.19 and 6.1.3):
+        # request_finished names the ASGI handler, and files go out in the
+        # ASGI chunk size.
+        response._handler_class = self.handler_class  # type: ignore[attr-defined]
+        if isinstance(response, FileResponse):
+            response.block_size = handler.chunk_size
+        return response
+
+
+def _close_after_send(response: HttpResponseBase, body_file: Any) -> None:
+    try:
+        response.close()
+    finally:
+        body_file.close()
+
+
+def _async_only_middleware() -> list[str]:
+    """The middleware in settings.MIDDLEWARE that cannot run in sync mode."""
+    return [
+        path
+        for path in settings.MIDDLEWARE
+        if not getattr(import_string(path), "sync_capable", True)
+    ]
+
+
+def install_one_hop(handler: object) -> Verdict:
+    """Serve `handler`'s sync requests in one hop, if that is safe; say why not otherwise.
+
+    Idempotent. `handler` must be Django's `ASGIHandler` (or a subclass that
+    keeps its `handle`).
+    """
+    from django.core.handlers.asgi import ASGIHandler
+
+    if not isinstance(handler, ASGIHandler):
+        return Verdict(False, f"the wrapped app is {type(handler).__qualname__}, not ASGIHandler")
+    current = _compat.instance_handle(handler)
+    if isinstance(current, OneHop):
+        return Verdict(True, current.reason)
+    if type(handler).handle is not ASGIHandler.handle:
+        return Verdict(False, f"{type(handler).__qualname__} overrides handle()")
+    mismatch = _compat.request_machinery_mismatch()
+    if mismatch is not None:
+        return Verdict(False, mismatch)
+    async_only = _async_only_middleware()
+    if async_only:
+        return Verdict(
+            False, f"middleware {', '.join(async_only)} is async-only (sync_capable = False)"
+        )
+    one_hop = OneHop(handler)
+    _compat.set_instance_handle(handler, one_hop)
+    return Verdict(True, one_hop.reason)
+
+
+def uninstall_one_hop(handler: object) -> None:
+    """Give `handler` back Django's own `handle()`, if `install_one_hop` replaced it."""
+    if isinstance(_compat.instance_handle(handler), OneHop):
+        _compat.set_instance_handle(handler, None)
