@@ -6,7 +6,6 @@ import asyncio
 import contextvars
 import functools
 import inspect
-import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from types import FunctionType, GeneratorType
 from typing import Any, Final, Generic, Literal, ParamSpec, TypeVar, overload
@@ -99,8 +98,7 @@ def _check_sync_callable_like_asgiref(fn: object) -> None:
     reason = _not_sync_reason(fn)
     if reason is not None:
         error = TypeError(_ASGIREF_NOT_SYNC)
-        if sys.version_info >= (3, 11):
-            error.add_note(f"db_sync_to_async() takes a sync function, {reason}")
+        error.add_note(f"db_sync_to_async() takes a sync function, {reason}")
         raise error
 
 

@@ -239,7 +239,7 @@ class DBBridgeASGIApp:
         threading.Thread(target=drain, name="dbbridge-shutdown", daemon=True).start()
         try:
             drained = await asyncio.wait_for(asyncio.shield(done), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             drained = False
         _log_shutdown(
             threads,

@@ -121,7 +121,7 @@ async def sessions_become(expected: int | Callable[[int], bool], alias: str = "d
     return await off_loop(wait_for_server_sessions, alias, expected, timeout=10.0)
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a polling deadline, not a cancel scope
     """Bounded polling on the event loop (it keeps serving requests meanwhile)."""
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -40,7 +40,7 @@ def query_and_report() -> tuple[str, bool]:
     return threading.current_thread().name, connection.connection is not None
 
 
-async def wait_for(event: threading.Event, timeout: float = 10.0) -> None:
+async def wait_for(event: threading.Event, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a polling deadline, not a cancel scope
     """Bounded polling from the loop: the installed executor may be the busy one."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not event.is_set():

@@ -95,7 +95,7 @@ def kill_and_close(alias: str, backend: int) -> None:
         connections.close_all()
 
 
-async def wait_until(predicate: Any, what: str, timeout: float = DEADLINE) -> None:
+async def wait_until(predicate: Any, what: str, timeout: float = DEADLINE) -> None:  # noqa: ASYNC109 - a polling deadline, not a cancel scope
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

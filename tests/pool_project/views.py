@@ -49,7 +49,7 @@ class Gate:
     def wait(self, timeout: float = GATE_TIMEOUT) -> bool:
         return self._event.wait(timeout)
 
-    async def wait_async(self, timeout: float = GATE_TIMEOUT) -> bool:
+    async def wait_async(self, timeout: float = GATE_TIMEOUT) -> bool:  # noqa: ASYNC109 - a polling deadline, not a cancel scope
         event = asyncio.Event()
         with self._lock:
             if self._opened:
