@@ -17,6 +17,7 @@ import functools
 import inspect
 import select
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
@@ -503,3 +504,21 @@ def asgi_path_info(scope: Any) -> str:
             return path[len(stripped) :]
         return path
     return path.removeprefix(script_name)
+
+
+# -- asyncio: a loop's default executor ----------------------------------------------------------
+#
+# asyncio has no public getter for a loop's default executor; `BaseEventLoop`
+# keeps it in `_default_executor` (Python 3.4 to 3.13, checked on 3.11 and 3.13).
+# uvloop's `Loop` keeps it where Python cannot see it. The library tracks the
+# defaults it installs itself (`_install._installed`); this is read only for
+# one set by `loop.set_default_executor()` directly, so that `db_call` uses a
+# `DBExecutor` installed that way and `install_default_executor()` shuts a
+# replaced default down. On uvloop both go unnoticed: use
+# `install_default_executor()` there (the docs say so).
+
+
+def loop_default_executor(loop: Any) -> Executor | None:
+    """The executor set with `loop.set_default_executor()`, where the loop lets Python see it."""
+    default = getattr(loop, "_default_executor", None)
+    return default if isinstance(default, Executor) else None

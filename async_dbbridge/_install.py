@@ -21,6 +21,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from typing import Any, ParamSpec, TypeVar
 
+from . import _compat
 from ._executor import DBExecutor, calls_running_on
 from ._lending import close_pools
 
@@ -117,6 +118,11 @@ class LoopExecutor(ThreadPoolExecutor):
     def __init__(self, loop: asyncio.AbstractEventLoop, target: DBExecutor | None) -> None:
         super().__init__(max_workers=1)
         self._loop_ref = weakref.ref(loop)
+        # The thread running the loop, tracked here rather than read from the
+        # loop (asyncio's private _thread_id; uvloop has none): known when the
+        # handle is installed from the running loop, as the ASGI wrapper and
+        # most callers do, or at the loop's first call through it.
+        self._loop_thread: int | None = _running_thread_of(loop)
         self._target = target
         self._calls_lock = threading.Lock()
         # Calls submitted through this handle and not done yet: what the
@@ -134,6 +140,8 @@ class LoopExecutor(ThreadPoolExecutor):
         return self._closed
 
     def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        if self._loop_thread is None:
+            self._loop_thread = _running_thread_of(self._loop_ref())
         with self._calls_lock:
             # Checked and recorded under one lock, so a shutdown either refuses
             # the call or waits for it.
@@ -179,16 +187,11 @@ class LoopExecutor(ThreadPoolExecutor):
     def _spared_threads(self) -> frozenset[int]:
         """The threads a shutdown must not wait for: its own, and the loop's."""
         idents = {threading.get_ident()}
-        loop = self._loop_ref()
-        # BaseEventLoop._thread_id, private (checked on Python 3.11 and 3.13;
-        # there since 3.4): the ident of the thread running the loop, set while
-        # it runs. asyncio.run() shuts the default executor down from a helper
-        # thread while the loop still runs, so when the loop runs inside a pool
-        # call, that worker is busy waiting for this very shutdown. Without the
-        # attribute (another loop implementation) that case goes unrecognised.
-        thread_id = getattr(loop, "_thread_id", None)
-        if isinstance(thread_id, int):
-            idents.add(thread_id)
+        # asyncio.run() shuts the default executor down from a helper thread
+        # while the loop still runs, so when the loop runs inside a pool call,
+        # that worker is busy waiting for this very shutdown.
+        if self._loop_thread is not None:
+            idents.add(self._loop_thread)
         return frozenset(idents)
 
     def __repr__(self) -> str:
@@ -197,12 +200,21 @@ class LoopExecutor(ThreadPoolExecutor):
         return f"<{type(self).__name__} {state} onto {target}>"
 
 
+def _running_thread_of(loop: asyncio.AbstractEventLoop | None) -> int | None:
+    """The calling thread's ident if `loop` is the loop running in it, else None."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return threading.get_ident() if running is loop else None
+
+
 def _loop_default(loop: asyncio.AbstractEventLoop) -> Executor | None:
-    # asyncio has no public getter for the default executor. The attribute has
-    # existed under this name since Python 3.4; if it ever goes, only executors
-    # set with loop.set_default_executor() directly go unnoticed.
-    default = getattr(loop, "_default_executor", None)
-    return default if isinstance(default, Executor) else None
+    """The loop's default executor: ours if we installed one, else what asyncio says."""
+    handle = _installed.get(loop)
+    if handle is not None and not handle.closed:
+        return handle
+    return _compat.loop_default_executor(loop)
 
 
 def executor_for_loop(loop: asyncio.AbstractEventLoop) -> DBExecutor:

@@ -107,6 +107,57 @@ count() { # $1 = logfile, sets c_passed c_failed c_skipped c_errors
 timeout_cmd=(timeout --kill-after=30 "$PYTEST_RUN_TIMEOUT")
 [ -t 0 ] && timeout_cmd=(timeout --foreground --kill-after=30 "$PYTEST_RUN_TIMEOUT")
 
+# The test files that drive the ASGI wrapper, db_call and the loops: the uvloop pass.
+UVLOOP_TESTS=(tests/test_asgi.py tests/test_asgi_pool.py tests/test_e2e.py tests/test_one_hop.py
+    tests/test_middleware.py tests/test_loops.py tests/test_call.py tests/test_binding.py
+    tests/test_pool_trust.py)
+
+# run_one NAME BACKEND LOOP [PYTEST_ARGS...]: one pytest run, counted into the summary.
+run_one() {
+    local name="$1" backend="$2" loop="$3" log rc result
+    shift 3
+    echo
+    echo "== $name =="
+    t0=$(date +%s)
+    result="" c_passed=0 c_failed=0 c_skipped=0 c_errors=0
+    if [ ! -x "$py" ]; then
+        loud "$venv/bin/python does not exist: run $boot"
+        result="FAIL (no venv)"
+    elif [ -n "${server_err[$backend]:-}" ]; then
+        loud "${server_err[$backend]}"
+        result="FAIL (server down)"
+    else
+        log="$logdir/run-$series-$backend-$loop.log"
+        echo "+ DB_BACKEND=$backend DBBRIDGE_WORKERS=$workers DBBRIDGE_LOOP=$loop $py -m pytest ${pytest_args[*]} $*"
+        DB_BACKEND="$backend" DBBRIDGE_WORKERS="$workers" DBBRIDGE_LOOP="$loop" "${timeout_cmd[@]}" "$py" -m pytest "${pytest_args[@]}" "$@" 2>&1 | tee "$log"
+        rc=${PIPESTATUS[0]}
+        count "$log"
+        case "$rc" in
+        0)
+            if [ "$c_passed" -gt 0 ]; then
+                result="ok"
+            else
+                result="FAIL (nothing passed)"
+            fi
+            ;;
+        1) result="FAIL (tests failed)" ;;
+        2) result="FAIL (interrupted/collection error)" ;;
+        3) result="FAIL (internal error)" ;;
+        4) result="FAIL (usage error)" ;;
+        5) result="FAIL (no tests collected)" ;;
+        124 | 137) result="FAIL (timeout ${PYTEST_RUN_TIMEOUT}s)" ;;
+        *) result="FAIL (exit $rc)" ;;
+        esac
+    fi
+    [ "$result" = ok ] || failed=1
+    tot_passed=$((tot_passed + c_passed))
+    tot_failed=$((tot_failed + c_failed))
+    tot_skipped=$((tot_skipped + c_skipped))
+    tot_errors=$((tot_errors + c_errors))
+    rows+=("$(printf '%-49s %-36s %6s %6s %6s %6s %5ss' "$name" "$result" \
+        "$c_passed" "$c_failed" "$c_skipped" "$c_errors" "$(($(date +%s) - t0))")")
+}
+
 for series in $DJANGO_SERIES; do
     if [ "$series" = 52 ]; then
         venv="$VENV_DIR" label_dj="Django 5.2"
@@ -131,54 +182,20 @@ for series in $DJANGO_SERIES; do
     fi
 
     for backend in $BACKENDS; do
-        name="$versions / $backend"
-        echo
-        echo "== $name =="
-        t0=$(date +%s)
-        result="" c_passed=0 c_failed=0 c_skipped=0 c_errors=0
-        if [ ! -x "$py" ]; then
-            loud "$venv/bin/python does not exist: run $boot"
-            result="FAIL (no venv)"
-        elif [ -n "${server_err[$backend]:-}" ]; then
-            loud "${server_err[$backend]}"
-            result="FAIL (server down)"
-        else
-            log="$logdir/run-$series-$backend.log"
-            echo "+ DB_BACKEND=$backend DBBRIDGE_WORKERS=$workers $py -m pytest ${pytest_args[*]} $*"
-            DB_BACKEND="$backend" DBBRIDGE_WORKERS="$workers" "${timeout_cmd[@]}" "$py" -m pytest "${pytest_args[@]}" "$@" 2>&1 | tee "$log"
-            rc=${PIPESTATUS[0]}
-            count "$log"
-            case "$rc" in
-            0)
-                if [ "$c_passed" -gt 0 ]; then
-                    result="ok"
-                else
-                    result="FAIL (nothing passed)"
-                fi
-                ;;
-            1) result="FAIL (tests failed)" ;;
-            2) result="FAIL (interrupted/collection error)" ;;
-            3) result="FAIL (internal error)" ;;
-            4) result="FAIL (usage error)" ;;
-            5) result="FAIL (no tests collected)" ;;
-            124 | 137) result="FAIL (timeout ${PYTEST_RUN_TIMEOUT}s)" ;;
-            *) result="FAIL (exit $rc)" ;;
-            esac
+        run_one "$versions / $backend" "$backend" asyncio "$@"
+        # The wrapper's tests once more under uvloop + httptools, as uvicorn's
+        # standard extras run in production (the library must not lean on
+        # asyncio's private loop attributes): one series, one server.
+        if [ "$series" = 52 ] && [ "$backend" = postgresql ]; then
+            run_one "$versions / $backend / uvloop" "$backend" uvloop "${UVLOOP_TESTS[@]}" "$@"
         fi
-        [ "$result" = ok ] || failed=1
-        tot_passed=$((tot_passed + c_passed))
-        tot_failed=$((tot_failed + c_failed))
-        tot_skipped=$((tot_skipped + c_skipped))
-        tot_errors=$((tot_errors + c_errors))
-        rows+=("$(printf '%-40s %-36s %6s %6s %6s %6s %5ss' "$name" "$result" \
-            "$c_passed" "$c_failed" "$c_skipped" "$c_errors" "$(($(date +%s) - t0))")")
     done
 done
 
 summary() {
     echo
     echo "== test matrix summary =="
-    printf '%-40s %-36s %6s %6s %6s %6s %6s\n' run result passed failed skip error time
+    printf '%-49s %-36s %6s %6s %6s %6s %6s\n' run result passed failed skip error time
     printf '%s\n' "${rows[@]}"
     if [ "$failed" -eq 0 ]; then
         echo "test matrix: all ${#rows[@]} runs OK"

@@ -19,6 +19,28 @@ from async_dbbridge._lending import close_pools
 from async_dbbridge._request_threads import _sets as request_thread_sets
 from async_dbbridge.testing import wait_for_server_sessions
 
+#: The event loop the tests run on, and the uvicorn servers they start:
+#: "asyncio" (with h11) or "uvloop" (with httptools, what uvicorn[standard]
+#: picks in production). scripts/test_matrix.sh runs the wrapper's tests
+#: under both. uvloop hides asyncio's private loop attributes: the library
+#: must not depend on them.
+LOOP = os.environ.get("DBBRIDGE_LOOP", "asyncio")
+if LOOP not in ("asyncio", "uvloop"):
+    raise RuntimeError(f"DBBRIDGE_LOOP must be 'asyncio' or 'uvloop', not {LOOP!r}")
+#: uvicorn's matching HTTP implementation.
+HTTP = "httptools" if LOOP == "uvloop" else "h11"
+
+
+if LOOP == "uvloop":
+
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        """pytest-asyncio's loops are uvloop's (a hook defined only for that run)."""
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that do not apply to this run's backend are deselected, not skipped.

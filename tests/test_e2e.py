@@ -29,7 +29,7 @@ from async_dbbridge import PoolStats, reset_bridge_executor, stats
 from async_dbbridge._compat import REQUEST_THREADS_SUPPORTED
 from async_dbbridge.asgi import ASGIApp, DBBridgeASGIApp
 from async_dbbridge.testing import server_session_count, wait_for_server_sessions
-from tests.conftest import SetSetting
+from tests.conftest import HTTP, LOOP, SetSetting
 from tests.e2e_project.settings import OVERRIDES
 from tests.testapp.models import Item
 
@@ -68,6 +68,8 @@ class ServerThread:
             log_level="warning",
             access_log=False,
             ws="none",  # no websockets import (its deprecation warnings are errors here)
+            loop=LOOP,
+            http=HTTP,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn")
