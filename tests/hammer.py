@@ -3,8 +3,9 @@
 Run as ``python -m tests.hammer URL CLIENTS CLIENT_TIMEOUT``: each of CLIENTS
 clients sends requests back to back until standard input closes; a request
 that takes longer than CLIENT_TIMEOUT seconds is given up (status 0, as wrk
-does); after any answer but a 200 a client pauses 0.5 s, then sends the next. One line per reply on standard output:
-``<time.monotonic()> <status>`` (-1: the connection broke). CLOCK_MONOTONIC is
+does); after any answer but a 200 a client pauses 0.5 s, then sends the next.
+One line per reply on standard output: ``<time.monotonic()> <status>`` (-1:
+the connection broke). CLOCK_MONOTONIC is
 system-wide on Linux, so the test compares these times with its own.
 """
 
