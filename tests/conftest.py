@@ -15,6 +15,7 @@ import pytest
 from django.db import connections
 
 from async_dbbridge import reset_bridge_executor
+from async_dbbridge._binding import RequestBinding
 from async_dbbridge._lending import close_pools
 from async_dbbridge._request_threads import _sets as request_thread_sets
 from async_dbbridge.testing import wait_for_server_sessions
@@ -205,3 +206,17 @@ def gc_disabled() -> Iterator[None]:
         # The drivers rightly complain that stranded connections were never closed.
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+
+
+@pytest.fixture
+def count_submits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of every thread-sensitive call a request submits to its binding."""
+    names: list[str] = []
+    real = RequestBinding.submit
+
+    def submit(self: RequestBinding, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        names.append(getattr(fn, "__qualname__", repr(fn)))
+        return real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(RequestBinding, "submit", submit)
+    return names

@@ -25,7 +25,6 @@ from django.utils.deprecation import MiddlewareMixin
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 from async_dbbridge import _compat
-from async_dbbridge._binding import RequestBinding
 from async_dbbridge._compat import REQUEST_THREADS_SUPPORTED
 from async_dbbridge._middleware import FusedMiddleware, fuse_middleware, unfuse_middleware
 from async_dbbridge.asgi import DBBridgeASGIApp
@@ -386,20 +385,6 @@ def test_fuse_middleware_setting_is_validated() -> None:
 requires_request_threads = pytest.mark.skipif(
     not REQUEST_THREADS_SUPPORTED, reason="request threads need asgiref >= 3.13"
 )
-
-
-@pytest.fixture
-def count_submits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The name of every thread-sensitive call a request submits to its binding."""
-    names: list[str] = []
-    real = RequestBinding.submit
-
-    def submit(self: RequestBinding, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        names.append(getattr(fn, "__qualname__", repr(fn)))
-        return real(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(RequestBinding, "submit", submit)
-    return names
 
 
 @pytest.fixture

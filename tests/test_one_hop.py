@@ -34,7 +34,6 @@ from django.utils.deprecation import MiddlewareMixin
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 from async_dbbridge import _compat
-from async_dbbridge._binding import RequestBinding
 from async_dbbridge._compat import REQUEST_THREADS_SUPPORTED
 from async_dbbridge._one_hop import OneHop, install_one_hop, uninstall_one_hop
 from async_dbbridge.asgi import DBBridgeASGIApp
@@ -260,20 +259,6 @@ def apps() -> Iterator[list[DBBridgeASGIApp]]:
     for app in made:
         if app.request_threads is not None:
             assert app.request_threads.close(10)
-
-
-@pytest.fixture
-def count_submits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The name of every thread-sensitive call a request submits to its binding."""
-    names: list[str] = []
-    real = RequestBinding.submit
-
-    def submit(self: RequestBinding, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        names.append(getattr(fn, "__qualname__", repr(fn)))
-        return real(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(RequestBinding, "submit", submit)
-    return names
 
 
 Outcome = tuple[int, dict[bytes, bytes], bytes, list[tuple[str, str, int | None]]]
