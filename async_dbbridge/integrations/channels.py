@@ -35,9 +35,7 @@ from asgiref.sync import SyncToAsync, markcoroutinefunction
 from channels import consumer as _consumer
 from channels.generic import websocket as _websocket
 
-from .. import _compat
-from .._call import db_sync_to_async
-from .._executor import DBExecutor
+from .. import DBExecutor, _compat, db_sync_to_async
 
 __all__ = (
     "JsonWebsocketConsumer",
