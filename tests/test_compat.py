@@ -176,15 +176,6 @@ def test_context_has_own_thread_fails_loudly_without_the_map(
         _compat.context_has_own_thread(ThreadSensitiveContext())
 
 
-def test_request_threads_supported_matches_the_installed_asgiref() -> None:
-    import inspect
-
-    from asgiref.sync import ThreadSensitiveContext
-
-    takes_executor = "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
-    assert takes_executor == _compat.REQUEST_THREADS_SUPPORTED
-
-
 async def test_the_process_thread_is_asgirefs_last_resort_only() -> None:
     import asyncio
 
@@ -224,3 +215,12 @@ def test_the_process_thread_check_fails_loudly_without_asgirefs_internals(
     monkeypatch.delattr(getattr(asgiref.sync, owner), name)
     with pytest.raises(_compat.IncompatibleVersionError, match=name):
         _compat.thread_sensitive_call_would_use_the_process_thread(None)
+
+
+def test_request_threads_supported_matches_the_installed_asgiref() -> None:
+    import inspect
+
+    from asgiref.sync import ThreadSensitiveContext
+
+    takes_executor = "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
+    assert takes_executor == _compat.REQUEST_THREADS_SUPPORTED
