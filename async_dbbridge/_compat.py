@@ -278,6 +278,44 @@ def context_has_own_thread(context: Any) -> bool:
     return getattr(context, "token", None) is not None and context in executors
 
 
+# -- asgiref: where a thread-sensitive call runs ------------------------------------------------
+#
+# `SyncToAsync.__call__` picks the thread of a thread-sensitive call in this order: the
+# `CurrentThreadExecutor` of a sync frame waiting on this very code (`AsyncToSync.executors`,
+# an asgiref `Local`, attribute `current`), else the executor of the enclosing
+# `ThreadSensitiveContext` (`SyncToAsync.thread_sensitive_context`, a `ContextVar`), else
+# the thread of the sync caller that started the running loop
+# (`AsyncToSync.loop_thread_executors`, a dict keyed by loop), else the one process-wide
+# `SyncToAsync.single_thread_executor`. All four are private class attributes, checked on
+# asgiref 3.13.0. The Channels integration keeps the first three and replaces only the last.
+
+
+def thread_sensitive_call_would_use_the_process_thread(loop: Any) -> bool:
+    """Would asgiref run a thread-sensitive call made here on its one process-wide thread?
+
+    True when no sync frame waits on the calling code, no `ThreadSensitiveContext` encloses
+    it, and `loop` was not started by a sync caller: the last resort, which funnels every
+    such call of the process through one thread.
+    """
+    from asgiref.sync import AsyncToSync, SyncToAsync
+
+    executors: Any = getattr(AsyncToSync, "executors", None)
+    context_var: Any = getattr(SyncToAsync, "thread_sensitive_context", None)
+    loop_threads: Any = getattr(AsyncToSync, "loop_thread_executors", None)
+    if executors is None or context_var is None or not isinstance(loop_threads, dict):
+        raise IncompatibleVersionError(
+            "async_dbbridge relies on asgiref's AsyncToSync.executors, "
+            "SyncToAsync.thread_sensitive_context and AsyncToSync.loop_thread_executors "
+            "(where a thread-sensitive call runs), which this asgiref lacks or changed; "
+            f"it was checked on asgiref {', '.join(CHECKED_ASGIREF)}. Please report this."
+        )
+    if getattr(executors, "current", None) is not None:
+        return False
+    if context_var.get(None) is not None:
+        return False
+    return loop not in loop_threads
+
+
 # -- Django's middleware chain ------------------------------------------------------------------
 #
 # `BaseHandler.load_middleware(is_async=True)` (ASGIHandler.__init__) stores the

@@ -8,6 +8,12 @@
 #   django    Django's tests/runtests.py (sdist of the installed Django) for the
 #             packages below, with async_dbbridge.asgi.get_asgi_application in place
 #             of Django's, on each backend; see tests/peers/django_runner.py
+#   channels  Channels' own tests (the installed Channels' version) with
+#             async_dbbridge.integrations.channels' database_sync_to_async and
+#             consumers in place of Channels'; see tests/peers/channels_plugin.py.
+#             Channels' sdist leaves its tests out (MANIFEST.in), so they come from
+#             tests/peers/channels-<version>-tests.tar.gz (`git archive` of the
+#             release tag) unless the sdist has them
 #
 # for each venv: .venv (Django 5.2) and .venv-dj61 (Django 6.1).
 # Expected failures: tests/peers/expected_failures.txt. A run fails on any other
@@ -15,7 +21,7 @@
 #
 # Usage: scripts/peer_suites.sh
 # Env:
-#   PEERS_SUITES="asgiref django"          which suites
+#   PEERS_SUITES="asgiref django channels" which suites
 #   DJANGO_SERIES="52 61"                  which venvs (as in test_matrix.sh)
 #   PEERS_BACKENDS="sqlite postgresql mysql"  Django runs' backends
 #   PEERS_ASGIREF_MODES="executor db_sync_to_async"
@@ -33,7 +39,7 @@ cd "$ROOT" || exit 1
 
 VENV_DIR="${VENV_DIR:-.venv}"
 VENV_DJ61_DIR="${VENV_DJ61_DIR:-.venv-dj61}"
-PEERS_SUITES="${PEERS_SUITES:-asgiref django}"
+PEERS_SUITES="${PEERS_SUITES:-asgiref django channels}"
 DJANGO_SERIES="${DJANGO_SERIES:-52 61}"
 PEERS_BACKENDS="${PEERS_BACKENDS:-sqlite postgresql mysql}"
 PEERS_ASGIREF_MODES="${PEERS_ASGIREF_MODES:-executor db_sync_to_async}"
@@ -50,7 +56,7 @@ done
 # shellcheck source=scripts/_lib.sh
 . "$ROOT/scripts/_lib.sh"
 
-check_choices peer_suites suite PEERS_SUITES asgiref django
+check_choices peer_suites suite PEERS_SUITES asgiref django channels
 check_choices peer_suites "Django series" DJANGO_SERIES 52 61
 check_choices peer_suites backend PEERS_BACKENDS sqlite postgresql mysql
 check_choices peer_suites mode PEERS_ASGIREF_MODES executor db_sync_to_async
@@ -245,6 +251,60 @@ run_django() { # PY SERIES DJANGO_VERSION
     done
 }
 
+# channels_tests PY VERSION -> path of a tarball holding Channels' tests/ at VERSION
+channels_tests() {
+    local py="$1" version="$2" tarball listing vendored
+    # The listing first: with pipefail, `tar | grep -q` fails when grep stops reading early.
+    if tarball="$(sdist "$py" channels "$version")" && listing="$(tar -tzf "$tarball")" &&
+        grep -qx '[^/]*/tests/conftest.py' <<<"$listing"; then
+        echo "$tarball"
+        return 0
+    fi
+    # Channels' MANIFEST.in excludes its tests from the sdist (4.3.2 does):
+    # the same tree from the release tag, kept here (see docs/peer-suites.md).
+    vendored="$ROOT/tests/peers/channels-$version-tests.tar.gz"
+    [ -f "$vendored" ] || return 1
+    echo "$vendored"
+}
+
+run_channels() { # PY PYVER CHANNELS_VERSION
+    local py="$1" pyver="$2" version="$3" tarball src name log t0 rc
+    name="channels/py$pyver"
+    if ! tarball="$(channels_tests "$py" "$version")"; then
+        loud "no tests for Channels $version: its sdist has none, and tests/peers/ has no" \
+            "channels-$version-tests.tar.gz (git archive --prefix=channels-$version/ $version" \
+            "tests setup.cfg LICENSE | gzip -n9, in a clone of django/channels)"
+        row "$name" "FAIL (no tests)" 0 0 0 0 0
+        failed=1
+        return
+    fi
+    src="$(extract "$tarball" "$work/channels-py$pyver" 'tests/*' setup.cfg)" || {
+        row "$name" "FAIL (bad tarball)" 0 0 0 0 0
+        failed=1
+        return
+    }
+    log="$work/$(tr / - <<<"$name").log"
+    echo
+    echo "== $name (channels $version) =="
+    t0=$(date +%s)
+    # -P: not the source directory on sys.path (the installed channels is under
+    # test). Channels' tests/sample_project/tests are its Selenium tests: they
+    # drive a browser, which CI does not have.
+    (
+        cd "$src" &&
+            PEERS_RUN="$name" PEERS_CHANNELS_TESTS="$src/tests" "${timeout_cmd[@]}" \
+                "$py" -P -m pytest -p no:async_dbbridge -p no:cacheprovider \
+                -p tests.peers.channels_plugin -v -rfEX \
+                --timeout "$PEERS_TEST_TIMEOUT" --timeout-method thread \
+                --ignore=tests/sample_project/tests $PEERS_PYTEST_ARGS
+    ) 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    pytest_counts "$log"
+    verdict "$rc" "$log" "$name"
+    [ "$result" = ok ] || failed=1
+    row "$name" "$result" "$c_p" "$c_f" "$c_x" "$c_s" "$(($(date +%s) - t0))"
+}
+
 start=$(date +%s)
 for series in $DJANGO_SERIES; do
     if [ "$series" = 52 ]; then venv="$VENV_DIR"; else venv="$VENV_DJ61_DIR"; fi
@@ -258,9 +318,14 @@ for series in $DJANGO_SERIES; do
         continue
     fi
     # The versions under test are the installed ones, read from the venv.
-    read -r pyver asgiref_version django_version dj_series < <("$py" -c '
+    read -r pyver asgiref_version django_version dj_series channels_version < <("$py" -c '
 import sys, asgiref, django
-print("%d.%d" % sys.version_info[:2], asgiref.__version__, django.__version__, "%d.%d" % django.VERSION[:2])')
+try:
+    import channels
+    channels_version = channels.__version__
+except ImportError:
+    channels_version = "-"
+print("%d.%d" % sys.version_info[:2], asgiref.__version__, django.__version__, "%d.%d" % django.VERSION[:2], channels_version)')
     if [ -z "${dj_series:-}" ]; then
         loud "$py cannot import asgiref and django"
         row "$venv" "FAIL (broken venv)" 0 0 0 0 0
@@ -271,6 +336,15 @@ print("%d.%d" % sys.version_info[:2], asgiref.__version__, django.__version__, "
         case "$suite" in
         asgiref) run_asgiref "$py" "$pyver" "$asgiref_version" ;;
         django) run_django "$py" "$dj_series" "$django_version" ;;
+        channels)
+            if [ "$channels_version" = - ]; then
+                loud "$py has no channels: run scripts/bootstrap.sh (the channels extra)"
+                row "channels/py$pyver" "FAIL (not installed)" 0 0 0 0 0
+                failed=1
+            else
+                run_channels "$py" "$pyver" "$channels_version"
+            fi
+            ;;
         esac
     done
 done

@@ -176,6 +176,47 @@ def test_context_has_own_thread_fails_loudly_without_the_map(
         _compat.context_has_own_thread(ThreadSensitiveContext())
 
 
+async def test_the_process_thread_is_asgirefs_last_resort_only() -> None:
+    import asyncio
+
+    from asgiref.sync import SyncToAsync, ThreadSensitiveContext, async_to_sync
+
+    loop = asyncio.get_running_loop()
+    would_use = _compat.thread_sensitive_call_would_use_the_process_thread
+    # Nothing encloses this code: asgiref would use its single thread.
+    assert would_use(loop)
+    async with ThreadSensitiveContext():
+        assert not would_use(loop)
+
+    async def nested() -> bool:
+        return would_use(asyncio.get_running_loop())
+
+    def sync_frame() -> bool:
+        # A sync function waiting on async code: that code's thread-sensitive
+        # calls come back to this thread.
+        return async_to_sync(nested)()
+
+    assert await SyncToAsync(sync_frame, thread_sensitive=False)() is False
+
+
+@pytest.mark.parametrize(
+    ("owner", "name"),
+    [
+        ("AsyncToSync", "executors"),
+        ("SyncToAsync", "thread_sensitive_context"),
+        ("AsyncToSync", "loop_thread_executors"),
+    ],
+)
+def test_the_process_thread_check_fails_loudly_without_asgirefs_internals(
+    monkeypatch: pytest.MonkeyPatch, owner: str, name: str
+) -> None:
+    import asgiref.sync
+
+    monkeypatch.delattr(getattr(asgiref.sync, owner), name)
+    with pytest.raises(_compat.IncompatibleVersionError, match=name):
+        _compat.thread_sensitive_call_would_use_the_process_thread(None)
+
+
 def test_request_threads_supported_matches_the_installed_asgiref() -> None:
     import inspect
 

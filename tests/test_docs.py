@@ -55,7 +55,8 @@ from tests.testapp import models as testapp_models
 from tests.testapp.models import Item
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# docs/integrations/ too: one page per framework.
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # Its samples are pytest test modules (see the module docstring).
 PYTEST_PAGES = frozenset({"testing.md"})
 
@@ -96,10 +97,11 @@ def section(text: str, heading: str) -> str:
 
 
 def public_modules() -> list[types.ModuleType]:
+    # Subpackages too (async_dbbridge.integrations.<framework>).
     names = [
-        f"async_dbbridge.{info.name}"
-        for info in pkgutil.iter_modules(async_dbbridge.__path__)
-        if not info.name.startswith("_")
+        info.name
+        for info in pkgutil.walk_packages(async_dbbridge.__path__, "async_dbbridge.")
+        if not any(part.startswith("_") for part in info.name.split("."))
     ]
     return [async_dbbridge, *(importlib.import_module(name) for name in sorted(names))]
 
@@ -301,7 +303,8 @@ def test_pages_that_use_the_model_link_to_it() -> None:
             continue
         text = path.read_text()
         if any("from myapp.models import" in block for block in python_blocks(text)):
-            assert "(index.md#quick-start)" in text, f"{path.name}: link to the model"
+            # "(index.md#...", or "(../index.md#..." from docs/integrations/.
+            assert "index.md#quick-start)" in text, f"{path.name}: link to the model"
 
 
 def test_testing_page_samples_are_test_modules() -> None:

@@ -309,6 +309,9 @@ def test_the_package_is_the_installed_wheel():
     ]
     assert "async_dbbridge.asgi" in modules
     for name in modules:
+        # An integration needs its framework (an extra), which this venv has not.
+        if name.startswith("async_dbbridge.integrations."):
+            continue
         importlib.import_module(name)
 
 
