@@ -466,18 +466,9 @@ def give_back(wrapper: BaseDatabaseWrapper) -> bool:
         DatabaseError: Closing a connection that could not be reused failed
             (it is forgotten either way).
     """
-    entry = getattr(wrapper, "_dbbridge_entry", None)
-    if (
-        entry is None
-        or wrapper.connection is None
-        or wrapper.in_atomic_block
-        or wrapper.needs_rollback
-        or not wrapper.autocommit
-    ):
+    if _idle_entry(wrapper) is None:
         return False
     pooled = cast("_PooledWrapper", wrapper)
-    if pooled._dbbridge_cursors:
-        return False
     pooled._dbbridge_giving_back = True
     pooled._dbbridge_put = False
     try:
@@ -490,6 +481,22 @@ def give_back(wrapper: BaseDatabaseWrapper) -> bool:
     return pooled._dbbridge_put
 
 
+def _idle_entry(wrapper: BaseDatabaseWrapper) -> PooledConnection | None:
+    """`wrapper`'s pooled connection if it is idle: in autocommit, outside any atomic
+    block, no chunked cursor open, no pending rollback; else None."""
+    entry: PooledConnection | None = getattr(wrapper, "_dbbridge_entry", None)
+    if (
+        entry is None
+        or wrapper.connection is None
+        or wrapper.in_atomic_block
+        or wrapper.needs_rollback
+        or not wrapper.autocommit
+        or cast("_PooledWrapper", wrapper)._dbbridge_cursors
+    ):
+        return None
+    return entry
+
+
 def may_keep(wrapper: BaseDatabaseWrapper) -> bool:
     """Whether a thread with more work queued may keep `wrapper`'s connection for it.
 
@@ -499,16 +506,8 @@ def may_keep(wrapper: BaseDatabaseWrapper) -> bool:
     checkout per call, and gives it back as soon as someone waits or it has
     nothing queued.
     """
-    entry = getattr(wrapper, "_dbbridge_entry", None)
-    if (
-        entry is None
-        or wrapper.connection is None
-        or wrapper.in_atomic_block
-        or wrapper.needs_rollback
-        or wrapper.errors_occurred
-        or not wrapper.autocommit
-        or cast("_PooledWrapper", wrapper)._dbbridge_cursors
-    ):
+    entry = _idle_entry(wrapper)
+    if entry is None or wrapper.errors_occurred:
         return False
     if entry.deadline is not None and time.monotonic() >= entry.deadline:
         return False
