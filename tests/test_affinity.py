@@ -8,6 +8,7 @@ child processes whose lock directory is the test's temporary directory.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -63,11 +64,73 @@ def test_a_cpu_the_process_may_not_use_names_the_ones_it_may() -> None:
         parse_settings({"CPU_AFFINITY": outside})
 
 
-def test_a_platform_without_affinity_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_platform_without_affinity_warns_once_and_serves_unpinned(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.delattr(os, "sched_setaffinity")
-    with pytest.raises(ImproperlyConfigured, match=r"Linux-only\); remove the key"):
-        parse_settings({"CPU_AFFINITY": "auto"})
-    assert parse_settings({}).cpu_affinity is None  # unset: nothing to refuse
+    monkeypatch.setattr(_affinity, "_said", set())
+    # A settings file shared with a macOS laptop still loads...
+    assert parse_settings({"CPU_AFFINITY": "auto"}).cpu_affinity == "auto"
+    assert parse_settings({"CPU_AFFINITY": 0}).cpu_affinity == 0
+    # ... and pinning says once why it does nothing.
+    assert _affinity.pin_loop_thread("auto") is None
+    assert _affinity.pin_loop_thread(0) is None
+    warnings = [r.getMessage() for r in caplog.records if "CPU_AFFINITY" in r.getMessage()]
+    assert warnings == [
+        "async_dbbridge: CPU_AFFINITY: this platform cannot pin threads "
+        "(os.sched_setaffinity is Linux-only); not pinning"
+    ]
+
+
+def test_a_free_threaded_build_does_not_pin(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="async_dbbridge")
+    monkeypatch.setattr(_affinity, "gil_enabled", lambda: False)
+    monkeypatch.setattr(_affinity, "_said", set())
+    before = os.sched_getaffinity(0)
+    assert _in_thread(lambda: (_affinity.pin_loop_thread(CPUS[0]), os.sched_getaffinity(0))) == (
+        None,
+        before,
+    )
+    assert "a free-threaded build runs without the GIL; not pinning" in caplog.text
+
+
+def test_auto_refuses_in_a_container_whose_quota_is_below_its_cpus(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kubernetes limits and docker --cpus: every container sees all the host's CPUs and
+    its own lock directory, so every pod's first worker would take the same CPU."""
+    monkeypatch.setattr(_affinity, "cpu_quota", lambda: len(CPUS) - 0.5)
+    monkeypatch.setattr(_affinity, "_said", set())
+    before = os.sched_getaffinity(0)
+    assert _in_thread(lambda: (_affinity.pin_loop_thread("auto"), os.sched_getaffinity(0))) == (
+        None,
+        before,
+    )
+    assert "'auto' cannot know its CPUs: a CPU quota of" in caplog.text
+    # A CPU number is the operator's choice: still honoured.
+    assert _in_thread(lambda: _affinity.pin_loop_thread(CPUS[0])) == CPUS[0]
+
+
+def test_the_cgroup_quota_is_read_from_this_machine() -> None:
+    quota = _affinity.cpu_quota()
+    assert quota is None or quota > 0
+
+
+def test_a_lock_directory_that_is_not_private_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_affinity.tempfile, "gettempdir", lambda: str(tmp_path))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / f"async_dbbridge-cpus-{os.getuid()}").symlink_to(elsewhere)
+    assert _affinity._lock_directory() is None
+    assert "is not a private directory of this user" in caplog.text
+    # A lock file that is a symlink is refused too, not followed.
+    (tmp_path / "cpu-0.lock").symlink_to(elsewhere / "target")
+    assert _affinity._try_lock(tmp_path / "cpu-0.lock") is None
+    assert not (elsewhere / "target").exists()
 
 
 # -- pinning -----------------------------------------------------------------------------
@@ -246,3 +309,27 @@ print(parent, os.read(read, 100).decode())
         assert child != parent  # the parent's lock is still held: the child took another
     else:
         assert child == parent
+
+
+def test_a_child_forked_from_a_pinned_thread_gets_every_cpu_back() -> None:
+    script = """
+import os
+from async_dbbridge import _affinity
+cpus = sorted(os.sched_getaffinity(0))
+_affinity.pin_loop_thread(cpus[-1])
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(write, ",".join(map(str, sorted(os.sched_getaffinity(0)))).encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+print(",".join(map(str, sorted(os.sched_getaffinity(0)))), os.read(read, 100).decode())
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    parent, child = out.stdout.split()
+    assert parent == str(CPUS[-1])
+    assert child == ",".join(map(str, CPUS))
