@@ -91,7 +91,9 @@ from benchmarks._common import (
     split_option,
 )
 
-DB_NAME: Final = "dbbridge_bench_project"
+#: The benchmark's database and role; BENCH_PROJECT_DB_NAME picks another, so that two runs
+#: on one machine (two checkouts) do not drop each other's database.
+DB_NAME: Final = os.environ.get("BENCH_PROJECT_DB_NAME", "dbbridge_bench_project")
 SETTINGS_MODULE: Final = "benchmarks.project.settings"
 APPLICATION: Final = "benchmarks.project.asgi:application"
 WRK_SCRIPT: Final = ROOT / "benchmarks" / "project" / "wrk_statuses.lua"
