@@ -312,3 +312,96 @@ def idle_past_health_check(since: float) -> None:
     remaining = since + HEALTH_CHECK_IDLE + 0.25 - time.monotonic()
     if remaining > 0:
         time.sleep(remaining)
+
+
+Send = Callable[..., None]
+
+
+@dataclass
+class Burst:
+    #: The workers' peak of server sessions, sampled during the burst.
+    peak: int
+    #: The server sessions the tasks ran on (from their rows).
+    used: set[int]
+    #: Tasks that reported "ok" (of TASKS, plus 50 after the kill when asked).
+    ok: int
+    #: Their rows (committed work).
+    committed: int
+
+
+def run_burst(worker: Worker, journal: Journal, send: Send, *, kill: bool = True) -> Burst:
+    """TASKS short ORM tasks; then (``kill``) every session they used ended from
+    the server while the workers idle, and 50 more tasks.
+
+    Runs inside the worker's ``with`` block; the caller stops the worker.
+    """
+    with SessionSampler() as sampler:
+        for n in range(TASKS):
+            send("record", n)
+        journal.wait(TASKS, worker)
+        used = {row.backend for row in wait_for_rows(TASKS, worker)}
+    total = TASKS
+    if kill:
+        finished_at = time.monotonic()
+        # Sessions were really open, and now they are gone.
+        assert kill_sessions(used) >= 1
+        idle_past_health_check(finished_at)
+        for n in range(TASKS, TASKS + 50):
+            send("record", n)
+        total += 50
+    entries = journal.wait(total, worker)
+    return Burst(
+        peak=sampler.peak_of_workers(),
+        used=used,
+        ok=[outcome for _, _, outcome in entries].count("ok"),
+        committed=len(rows("task")),
+    )
+
+
+def run_sequence(worker: Worker, journal: Journal, send: Send) -> dict[str, object]:
+    """On a single worker thread: a database error and a transaction left open, each
+    followed by an ordinary task; what the next task got.
+
+    Runs inside the worker's ``with`` block and stops the worker.
+    """
+    send("record", 1)
+    journal.outcome("record", 1, worker)
+    send("fail_with_database_error", 2)
+    error = journal.outcome("fail_with_database_error", 2, worker)
+    send("record", 3)
+    after_error = journal.outcome("record", 3, worker)
+    send("leave_transaction_open", 4)
+    journal.outcome("leave_transaction_open", 4, worker)
+    send("record", 5)
+    after_leftover = journal.outcome("record", 5, worker)
+    worker.stop()
+    by_value = {row.value: row for row in rows()}
+    return {
+        "error": error,
+        "after_error": after_error,
+        "error_session_reused": 3 in by_value and by_value[3].backend == by_value[2].backend,
+        "after_leftover": after_leftover,
+        "leftover_committed": any(row.kind == "left-open" for row in rows()),
+        "row_after_leftover": 5 in by_value,
+        "warned": "TransactionLeftOpenWarning" in worker.output(),
+        "left": settled_sessions(0),
+    }
+
+
+#: What `run_sequence` sees with the integration, whatever the framework.
+CLEAN_SEQUENCE: dict[str, object] = {
+    "error": "ProgrammingError",
+    "after_error": "ok",
+    "error_session_reused": False,  # closed after the error: a fresh session
+    "after_leftover": "ok",
+    "leftover_committed": False,  # rolled back, with a warning
+    "row_after_leftover": True,
+    "warned": True,
+    "left": 0,
+}
+
+
+def parent_row() -> Row:
+    """The session the worker's parent process opened (`workload.parent_session`)."""
+    (row,) = rows("parent")
+    return row

@@ -1,7 +1,7 @@
 """Dramatiq: `DBBridgeMiddleware` in the real ``dramatiq`` CLI, against real brokers.
 
 Each test starts ``dramatiq tests.integrations.dramatiq_project.broker`` (worker
-processes × threads) on the test database, enqueues the workload's tasks
+processes x threads) on the test database, enqueues the workload's tasks
 through Redis or RabbitMQ, and reads the outcome from the rows and the journal.
 The same workload runs with django_dramatiq's `DbConnectionsMiddleware` in the
 same place (``own``) to show what the middleware changes.
@@ -9,25 +9,21 @@ same place (``own``) to show what the middleware changes.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import dramatiq
 import pytest
 
+from tests.integrations import harness
 from tests.integrations.dramatiq_project.brokers import make_broker
 from tests.integrations.harness import (
     TASKS,
+    Burst,
     Journal,
-    SessionSampler,
     Worker,
     bin_path,
-    idle_past_health_check,
-    kill_sessions,
-    rows,
     settled_sessions,
     unique_name,
-    wait_for_rows,
     worker_env,
 )
 
@@ -103,97 +99,45 @@ def redis_framework() -> Iterator[Dramatiq]:
     fw.close()
 
 
-def run_burst(fw: Dramatiq, variant: str) -> tuple[int, set[int], int]:
-    """2 processes × 4 threads: TASKS short ORM tasks, then every app session
-    killed while the workers idle and 50 more tasks, then SIGTERM.
-
-    Returns (peak sessions of the workers, server sessions the tasks used,
-    sessions left after the worker exited).
-    """
+def run_burst(fw: Dramatiq, variant: str) -> tuple[Burst, int]:
+    """2 processes x 4 threads: the burst, the kill, then SIGTERM; and the sessions left."""
     with fw.worker(variant, processes=2, threads=4) as worker:
-        with SessionSampler() as sampler:
-            for n in range(TASKS):
-                fw.send("record", n)
-            done = fw.journal.wait(TASKS, worker)
-            first = wait_for_rows(TASKS, worker)
-        finished_at = time.monotonic()
-        assert {outcome for _, _, outcome in done} == {"ok"}
-        used = {row.backend for row in first}
-        assert kill_sessions(used) >= 1  # sessions were really open, and now they are gone
-        idle_past_health_check(finished_at)
-        for n in range(TASKS, TASKS + 50):
-            fw.send("record", n)
-        after_kill = fw.journal.wait(TASKS + 50, worker)
-        # No task lost: each ran and committed its row, on a fresh session.
-        assert [outcome for _, _, outcome in after_kill].count("ok") == TASKS + 50
-        assert len(wait_for_rows(TASKS + 50, worker)) == TASKS + 50
+        burst = harness.run_burst(worker, fw.journal, fw.send)
         worker.stop()
-    left = settled_sessions(0)
-    return sampler.peak_of_workers(), used, left
+    return burst, settled_sessions(0)
 
 
 def test_bridge_bounds_the_sessions_survives_killed_sessions_and_closes_on_sigterm(
     framework: Dramatiq,
 ) -> None:
-    peak, used, left = run_burst(framework, "bridge")
-    bound = 2 * POOL_SIZE  # processes × POOL_SIZE, whatever the 8 threads do
-    assert 1 <= len(used) <= bound
-    assert 1 <= peak <= bound
+    burst, left = run_burst(framework, "bridge")
+    bound = 2 * POOL_SIZE  # processes x POOL_SIZE, whatever the 8 threads do
+    assert 1 <= len(burst.used) <= bound
+    assert 1 <= burst.peak <= bound
+    # No task lost after the kill: each ran and committed its row.
+    assert burst.ok == burst.committed == TASKS + 50
     assert left == 0
 
 
 def test_own_middleware_holds_a_session_per_thread(redis_framework: Dramatiq) -> None:
     # django_dramatiq's DbConnectionsMiddleware: each of the 8 threads keeps
     # its own connection (CONN_MAX_AGE=60); health checks replace killed ones.
-    peak, used, left = run_burst(redis_framework, "own")
-    assert len(used) > 2 * POOL_SIZE
-    assert peak > 2 * POOL_SIZE
+    burst, left = run_burst(redis_framework, "own")
+    assert len(burst.used) > 2 * POOL_SIZE
+    assert burst.peak > 2 * POOL_SIZE
+    assert burst.ok == burst.committed == TASKS + 50
     assert left == 0
 
 
 def run_sequence(fw: Dramatiq, variant: str) -> dict[str, object]:
-    """One process, one thread: a database error and a transaction left open, each
-    followed by an ordinary task; what the next task got."""
     with fw.worker(variant, processes=1, threads=1) as worker:
-        fw.send("record", 1)
-        fw.journal.outcome("record", 1, worker)
-        fw.send("fail_with_database_error", 2)
-        error = fw.journal.outcome("fail_with_database_error", 2, worker)
-        fw.send("record", 3)
-        after_error = fw.journal.outcome("record", 3, worker)
-        fw.send("leave_transaction_open", 4)
-        fw.journal.outcome("leave_transaction_open", 4, worker)
-        fw.send("record", 5)
-        after_leftover = fw.journal.outcome("record", 5, worker)
-        worker.stop()
-        log = worker.output()
-    by_value = {row.value: row for row in rows()}
-    return {
-        "error": error,
-        "after_error": after_error,
-        "error_session_reused": 3 in by_value and by_value[3].backend == by_value[2].backend,
-        "after_leftover": after_leftover,
-        "leftover_committed": any(row.kind == "left-open" for row in rows()),
-        "row_after_leftover": 5 in by_value,
-        "warned": "TransactionLeftOpenWarning" in log,
-        "left": settled_sessions(0),
-    }
+        return harness.run_sequence(worker, fw.journal, fw.send)
 
 
 def test_after_a_database_error_or_a_transaction_left_open_the_next_task_is_clean(
     redis_framework: Dramatiq,
 ) -> None:
-    bridge = run_sequence(redis_framework, "bridge")
-    assert bridge == {
-        "error": "ProgrammingError",
-        "after_error": "ok",
-        "error_session_reused": False,  # closed after the error: a fresh session
-        "after_leftover": "ok",
-        "leftover_committed": False,  # rolled back, with a warning
-        "row_after_leftover": True,
-        "warned": True,
-        "left": 0,
-    }
+    assert run_sequence(redis_framework, "bridge") == harness.CLEAN_SEQUENCE
 
 
 def test_own_middleware_carries_a_transaction_left_open_into_the_next_task(

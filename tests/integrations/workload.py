@@ -18,6 +18,8 @@ from typing import ParamSpec
 
 from django.db import connection, transaction
 
+from tests.testapp.models import Item
+
 P = ParamSpec("P")
 
 
@@ -43,9 +45,6 @@ def journaled(fn: Callable[P, None]) -> Callable[P, None]:
                 os.close(fd)
 
     return task
-
-
-from tests.testapp.models import Item
 
 
 def backend_id() -> int:
