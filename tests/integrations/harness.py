@@ -73,9 +73,12 @@ class Worker:
     is killed (a worker's children must not outlive the test).
     """
 
-    def __init__(self, command: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, command: Sequence[str], env: dict[str, str], *, sigterm_again: float | None = None
+    ) -> None:
         self.command = list(command)
         self.env = env
+        self.sigterm_again = sigterm_again
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115  # closed in __exit__
             prefix="dbbridge-worker-", suffix=".log", delete=False
         )
@@ -106,11 +109,21 @@ class Worker:
         return "\n".join(self.output().splitlines()[-lines:])
 
     def stop(self) -> int:
-        """SIGTERM, then wait; a worker that does not exit in time fails the test."""
+        """SIGTERM, then wait; a worker that does not exit in time fails the test.
+
+        With ``sigterm_again``, a worker still there that many seconds after
+        the first SIGTERM gets a second one (the framework's cold shutdown).
+        """
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
+            if self.sigterm_again is not None:
+                try:
+                    self.returncode = self.process.wait(self.sigterm_again)
+                    return self.returncode
+                except subprocess.TimeoutExpired:
+                    self.process.send_signal(signal.SIGTERM)
             self.returncode = self.process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -200,6 +213,8 @@ class SessionSampler(threading.Thread):
         self.error: BaseException | None = None
 
     def __enter__(self) -> SessionSampler:
+        # The test's session, open from the first sample to the last.
+        connections["default"].ensure_connection()
         self.start()
         return self
 
@@ -329,24 +344,26 @@ class Burst:
     committed: int
 
 
-def run_burst(worker: Worker, journal: Journal, send: Send, *, kill: bool = True) -> Burst:
-    """TASKS short ORM tasks; then (``kill``) every session they used ended from
+def run_burst(
+    worker: Worker, journal: Journal, send: Send, *, kill: bool = True, tasks: int = TASKS
+) -> Burst:
+    """``tasks`` short ORM tasks; then (``kill``) every session they used ended from
     the server while the workers idle, and 50 more tasks.
 
     Runs inside the worker's ``with`` block; the caller stops the worker.
     """
     with SessionSampler() as sampler:
-        for n in range(TASKS):
+        for n in range(tasks):
             send("record", n)
-        journal.wait(TASKS, worker)
-        used = {row.backend for row in wait_for_rows(TASKS, worker)}
-    total = TASKS
+        journal.wait(tasks, worker)
+        used = {row.backend for row in wait_for_rows(tasks, worker)}
+    total = tasks
     if kill:
         finished_at = time.monotonic()
         # Sessions were really open, and now they are gone.
         assert kill_sessions(used) >= 1
         idle_past_health_check(finished_at)
-        for n in range(TASKS, TASKS + 50):
+        for n in range(tasks, tasks + 50):
             send("record", n)
         total += 50
     entries = journal.wait(total, worker)
