@@ -38,8 +38,7 @@ from dramatiq.middleware.threading import Interrupt
 from .._lending import begin_job, end_job, end_thread
 
 if TYPE_CHECKING:
-    from dramatiq.broker import Broker
-    from dramatiq.message import MessageProxy
+    from dramatiq.broker import Broker, MessageProxy
     from dramatiq.worker import ConsumerThread, Worker, WorkerThread
 
 __all__ = ("DBBridgeMiddleware",)

@@ -131,5 +131,5 @@ def install(huey: Huey, *, databases: Iterable[str] | None = None) -> Huey:
     huey.post_execute(HOOK_NAME)(post_execute)
     huey.on_shutdown(HOOK_NAME)(on_shutdown)
     huey.signal(signals.SIGNAL_INTERRUPTED, signals.SIGNAL_CANCELED)(on_signal)
-    huey._dbbridge_receivers = (on_signal,)  # type: ignore[attr-defined]  # our own marker
+    huey._dbbridge_receivers = (on_signal,)  # our own marker, for a second install()
     return huey

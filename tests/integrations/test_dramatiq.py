@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import dramatiq
 import pytest
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from tests.integrations import harness
 from tests.integrations.dramatiq_project.brokers import make_broker
@@ -49,7 +50,7 @@ class Dramatiq:
         self.journal = Journal()
 
     def send(self, actor: str, *args: object) -> None:
-        message = dramatiq.Message(
+        message: dramatiq.Message[object] = dramatiq.Message(
             queue_name=self.queue, actor_name=actor, args=args, kwargs={}, options={}
         )
         self.broker.enqueue(message)
@@ -79,6 +80,7 @@ class Dramatiq:
             else:
                 from dramatiq.common import dq_name, xq_name
 
+                assert isinstance(self.broker, RabbitmqBroker)
                 for name in (self.queue, dq_name(self.queue), xq_name(self.queue)):
                     self.broker.channel.queue_delete(name)
         finally:

@@ -99,7 +99,7 @@ class RQ:
 
     def close(self) -> None:
         self.journal.close()
-        self.queue.empty()
+        self.queue.empty()  # type: ignore[no-untyped-call]  # rq's is untyped
         self.queue.delete(delete_jobs=True)
         self.redis.close()
 

@@ -62,4 +62,4 @@ broker = make_broker(
 dramatiq.set_broker(broker)
 
 for fn in (workload.record, workload.fail_with_database_error, workload.leave_transaction_open):
-    dramatiq.actor(workload.journaled(fn), actor_name=fn.__name__, queue_name=QUEUE, max_retries=0)
+    dramatiq.actor(actor_name=fn.__name__, queue_name=QUEUE, max_retries=0)(workload.journaled(fn))

@@ -11,7 +11,9 @@ from dramatiq.middleware import Middleware
 def make_broker(kind: str, queue: str, middleware: list[Middleware]) -> dramatiq.Broker:
     """The broker both the worker and the test (to enqueue) use: ``queue`` is its namespace."""
     if kind == "redis":
-        return RedisBroker(url="redis://127.0.0.1:6379/0", namespace=queue, middleware=middleware)
+        return RedisBroker(  # type: ignore[no-untyped-call]  # dramatiq's __init__ is untyped
+            url="redis://127.0.0.1:6379/0", namespace=queue, middleware=middleware
+        )
     if kind == "rabbitmq":
         return RabbitmqBroker(
             url="amqp://guest:guest@127.0.0.1:5672/%2F",
