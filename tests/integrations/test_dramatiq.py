@@ -15,6 +15,7 @@ import dramatiq
 import pytest
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
+from tests.conftest import SetSetting
 from tests.integrations import harness
 from tests.integrations.dramatiq_project.brokers import make_broker
 from tests.integrations.harness import (
@@ -154,3 +155,71 @@ def test_own_middleware_carries_a_transaction_left_open_into_the_next_task(
     assert own["after_leftover"] != "ok"
     assert own["row_after_leftover"] is False
     assert own["warned"] is False
+
+
+def test_a_message_stopped_by_its_time_limit_closes_its_connection(
+    db_settings: SetSetting,
+) -> None:
+    """In-process (Dramatiq's stub broker, a real `Worker` with one thread): an
+    `Interrupt` raised into the thread during a slow query closes the connection."""
+    from dramatiq import Worker as DramatiqWorker
+    from dramatiq.brokers.stub import StubBroker
+    from dramatiq.middleware import Middleware, TimeLimit
+
+    from async_dbbridge.integrations.dramatiq import DBBridgeMiddleware
+    from tests.conftest import backend_id
+
+    db_settings(CONN_MAX_AGE=60)
+    outcomes: list[str] = []
+
+    class Outcomes(Middleware):
+        def after_process_message(
+            self,
+            broker: object,
+            message: object,
+            *,
+            result: object = None,
+            exception: BaseException | None = None,
+        ) -> None:
+            outcomes.append(type(exception).__name__)
+
+    # The time limit's checker is a daemon thread of Dramatiq's, started at
+    # "process boot" and never stopped: it idles once the test is over.
+    broker = StubBroker(middleware=[Outcomes(), TimeLimit(interval=50), DBBridgeMiddleware()])
+    broker.emit_after("process_boot")
+    seen: list[tuple[str, int]] = []
+
+    def slow(seconds: float) -> None:
+        seen.append(("slow", backend_id()))
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute("SELECT pg_sleep(%s)", [seconds])
+            else:
+                cursor.execute("SELECT SLEEP(%s)", [seconds])
+
+    def quick() -> None:
+        seen.append(("quick", backend_id()))
+
+    slow_actor = dramatiq.actor(broker=broker, time_limit=300)(slow)
+    quick_actor = dramatiq.actor(broker=broker)(quick)
+    worker = DramatiqWorker(broker, worker_threads=1, worker_timeout=50)
+    worker.start()
+    try:
+        quick_actor.send()
+        broker.join(quick_actor.queue_name, timeout=10_000)
+        slow_actor.send(1.5)
+        broker.join(slow_actor.queue_name, timeout=10_000)
+        quick_actor.send()
+        broker.join(quick_actor.queue_name, timeout=10_000)
+    finally:
+        worker.stop()
+        broker.close()
+    assert outcomes == ["NoneType", "TimeLimitExceeded", "NoneType"]
+    (first, _), (slow_seen, _), (last, _) = seen
+    assert (first, slow_seen, last) == ("quick", "slow", "quick")
+    # The first session was reused by the slow message, then closed when its
+    # time limit interrupted it: the next message got a fresh one.
+    assert seen[0][1] == seen[1][1]
+    assert seen[2][1] != seen[1][1]

@@ -11,11 +11,13 @@ whole process); the hooks are the same.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
 from huey import RedisHuey
 
+from tests.conftest import SetSetting
 from tests.integrations import harness, workload
 from tests.integrations.harness import (
     TASKS,
@@ -179,3 +181,46 @@ def test_plain_tasks_write_into_a_transaction_left_open(huey: Huey) -> None:
     # committed: its work is lost when the connection goes.
     assert own["after_leftover"] == "ok"
     assert own["row_after_leftover"] is False
+
+
+def test_periodic_tasks_get_the_hooks_and_a_timeout_closes(db_settings: SetSetting) -> None:
+    """In-process (a `MemoryHuey`, tasks executed on a thread as a worker does):
+    a periodic task borrows from the pool like any task, and a `TaskTimeout`
+    closes the connection."""
+    from huey import MemoryHuey, crontab
+    from huey.exceptions import TaskTimeout
+
+    from async_dbbridge._pool import get_pool
+    from async_dbbridge.integrations.huey import install
+    from tests.conftest import backend_id
+
+    db_settings(CONN_MAX_AGE=60)
+    instance = install(MemoryHuey("dbbridge-in-process", immediate=False))
+    seen: list[int] = []
+
+    @instance.periodic_task(crontab(minute="*"))  # type: ignore[untyped-decorator]  # huey is untyped
+    def tick() -> None:
+        seen.append(backend_id())
+
+    @instance.task()  # type: ignore[untyped-decorator]  # huey is untyped
+    def times_out() -> None:
+        seen.append(backend_id())
+        raise TaskTimeout("as the worker's SIGALRM handler raises it")
+
+    def worker() -> None:
+        try:
+            for task in (tick.s(), tick.s(), times_out.s(), tick.s()):
+                instance.execute(task)
+        finally:
+            for hook in instance._shutdown.values():
+                hook()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert seen[0] == seen[1] == seen[2]  # reused from the pool
+    assert seen[3] != seen[2]  # closed after the timeout
+    stats = get_pool("default").stats()
+    assert stats.opened == 2
+    assert stats.in_use == 0
