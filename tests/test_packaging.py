@@ -316,7 +316,7 @@ def test_the_package_is_the_installed_wheel():
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            # An integration needs its framework: an optional extra, not installed here.
+            # An integration needs its framework, an optional extra not installed here.
             missing = exc.name or ""
             if not name.startswith("async_dbbridge.integrations.") or missing.startswith(
                 "async_dbbridge"

@@ -23,7 +23,6 @@ from rq.worker import SimpleWorker, Worker
 from .._lending import begin_job, end_job, end_thread
 
 if TYPE_CHECKING:
-    from rq.executions import Execution
     from rq.job import Job
     from rq.queue import Queue
 
@@ -57,11 +56,12 @@ class _JobConnections:
 
     _dbbridge_error: BaseException | None = None
 
-    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+    def perform_job(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> bool:
+        # RQ 3 passes the Execution too; RQ 2 does not.
         self._dbbridge_error = None
         begin_job(self.databases)
         try:
-            return super().perform_job(job, queue, execution)  # type: ignore[misc, no-any-return]  # the RQ class after this mixin
+            return super().perform_job(job, queue, *args, **kwargs)  # type: ignore[misc, no-any-return]  # the RQ class after this mixin
         finally:
             error, self._dbbridge_error = self._dbbridge_error, None
             self._end_job(job, error)
