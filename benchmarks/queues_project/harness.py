@@ -29,7 +29,7 @@ from benchmarks.queues_project.work import REDIS_URL, keys
 
 SETTINGS_MODULE: Final = "benchmarks.queues_project.settings"
 START_TIMEOUT: Final = 60.0
-RUN_TIMEOUT: Final = 300.0
+RUN_TIMEOUT: Final = 120.0
 STOP_TIMEOUT: Final = 30.0
 
 

@@ -9,12 +9,14 @@ the harness sees every outcome and, on MariaDB, the sessions used.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 #: A Redis database of its own (the test suites use 0, Celery's benchmark 14).
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
 _redis: Any = None
+_redis_lock = threading.Lock()
 
 
 def keys(prefix: str) -> tuple[str, str, str]:
@@ -24,13 +26,16 @@ def keys(prefix: str) -> tuple[str, str, str]:
 
 def _client() -> Any:
     # One per process, made on first use: a forked child (RQ's work horse)
-    # must not share its parent's socket, hence the pid check.
+    # must not share its parent's socket, hence the pid check. Under a lock:
+    # a client made by a racing thread and dropped would close, when freed,
+    # the connections of the pool the other thread is using.
     global _redis
-    if _redis is None or _redis[0] != os.getpid():
-        from redis import Redis
+    with _redis_lock:
+        if _redis is None or _redis[0] != os.getpid():
+            from redis import Redis
 
-        _redis = (os.getpid(), Redis.from_url(REDIS_URL))
-    return _redis[1]
+            _redis = (os.getpid(), Redis.from_url(REDIS_URL))
+        return _redis[1]
 
 
 def _session_id() -> int:
