@@ -42,9 +42,8 @@ def _session_id() -> int:
     from django.db import connection
 
     raw: Any = connection.connection
-    info = getattr(raw, "info", None)
-    if info is not None:  # psycopg 3
-        return int(info.backend_pid)
+    if connection.vendor == "postgresql":
+        return int(raw.info.backend_pid)  # psycopg 3
     return int(raw.thread_id())  # mysqlclient
 
 
