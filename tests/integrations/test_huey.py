@@ -123,22 +123,22 @@ def test_bridge_process_workers_leave_the_consumers_session_alone(huey: Huey) ->
 
 def test_db_task_holds_a_session_per_thread(huey: Huey) -> None:
     with huey.worker("own", workers=4, DBBRIDGE_WORKER_HUEY_TASK="db_task") as worker:
-        burst = harness.run_burst(worker, huey.journal, huey.send)
+        burst = harness.run_burst(worker, huey.journal, huey.send, tasks=200)
         worker.stop()
     # close_old_connections() around each task: each of the 4 threads keeps
     # its own connection; health checks replace killed ones.
     assert len(burst.used) > POOL_SIZE
-    assert burst.ok == burst.committed == TASKS + 50
+    assert burst.ok == burst.committed == 200 + 50
     assert settled_sessions(0) == 0
 
 
 def test_plain_tasks_lose_work_after_killed_sessions(huey: Huey) -> None:
     with huey.worker("own", workers=4) as worker:
-        burst = harness.run_burst(worker, huey.journal, huey.send)
+        burst = harness.run_burst(worker, huey.journal, huey.send, tasks=100)
         worker.stop()
     # Nothing checks a plain task's connection: each thread's first task
     # after the kill fails.
-    assert burst.ok < TASKS + 50
+    assert burst.ok < 100 + 50
     assert settled_sessions(0) == 0
 
 

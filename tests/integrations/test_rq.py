@@ -51,9 +51,9 @@ SIGTERM_AGAIN = 1.5
 #: Jobs in a burst of the forking worker: a fork, a Django import state copy and
 #: a new session per job make it far slower than the others (about 25 jobs/s
 #: here, with or without the library), so 100 jobs rather than 500 keep the
-#: tests within their budget (50 for RQ's own worker, which only shows the difference).
+#: tests within their budget (30 for RQ's own worker, which only shows the difference).
 FORKING_TASKS = 100
-OWN_FORKING_TASKS = 50
+OWN_FORKING_TASKS = 30
 
 
 class RQ:
