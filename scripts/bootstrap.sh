@@ -21,7 +21,7 @@ VENV_DIR="${VENV_DIR:-.venv}"
 VENV_DJ61_DIR="${VENV_DJ61_DIR:-.venv-dj61}"
 PIP_FLAGS=(-q --disable-pip-version-check)
 
-DEV_SPECS=(-e ".[postgresql,mysql,test,lint,docs,demo]" "Django>=5.2,<5.3" "asgiref>=3.13" matplotlib)
+DEV_SPECS=(-e ".[postgresql,mysql,test,lint,docs,demo,browser]" "Django>=5.2,<5.3" "asgiref>=3.13" matplotlib)
 DJ61_SPECS=(-e ".[postgresql,mysql,test]" "Django>=6.1,<6.2")
 
 log() { printf '[bootstrap] %s\n' "$*"; }
@@ -92,6 +92,11 @@ sys_pkgs=()
 have_mysql_headers || sys_pkgs+=(libmariadb-dev pkg-config)
 # mysqlclient has no Linux wheels: it is compiled
 command -v cc >/dev/null 2>&1 || sys_pkgs+=(gcc libc6-dev)
+# The demo's browser test (tests/test_demo_browser.py) drives Debian's headless
+# Chromium through its chromedriver with Selenium.
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+    sys_pkgs+=(chromium chromium-driver)
+fi
 if [ "$bench" -eq 1 ] && ! command -v wrk >/dev/null 2>&1; then
     sys_pkgs+=(wrk)
 fi
