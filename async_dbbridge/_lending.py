@@ -166,9 +166,11 @@ def _take(
 #: already" and "remaining connection slots are reserved ...".
 _PG_TOO_MANY_CONNECTIONS: Final = "53300"
 #: MySQL/MariaDB: ER_CON_COUNT_ERROR ("Too many connections") and
-#: ER_TOO_MANY_USER_CONNECTIONS (max_user_connections).
+#: ER_TOO_MANY_USER_CONNECTIONS (max_user_connections); ER_USER_LIMIT_REACHED
+#: (1226) only by its words, since it also covers query and update quotas.
 _MYSQL_TOO_MANY_CONNECTIONS: Final = frozenset({1040, 1203})
 _FULL_MESSAGES: Final = (
+    "max_user_connections",
     "too many clients",
     "too many connections",
     "connection slots are reserved",
