@@ -143,6 +143,21 @@ pip_install() {
         2> >(grep -v -e 'is ignored: it is neither a file nor a directory' >&2)
 }
 
+# tests/test_quickstart.py follows README.md in fresh venvs: it installs the package from
+# this clone and from a wheel built here, and serves the quick start with uvicorn, offline.
+# pip reads the wheels of the distributions it needs (the versions this venv has) from
+# $dir/wheelhouse instead of an index.
+WHEELHOUSE_DISTS=(Django asgiref psycopg psycopg-binary psycopg-pool uvicorn hatchling hatch-fancy-pypi-readme)
+make_wheelhouse() {
+    local dir="$1" specs=()
+    mapfile -t specs < <("$dir/bin/python" -c 'import sys, importlib.metadata as m; print("\n".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' "${WHEELHOUSE_DISTS[@]}")
+    rm -rf "$dir/wheelhouse"
+    log "$dir: wheelhouse for the quick-start test: ${specs[*]}"
+    "$dir/bin/python" -m pip download "${PIP_FLAGS[@]}" --only-binary=:all: --dest "$dir/wheelhouse" "${specs[@]}" \
+        2> >(grep -v -e 'is ignored: it is neither a file nor a directory' >&2) ||
+        die "pip download of the quick-start test's wheels failed in $dir"
+}
+
 venv_pyver() { "$1/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
 
 # ---------------------------------------------------------------- venvs
@@ -193,6 +208,7 @@ build_venv() {
     log "$dir ($label): pip install $*"
     pip_install "$dir" "$@" ||
         die "pip install failed in $dir (is async_dbbridge/__init__.py with __version__ and README.md present?)"
+    make_wheelhouse "$dir"
     printf '%s\n' "$hash" >"$stamp"
     log "$dir ($label): ready, Python $(venv_pyver "$dir"), Django $("$dir/bin/python" -c 'import django; print(django.get_version())'), $(($(date +%s) - t0))s"
 }

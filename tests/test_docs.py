@@ -152,7 +152,7 @@ def all_samples() -> list[tuple[str, str, str]]:
 
 def kind(block: str) -> str:
     first = block.split("\n", 1)[0]
-    if first.startswith("# settings.py"):
+    if first.startswith(("# settings.py", "# mysite/settings.py")):
         return "settings"
     if first.startswith("# myapp/models.py"):
         return "model"
@@ -207,8 +207,16 @@ def myapp() -> Iterator[None]:
     package.models = testapp_models  # type: ignore[attr-defined]
     sys.modules["myapp"] = package
     sys.modules["myapp.models"] = testapp_models
+    # The quick start's views, for its urls.py.
+    views = types.ModuleType("myapp.views")
+    exec(compile(QUICKSTART_VIEWS.read_text(), str(QUICKSTART_VIEWS), "exec"), views.__dict__)
+    package.views = views  # type: ignore[attr-defined]
+    sys.modules["myapp.views"] = views
     yield
-    del sys.modules["myapp"], sys.modules["myapp.models"]
+    del sys.modules["myapp"], sys.modules["myapp.models"], sys.modules["myapp.views"]
+
+
+QUICKSTART_VIEWS = ROOT / "docs/snippets/quickstart.py"
 
 
 @pytest.mark.usefixtures("myapp")
@@ -246,11 +254,34 @@ def _restore(manager: logging.Manager, saved: dict[str, Any]) -> None:
         logger.propagate, logger.disabled = propagate, disabled
 
 
+#: What `django-admin startproject` writes that a settings fragment may extend
+#: (`INSTALLED_APPS += [...]`): the quick start's is added to that file.
+STARTPROJECT_SETTINGS: dict[str, Any] = {
+    "INSTALLED_APPS": [
+        "django.contrib.admin",
+        "django.contrib.auth",
+        "django.contrib.contenttypes",
+        "django.contrib.sessions",
+        "django.contrib.messages",
+        "django.contrib.staticfiles",
+    ],
+}
+
+
+def _assigned_names(block: str) -> list[str]:
+    tree = ast.parse(block)
+    names: list[str] = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        names += [t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper()]
+    return names
+
+
 @pytest.mark.parametrize("block", samples_of("settings"))
 def test_settings_samples_are_valid_settings(block: str) -> None:
-    namespace: dict[str, Any] = {}
+    namespace: dict[str, Any] = {k: list(v) for k, v in STARTPROJECT_SETTINGS.items()}
     exec(compile(block, "<settings.py sample>", "exec"), namespace)
-    names = [name for name in namespace if name.isupper()]
+    names = _assigned_names(block)
     assert names, "a settings.py sample that sets nothing"
     for name in names:
         value = namespace[name]
@@ -321,7 +352,13 @@ def test_readme_quick_start_is_the_docs_quick_start() -> None:
     readme = python_blocks(section((ROOT / "README.md").read_text(), "Quick start"))
     docs = python_blocks(section((ROOT / "docs" / "index.md").read_text(), "Quick start"))
     assert readme == docs
-    assert [kind(block) for block in readme] == ["settings", "run", "model", "run"]
+    assert [kind(block) for block in readme] == ["settings", "run", "model", "run", "run"]
+    # The console steps too: tests/test_quickstart.py runs the README's.
+    console = re.compile(r"^```console\n(.*?)^```", re.MULTILINE | re.DOTALL)
+    for heading in ("Install", "Quick start"):
+        assert console.findall(section((ROOT / "README.md").read_text(), heading)) == (
+            console.findall(section((ROOT / "docs" / "index.md").read_text(), heading))
+        ), heading
     assert (ROOT / "docs/snippets/quickstart.py").read_text().rstrip("\n") in readme
 
 
@@ -337,6 +374,9 @@ def test_quick_start_views_work() -> None:
         return bytes(response.content)
 
     assert b"from the docs" in asyncio.run(scenario())
+    response = namespace["item_count"](RequestFactory().get("/items/count/"))
+    assert response.status_code == 200
+    assert response.content == b'{"count": 1}'
 
 
 @pytest.mark.usefixtures("myapp")

@@ -1,4 +1,4 @@
-# views.py — an async view whose ORM work runs on the bridge
+# myapp/views.py — an async view whose ORM work runs on the bridge, and a sync view
 from django.http import HttpRequest, JsonResponse
 
 from async_dbbridge import db_call, db_sync_to_async
@@ -11,6 +11,11 @@ def top_items(limit: int) -> list[dict[str, object]]:
 
 async def items(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"items": await db_call(top_items, 10)})
+
+
+def item_count(request: HttpRequest) -> JsonResponse:
+    # A sync view: under the wrapper its connection comes from the same pool.
+    return JsonResponse({"count": Item.objects.count()})
 
 
 @db_sync_to_async
