@@ -84,9 +84,9 @@ def test_demo_serves_every_view_and_leaves_no_session(
     assert set(threads) == {"busy", "idle", "started", "retired", "closing"}
     assert threads["started"] >= 1
     assert threads["busy"] + threads["idle"] >= 1
-    # One pool for the default alias, of POOL_SIZE (defaults to MAX_WORKERS).
+    # One pool for the default alias, of the demo's POOL_SIZE.
     pool = pools["default"]
-    assert pool["max_size"] == 8
+    assert pool["max_size"] == 4
     assert pool["opened"] >= 1
     assert pool["checkouts"] >= 4
     assert pool["in_use"] + pool["idle"] <= pool["max_size"]
