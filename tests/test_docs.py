@@ -567,3 +567,62 @@ def test_logger_table_lists_every_level_the_library_logs_at() -> None:
     page = section(SETTINGS_PAGE.read_text(), "The `async_dbbridge` logger")
     documented = {row[0].strip("`") for row in table_rows(page, "| Level |")}
     assert documented == used
+
+
+# -- retired names and test markers ------------------------------------------------------
+
+
+def test_no_page_or_docstring_names_anything_retired() -> None:
+    """The sources of the site and of the long description; `make docs` greps the built site."""
+    findings = [
+        str(finding)
+        for path in [*DOC_FILES, *sorted((ROOT / "docs" / "snippets").glob("*.py"))]
+        for finding in markup.find_retired(path.read_text(), path.name)
+        if finding.problem.startswith("retired")
+    ]
+    findings += [
+        str(finding)
+        for path in sorted((ROOT / "async_dbbridge").glob("*.py"))
+        for finding in markup.find_retired(path.read_text(), path.name)
+        if finding.problem.startswith("retired")
+    ]
+    assert findings == []
+
+
+def test_the_site_check_finds_retired_names_and_markers(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<p>Request lanes need asgiref 3.13.</p>")
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "search_index.json").write_text(
+        '{"docs": [{"text": "LANE_WAIT_TIMEOUT"}, {"text": "# Not runnable: a reason"}]}'
+    )
+    found = sorted(
+        (Path(f.where).name, f.problem.split(" (")[0]) for f in markup.scan_site(tmp_path)
+    )
+    assert found == [
+        ("index.html", "retired name"),
+        ("search_index.json", "retired name"),
+        ("search_index.json", "test marker in a rendered sample"),
+    ]
+    assert markup.find_retired("a plain page", "x") == []
+
+
+def test_rendered_samples_drop_the_test_marker() -> None:
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks", ROOT / "scripts/mkdocs_hooks.py")
+    assert spec is not None
+    assert spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    html = (
+        '<div class="highlight"><pre><span></span><code><span class="c1"># Not runnable: '
+        'two lines of asgi.py.</span>\n<span class="n">application</span></code></pre></div>'
+    )
+    assert hooks.on_page_content(html) == (
+        '<div class="highlight"><pre><span></span><code><span class="n">application</span>'
+        "</code></pre></div>"
+    )
+
+
+def test_quick_start_blocks_fit_a_page_without_scrolling() -> None:
+    for block in python_blocks(section((ROOT / "README.md").read_text(), "Quick start")):
+        long = [line for line in block.splitlines() if len(line) > 80]
+        assert long == [], long
