@@ -73,13 +73,21 @@ def server_params() -> dict[str, str]:
     }
 
 
+def admin_connection() -> psycopg.Connection[tuple[object, ...]]:
+    params = server_params()
+    conninfo = psycopg.conninfo.make_conninfo(dbname="postgres", **params)
+    return psycopg.connect(conninfo, autocommit=True)
+
+
 def sessions_on(database: str) -> int:
-    with psycopg.connect(dbname="postgres", autocommit=True, **server_params()) as conn:
+    with admin_connection() as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [database]
         ).fetchone()
     assert row is not None
-    return int(row[0])
+    count = row[0]
+    assert isinstance(count, int)
+    return count
 
 
 class Shell:
@@ -144,7 +152,7 @@ def make_venv(path: Path) -> Path:
 def database() -> Iterator[str]:
     name = f"dbbridge_quickstart_{os.getpid()}"
     yield name
-    with psycopg.connect(dbname="postgres", autocommit=True, **server_params()) as conn:
+    with admin_connection() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -180,9 +188,12 @@ class Server:
         self.seen: list[str] = []
         assert self.proc.stderr is not None
         stderr = self.proc.stderr
-        self.reader = threading.Thread(
-            target=lambda: [self.lines.put(line) for line in stderr], daemon=True
-        )
+
+        def read() -> None:
+            for line in stderr:
+                self.lines.put(line)
+
+        self.reader = threading.Thread(target=read, daemon=True)
         self.reader.start()
 
     def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
