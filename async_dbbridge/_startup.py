@@ -63,7 +63,9 @@ def check_server_limits(
             for alias in aliases
             if alias not in _probed
             and alias in connections.settings
-            and connections.settings[alias]["ENGINE"].rsplit(".", 1)[-1] in ("postgresql", "mysql")
+            # No thread for a file database; any other backend is asked for its
+            # vendor on the thread (server_limits() knows PostgreSQL and MySQL).
+            and "sqlite" not in connections.settings[alias]["ENGINE"]
         ]
         _probed.update(todo)
     if not todo:
