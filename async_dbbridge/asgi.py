@@ -152,6 +152,7 @@ class DBBridgeASGIApp:
         self._retry_after = math.ceil(DEFAULT_POOL_TIMEOUT)
         # The look at the servers' connection limits (_startup), when one runs.
         self._limits_checked: asyncio.Future[None] | None = None
+        self._unavailable_log = _UnavailableLog()
         # The executor this app installed on each loop it has served. Weak
         # keys: a finished loop must not be kept alive by a long-lived app.
         self._executors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DBExecutor] = (
@@ -353,7 +354,9 @@ class DBBridgeASGIApp:
         # await) go to the bridge, which cleans up after each call.
         binding = RequestBinding(threads, fallback=bridge)
         state = binding.request_state
-        send_503_aware = _Send503OnPoolTimeout(send, state, self._retry_after, scope)
+        send_503_aware = _Send503OnPoolTimeout(
+            send, state, self._retry_after, scope, self._unavailable_log
+        )
         error: BaseException | None = None
         # The request's state, seen by its sync calls (asgiref copies the
         # context into them): the pool marks it when a checkout times out.
@@ -418,13 +421,21 @@ class _Send503OnPoolTimeout:
     swallowed. Anything else passes through untouched.
     """
 
-    __slots__ = ("_replaced", "_retry_after", "_scope", "_send", "_state")
+    __slots__ = ("_log", "_replaced", "_retry_after", "_scope", "_send", "_state")
 
-    def __init__(self, send: Send, state: RequestState, retry_after: int, scope: Scope) -> None:
+    def __init__(
+        self,
+        send: Send,
+        state: RequestState,
+        retry_after: int,
+        scope: Scope,
+        log: _UnavailableLog,
+    ) -> None:
         self._send = send
         self._state = state
         self._retry_after = retry_after
         self._scope = scope
+        self._log = log
         self._replaced = False
 
     async def __call__(self, message: Message) -> None:
@@ -437,12 +448,7 @@ class _Send503OnPoolTimeout:
         ):
             self._replaced = True
             cause = _unavailable_cause(self._state.pool_timeout, self._state.unavailable_alias)
-            logger.warning(
-                "async_dbbridge: 503 Service Unavailable for %s %s: %s",
-                self._scope.get("method", "?"),
-                self._scope.get("path", "?"),
-                cause,
-            )
+            self._log(self._scope, cause)
             body, content_type = unavailable_response(cause, self._retry_after)
             await self._send(
                 {
@@ -458,6 +464,39 @@ class _Send503OnPoolTimeout:
             await self._send({"type": "http.response.body", "body": body})
             return
         await self._send(message)
+
+
+class _UnavailableLog:
+    """One WARNING per 503, at most one per `EVERY` seconds, counting the ones it skipped.
+
+    A 503 comes in bursts (every waiter of a stall gets one): a line for each
+    would flood the log, and writing them slows the overloaded process that
+    should be answering. Django logs each one's exception anyway (the 500 it
+    raised, on `django.request`).
+    """
+
+    EVERY: Final = 10.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last = -math.inf
+        self._skipped = 0
+
+    def __call__(self, scope: Scope, cause: str) -> None:
+        now = self._clock()
+        with self._lock:
+            if now - self._last < self.EVERY:
+                self._skipped += 1
+                return
+            skipped, self._skipped, self._last = self._skipped, 0, now
+        logger.warning(
+            "async_dbbridge: 503 Service Unavailable for %s %s: %s%s",
+            scope.get("method", "?"),
+            scope.get("path", "?"),
+            cause,
+            f" ({skipped} more 503s since the last such line, not logged)" if skipped else "",
+        )
 
 
 def _unavailable_cause(error: BaseException | None, alias: str | None) -> str:

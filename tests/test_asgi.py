@@ -775,3 +775,23 @@ async def test_startup_says_when_the_server_cannot_hold_the_pool(
     )
     assert "max_connections" not in caplog.text
     await app.aclose()
+
+
+def test_503s_are_logged_once_per_interval_with_the_count_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from async_dbbridge import asgi
+
+    clock = [1000.0]
+    log = asgi._UnavailableLog(clock=lambda: clock[0])
+    scope = {"method": "GET", "path": "/x/"}
+    with caplog.at_level(logging.WARNING, logger="async_dbbridge"):
+        for _ in range(5):  # a burst: one line
+            log(scope, "the pool")
+        clock[0] += log.EVERY
+        log(scope, "the pool")
+    assert [r.getMessage() for r in caplog.records] == [
+        "async_dbbridge: 503 Service Unavailable for GET /x/: the pool",
+        "async_dbbridge: 503 Service Unavailable for GET /x/: the pool "
+        "(4 more 503s since the last such line, not logged)",
+    ]
