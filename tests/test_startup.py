@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -61,3 +62,28 @@ def test_a_bad_setting_stops_the_server_before_it_listens(tmp_path: Path, lifesp
     assert "- ASYNC_DBBRIDGE['POOL_TIMEOUT'] is inf; expected a finite number of seconds" in (
         result.stderr
     )
+
+
+def test_the_startup_line_goes_to_stderr_when_no_handler_would_show_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from async_dbbridge import _startup
+
+    # A logger outside the hierarchy: no handler of its own, no root to inherit one from,
+    # as the library's logger is in a project that never configured logging.
+    isolated = logging.Logger("async_dbbridge")
+    monkeypatch.setattr(_startup, "logger", isolated)
+    _startup.announce(logging.INFO, "async_dbbridge started (pid %d): %s", 42, "ok")
+    assert capsys.readouterr().err == "async_dbbridge started (pid 42): ok\n"
+
+    # Once a handler exists (LOGGING configured), the line is a log record, and only that.
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    isolated.addHandler(Collect())
+    _startup.announce(logging.INFO, "async_dbbridge started (pid %d): %s", 42, "ok")
+    assert capsys.readouterr().err == ""
+    assert [r.getMessage() for r in records] == ["async_dbbridge started (pid 42): ok"]
