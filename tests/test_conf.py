@@ -14,6 +14,7 @@ from django.test import override_settings
 
 from async_dbbridge import Policy
 from async_dbbridge.checks import check_settings
+from async_dbbridge import conf
 from async_dbbridge.conf import DEFAULT_MAX_WORKERS, SettingsError, parse_settings
 
 
@@ -99,9 +100,7 @@ def test_every_problem_is_reported_at_once_with_close_matches() -> None:
     assert problems == (
         "ASYNC_DBBRIDGE has no key 'POOL_SIZ'; did you mean 'POOL_SIZE'?",
         "ASYNC_DBBRIDGE has no key 'pool_timeout'; did you mean 'POOL_TIMEOUT'?",
-        "ASYNC_DBBRIDGE has no key 'LANES'; accepted keys are CPU_AFFINITY, DATABASES, "
-        "FUSE_MIDDLEWARE, HOLD, IDLE_TIMEOUT, MAX_AGE, MAX_WAITING, MAX_WORKERS, POLICY, "
-        "POOL_SIZE, POOL_TIMEOUT, SHUTDOWN_TIMEOUT, THREAD_NAME_PREFIX.",
+        f"ASYNC_DBBRIDGE has no key 'LANES'; accepted keys are {', '.join(sorted(conf._KEYS))}.",
         "ASYNC_DBBRIDGE['MAX_WORKERS'] is 0; expected a positive integer.",
         "ASYNC_DBBRIDGE['HOLD'] is 'x'; expected 'transaction' or 'request'.",
     )
