@@ -12,9 +12,8 @@ from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
-from async_dbbridge import Policy
+from async_dbbridge import Policy, conf
 from async_dbbridge.checks import check_settings
-from async_dbbridge import conf
 from async_dbbridge.conf import DEFAULT_MAX_WORKERS, SettingsError, parse_settings
 
 
