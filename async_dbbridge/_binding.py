@@ -64,12 +64,16 @@ class RequestState:
             connection longer than the checkout timeout (the pool raised
             `PoolTimeout`): the wrapper turns Django's 500 into a 503.
         pool_timeout: That `PoolTimeout` (the first, if several), whose
-            alias, pool size and timeout the 503 names.
+            alias, pool size and timeout the 503's log line names; or the
+            driver's error when the server refused a new connection because
+            it was full ("too many clients"), the same 503.
+        unavailable_alias: The alias whose connection could not be had.
     """
 
     pool_timed_out: bool = False
-    #: The `PoolTimeout` itself (the first one), for the 503's body.
+    #: The `PoolTimeout` itself (the first one), for the 503's log line.
     pool_timeout: BaseException | None = None
+    unavailable_alias: str | None = None
 
 
 #: The state of the ASGI request running in this context; `None` outside one.

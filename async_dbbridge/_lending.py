@@ -151,11 +151,54 @@ def _take(
     try:
         return pool.take(connect, max_age=max_age, ping=ping, probe=probe)
     except PoolTimeout as error:
-        _mark_request_timed_out(error)
+        _mark_request_unavailable(error, pool.alias)
+        raise
+    except Exception as error:
+        # The server refused a new connection because it is full: the same
+        # condition as a checkout timeout seen from the server's side (more
+        # sessions wanted than there are), and the same 503 for the client.
+        if server_is_full(error):
+            _mark_request_unavailable(error, pool.alias)
         raise
 
 
-def _mark_request_timed_out(error: PoolTimeout) -> None:
+#: SQLSTATE 53300, too_many_connections: PostgreSQL's "sorry, too many clients
+#: already" and "remaining connection slots are reserved ...".
+_PG_TOO_MANY_CONNECTIONS: Final = "53300"
+#: MySQL/MariaDB: ER_CON_COUNT_ERROR ("Too many connections") and
+#: ER_TOO_MANY_USER_CONNECTIONS (max_user_connections); ER_USER_LIMIT_REACHED
+#: (1226) only by its words, since it also covers query and update quotas.
+_MYSQL_TOO_MANY_CONNECTIONS: Final = frozenset({1040, 1203})
+_FULL_MESSAGES: Final = (
+    "max_user_connections",
+    "too many clients",
+    "too many connections",
+    "connection slots are reserved",
+)
+
+
+def server_is_full(error: BaseException) -> bool:
+    """Whether a driver's connect error says the server has no session left for us.
+
+    By the error code where the driver gives one (psycopg's `sqlstate`,
+    psycopg2's `pgcode`, mysqlclient's first argument), else by the server's
+    words, which connection-phase errors of libpq carry only in the message.
+    """
+    for cause in (error, error.__cause__):
+        if cause is None:
+            continue
+        code = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+        if code == _PG_TOO_MANY_CONNECTIONS:
+            return True
+        args = getattr(cause, "args", ())
+        if args and isinstance(args[0], int) and args[0] in _MYSQL_TOO_MANY_CONNECTIONS:
+            return True
+        if any(words in str(cause).lower() for words in _FULL_MESSAGES):
+            return True
+    return False
+
+
+def _mark_request_unavailable(error: BaseException, alias: str) -> None:
     """Tell the ASGI wrapper that the current request failed for want of a connection.
 
     The request's state object lives in a contextvar of `_binding` (asgiref
@@ -167,6 +210,7 @@ def _mark_request_timed_out(error: PoolTimeout) -> None:
         state.pool_timed_out = True
         if state.pool_timeout is None:
             state.pool_timeout = error
+            state.unavailable_alias = alias
 
 
 # -- the registry: one pool per alias per process -------------------------------------------

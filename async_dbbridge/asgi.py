@@ -28,12 +28,12 @@ import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connections
 
-from . import _compat, _install
+from . import _compat, _install, _startup
 from ._affinity import pin_loop_thread
 from ._binding import RequestBinding, RequestState, current_request_state
 from ._completions import deliver
@@ -45,6 +45,7 @@ from ._middleware import Verdict, fuse, unfuse_middleware
 from ._one_hop import install_one_hop, uninstall_one_hop
 from ._pool import ConnectionPool
 from ._request_threads import RequestThreads
+from ._startup import announce
 from .conf import DEFAULT_POOL_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, BridgeSettings, get_settings
 
 __all__ = ("DBBridgeASGIApp", "get_asgi_application")
@@ -67,13 +68,22 @@ def get_asgi_application() -> DBBridgeASGIApp:
     """Django's `get_asgi_application()`, wrapped in a `DBBridgeASGIApp`.
 
     Sets Django up exactly as Django's own function does (`django.setup(set_prefix=False)`,
-    the script prefix comes from each request's `root_path`), and wraps its
-    handler in [`DBBridgeASGIApp`][async_dbbridge.asgi.DBBridgeASGIApp].
+    the script prefix comes from each request's `root_path`), validates the
+    `ASYNC_DBBRIDGE` setting, and wraps its handler in
+    [`DBBridgeASGIApp`][async_dbbridge.asgi.DBBridgeASGIApp].
+
+    Raises:
+        ImproperlyConfigured: `ASYNC_DBBRIDGE` is invalid (a `SettingsError`
+            naming every problem), so the server does not start.
     """
     import django
     from django.core.handlers.asgi import ASGIHandler
 
     django.setup(set_prefix=False)
+    # Validated here, when the server imports the application: a bad setting
+    # stops the server before it listens, under any lifespan mode, naming
+    # every problem (SettingsError), instead of a server that answers 500.
+    get_settings()
     return DBBridgeASGIApp(ASGIHandler())
 
 
@@ -141,6 +151,9 @@ class DBBridgeASGIApp:
         self._threads: RequestThreads | None = None
         self._shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT
         self._retry_after = math.ceil(DEFAULT_POOL_TIMEOUT)
+        # The look at the servers' connection limits (_startup), when one runs.
+        self._limits_checked: asyncio.Future[None] | None = None
+        self._unavailable_log = _UnavailableLog()
         # The executor this app installed on each loop it has served. Weak
         # keys: a finished loop must not be kept alive by a long-lived app.
         self._executors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DBExecutor] = (
@@ -167,6 +180,7 @@ class DBBridgeASGIApp:
             if executor is None:
                 # No lifespan (or a loop it did not run on): set up now, once.
                 executor = self._start(loop, fresh=False)
+                await _startup.wait_for(self._limits_checked)
             threads = self._threads
             if threads is None:
                 await self._serve_on_request_thread(scope, receive, send)
@@ -226,6 +240,7 @@ class DBBridgeASGIApp:
                 if executor is not None:
                     drained = executor._join(remaining()) and drained
                 drained = close_pools(remaining()) and drained
+                drained = _startup.join_probes(remaining()) and drained
             except BaseException as exc:
                 error = exc
             try:
@@ -300,6 +315,11 @@ class DBBridgeASGIApp:
         # Once per event loop served (lifespan startup, or the first request
         # without lifespan), never per request.
         _log_startup(settings, threads, cpu, fusion, one_hop)
+        self._limits_checked = _startup.check_server_limits(
+            settings.databases if settings.databases is not None else tuple(connections),
+            settings.effective_pool_size,
+            loop,
+        )
         return executor
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -310,6 +330,7 @@ class DBBridgeASGIApp:
             if kind == "lifespan.startup":
                 try:
                     self._start(loop, fresh=True)
+                    await _startup.wait_for(self._limits_checked)
                 except Exception as exc:
                     logger.exception("async_dbbridge: lifespan startup failed")
                     await send(
@@ -343,7 +364,9 @@ class DBBridgeASGIApp:
         # await) go to the bridge, which cleans up after each call.
         binding = RequestBinding(threads, fallback=bridge)
         state = binding.request_state
-        send_503_aware = _Send503OnPoolTimeout(send, state, self._retry_after)
+        send_503_aware = _Send503OnPoolTimeout(
+            send, state, self._retry_after, scope, self._unavailable_log
+        )
         error: BaseException | None = None
         # The request's state, seen by its sync calls (asgiref copies the
         # context into them): the pool marks it when a checkout times out.
@@ -408,12 +431,21 @@ class _Send503OnPoolTimeout:
     swallowed. Anything else passes through untouched.
     """
 
-    __slots__ = ("_replaced", "_retry_after", "_send", "_state")
+    __slots__ = ("_log", "_replaced", "_retry_after", "_scope", "_send", "_state")
 
-    def __init__(self, send: Send, state: RequestState, retry_after: int) -> None:
+    def __init__(
+        self,
+        send: Send,
+        state: RequestState,
+        retry_after: int,
+        scope: Scope,
+        log: _UnavailableLog,
+    ) -> None:
         self._send = send
         self._state = state
         self._retry_after = retry_after
+        self._scope = scope
+        self._log = log
         self._replaced = False
 
     async def __call__(self, message: Message) -> None:
@@ -425,13 +457,15 @@ class _Send503OnPoolTimeout:
             and self._state.pool_timed_out
         ):
             self._replaced = True
-            body = _unavailable_body(self._state.pool_timeout)
+            cause = _unavailable_cause(self._state.pool_timeout, self._state.unavailable_alias)
+            self._log(self._scope, cause)
+            body, content_type = unavailable_response(cause, self._retry_after)
             await self._send(
                 {
                     "type": "http.response.start",
                     "status": 503,
                     "headers": [
-                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-type", content_type),
                         (b"content-length", str(len(body)).encode("ascii")),
                         (b"retry-after", str(self._retry_after).encode("ascii")),
                     ],
@@ -442,20 +476,89 @@ class _Send503OnPoolTimeout:
         await self._send(message)
 
 
-def _unavailable_body(error: BaseException | None) -> bytes:
+class _UnavailableLog:
+    """One WARNING per 503, at most one per `EVERY` seconds, counting the ones it skipped.
+
+    A 503 comes in bursts (every waiter of a stall gets one): a line for each
+    would flood the log, and writing them slows the overloaded process that
+    should be answering. Django logs each one's exception anyway (the 500 it
+    raised, on `django.request`).
+    """
+
+    EVERY: Final = 10.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last = -math.inf
+        self._skipped = 0
+
+    def __call__(self, scope: Scope, cause: str) -> None:
+        now = self._clock()
+        with self._lock:
+            if now - self._last < self.EVERY:
+                self._skipped += 1
+                return
+            skipped, self._skipped, self._last = self._skipped, 0, now
+        logger.warning(
+            "async_dbbridge: 503 Service Unavailable for %s %s: %s%s",
+            scope.get("method", "?"),
+            scope.get("path", "?"),
+            cause,
+            f" ({skipped} more 503s since the last such line, not logged)" if skipped else "",
+        )
+
+
+def _unavailable_cause(error: BaseException | None, alias: str | None) -> str:
+    """Why a request got a 503, for the log (and the body only with `DEBUG = True`)."""
     if isinstance(error, PoolTimeout) and error.max_waiting is not None:
-        cause = (
+        return (
             f"all {error.max_size} connections to database {error.alias!r} were in use and "
             f"{error.max_waiting} requests were already waiting (ASYNC_DBBRIDGE MAX_WAITING)"
         )
-    elif isinstance(error, PoolTimeout):
-        cause = (
+    if isinstance(error, PoolTimeout):
+        return (
             f"all {error.max_size} connections to database {error.alias!r} stayed in use "
             f"for {error.timeout:g}s (ASYNC_DBBRIDGE POOL_SIZE / POOL_TIMEOUT)"
         )
-    else:
-        cause = "no database connection became free in time (ASYNC_DBBRIDGE POOL_TIMEOUT)"
-    return f"503 Service Unavailable: {cause}. Please retry.\n".encode()
+    if error is not None:
+        # The driver's words ("sorry, too many clients already"), on one line.
+        words = " ".join(str(error).split())
+        return (
+            f"the server of database {alias!r} refused a new connection, it is full "
+            f"({words}); processes x ASYNC_DBBRIDGE POOL_SIZE must fit its max_connections"
+        )
+    return "no database connection became free in time (ASYNC_DBBRIDGE POOL_TIMEOUT)"
+
+
+#: The 503's body for clients when `DEBUG` is off and the project has no `503.html`.
+UNAVAILABLE_BODY: Final = b"503 Service Unavailable: the server is busy. Please retry.\n"
+_TEXT: Final = b"text/plain; charset=utf-8"
+
+
+def unavailable_response(cause: str, retry_after: int) -> tuple[bytes, bytes]:
+    """The 503's body and content type.
+
+    With `DEBUG = True`, the cause (pool size, timeout, alias): what a
+    developer needs. Otherwise nothing about the configuration: the project's
+    `503.html` template if it has one (rendered without a request, like
+    Django's `500.html`, with `retry_after` in its context), else one plain
+    line. The cause is in the log either way.
+    """
+    from django.conf import settings
+    from django.template import TemplateDoesNotExist, loader
+
+    if settings.DEBUG:
+        return f"503 Service Unavailable: {cause}. Please retry.\n".encode(), _TEXT
+    try:
+        page = loader.render_to_string("503.html", {"retry_after": retry_after})
+    except TemplateDoesNotExist:
+        return UNAVAILABLE_BODY, _TEXT
+    except Exception:
+        # A broken error page must not turn a 503 into a crash.
+        logger.exception("async_dbbridge: rendering 503.html failed; sent the plain 503")
+        return UNAVAILABLE_BODY, _TEXT
+    return page.encode(), b"text/html; charset=utf-8"
 
 
 def _live_pools() -> list[ConnectionPool]:
@@ -482,7 +585,9 @@ def _log_startup(
             "requests on per-request threads, closed at request end: request threads "
             "need asgiref >= 3.13"
         )
-    logger.log(
+    # To stderr when logging is not configured: the line that says the wrapper
+    # serves must be seen without a LOGGING setting.
+    announce(
         # Request threads impossible: the one line says so, louder.
         logging.INFO if threads is not None else logging.WARNING,
         "async_dbbridge started (pid %d): %s; one connection pool per alias "

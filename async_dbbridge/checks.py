@@ -16,10 +16,13 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import Error as DjangoDatabaseError
 
-from .conf import SETTING_NAME, BridgeSettings, parse_settings
+from .conf import SETTING_NAME, BridgeSettings, SettingsError, parse_settings
 
 __all__ = (
     "check_connection_budget",
+    "check_deploy_health_checks",
+    "check_deploy_processes",
+    "check_deploy_shutdown_timeout",
     "check_django_pool",
     "check_in_memory_sqlite",
     "check_pooled_conn_max_age",
@@ -63,7 +66,7 @@ def _conn_max_age(settings_dict: Mapping[str, Any]) -> Any:
 
 @checks.register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """E001: `ASYNC_DBBRIDGE` is invalid. W001: asgiref is too old for request threads.
+    """E001: `ASYNC_DBBRIDGE` is invalid (one per problem). W001: asgiref is too old.
 
     W001 also names every alias whose `CONN_MAX_AGE` asks for reuse that
     requests then cannot get: one message for one cause.
@@ -72,8 +75,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
 
     try:
         parse_settings(getattr(settings, SETTING_NAME, None))
-    except ImproperlyConfigured as exc:
-        return [checks.Error(str(exc), id="async_dbbridge.E001")]
+    except SettingsError as exc:
+        # One error per problem: every mistake shows in one run.
+        return [checks.Error(problem, id="async_dbbridge.E001") for problem in exc.problems]
     if _request_threads_supported():
         return []
     import asgiref
@@ -251,17 +255,25 @@ def _server_limits(alias: str) -> tuple[int, int] | None:
     """(max_connections, reserved for superusers) of the server behind `alias`."""
     from django.db import connections
 
-    conn = connections[alias]
+    return server_limits(connections[alias])
+
+
+def server_limits(conn: Any) -> tuple[int, int] | None:
+    """(max_connections, reserved for superusers) of the server `conn` (a wrapper) talks to.
+
+    None for a backend without a connection limit (SQLite). The ASGI wrapper
+    asks the same at startup (`_startup`), on a connection of its own.
+    """
+    if conn.vendor not in ("postgresql", "mysql"):
+        return None
     with conn.cursor() as cursor:
         if conn.vendor == "postgresql":
             cursor.execute(
                 "SELECT current_setting('max_connections')::int, "
                 "current_setting('superuser_reserved_connections')::int"
             )
-        elif conn.vendor == "mysql":
-            cursor.execute("SELECT @@max_connections, 1")
         else:
-            return None
+            cursor.execute("SELECT @@max_connections, 1")
         row = cursor.fetchone()
     return int(row[0]), int(row[1])
 
@@ -348,3 +360,128 @@ def _unreachable(alias: str, exc: DjangoDatabaseError) -> checks.CheckMessage:
         "again once it is.",
         id="async_dbbridge.W004",
     )
+
+
+# -- manage.py check --deploy ---------------------------------------------------
+
+
+def _pooled_aliases(databases: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Aliases the pool serves: all but in-memory SQLite and Django-pooled ones."""
+    skipped = set(in_memory_sqlite_aliases(databases)) | set(_django_pool_aliases(databases))
+    return [alias for alias in databases if alias not in skipped]
+
+
+@checks.register(deploy=True)
+def check_deploy_health_checks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """W007 (deploy): a reused pooled connection is never checked before it is handed out.
+
+    With `CONN_MAX_AGE` above 0 (or None) and `CONN_HEALTH_CHECKS` off, a
+    connection that died while idle in the pool — a database restart or
+    failover, a server or proxy idle timeout — is handed to the next request,
+    whose first query fails with a 500.
+    """
+    from django.conf import settings
+
+    if _parsed_settings() is None:
+        return []  # E001 reports it
+    databases = settings.DATABASES
+    return [
+        checks.Warning(
+            f"DATABASES[{alias!r}] reuses pooled connections (CONN_MAX_AGE = "
+            f"{_conn_max_age(databases[alias])}) without CONN_HEALTH_CHECKS: a connection that "
+            "died while idle in the pool (a database restart or failover, an idle timeout on "
+            "the server or a proxy) is handed to the next request, whose first query fails.",
+            hint=f"Set DATABASES[{alias!r}]['CONN_HEALTH_CHECKS'] = True: the pool then checks "
+            "every connection it hands out (a socket probe; a round trip only after an idle "
+            "second). See the deployment docs.",
+            id="async_dbbridge.W007",
+        )
+        for alias in _pooled_aliases(databases)
+        if alias in _persistent_aliases({alias: databases[alias]})
+        and not databases[alias].get("CONN_HEALTH_CHECKS", False)
+    ]
+
+
+@checks.register(deploy=True)
+def check_deploy_shutdown_timeout(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """W008 (deploy): `SHUTDOWN_TIMEOUT = None`: shutdown waits for ever for in-flight work."""
+    parsed = _parsed_settings()
+    if parsed is None or parsed.shutdown_timeout is not None:
+        return []
+    return [
+        checks.Warning(
+            f"{SETTING_NAME}['SHUTDOWN_TIMEOUT'] is None: lifespan shutdown waits as long as "
+            "in-flight requests and bridge calls take, so one stuck query keeps a worker from "
+            "stopping (and a deploy or restart from finishing) until the process manager "
+            "kills it, without the shutdown line that says what was still running.",
+            hint=f"Set {SETTING_NAME}['SHUTDOWN_TIMEOUT'] to a number of seconds below your "
+            "process manager's grace period (the default is 10).",
+            id="async_dbbridge.W008",
+        )
+    ]
+
+
+#: The environment variable uvicorn, gunicorn and hypercorn-based deployments
+#: (Heroku, Dokku, Render...) read for the number of worker processes.
+PROCESSES_VARIABLE = "WEB_CONCURRENCY"
+
+
+@checks.register(checks.Tags.database, deploy=True)
+def check_deploy_processes(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """E004 (deploy, database): `WEB_CONCURRENCY` processes x `POOL_SIZE` exceed the server.
+
+    Runs with `manage.py check --deploy --database <alias>` where the
+    environment says how many worker processes will run (`WEB_CONCURRENCY`,
+    which uvicorn and gunicorn read): each process has its own pool, so the
+    server sees up to processes x `POOL_SIZE` sessions per alias.
+    """
+    import os
+
+    raw = os.environ.get(PROCESSES_VARIABLE)
+    if raw is None:
+        return []
+    try:
+        processes = int(raw)
+    except ValueError:
+        processes = 0
+    if processes < 1:
+        return [
+            checks.Error(
+                f"{PROCESSES_VARIABLE} is {raw!r}; expected a positive integer (worker "
+                "processes), so the connection budget cannot be checked.",
+                id="async_dbbridge.E004",
+            )
+        ]
+    try:
+        budget = connection_budget()
+    except ImproperlyConfigured:
+        return []  # E001 reports it
+    messages: list[checks.CheckMessage] = []
+    for alias in databases or ():
+        try:
+            limits = _server_limits(alias)
+        except DjangoDatabaseError as exc:
+            messages.append(_unreachable(alias, exc))
+            continue
+        if limits is None:
+            continue
+        max_connections, reserved = limits
+        if processes * budget > max_connections - reserved:
+            messages.append(
+                checks.Error(
+                    f"{PROCESSES_VARIABLE} = {processes} processes x {_budget_source()} = "
+                    f"{budget}: up to {processes * budget} sessions on database {alias!r}, "
+                    f"whose server accepts {max_connections - reserved} (max_connections = "
+                    f"{max_connections}, {reserved} reserved). Once it is full, new "
+                    "connections are refused and requests get 503s.",
+                    hint=f"Lower {SETTING_NAME}['POOL_SIZE'] to at most "
+                    f"{max(1, (max_connections - reserved) // processes)}, run fewer "
+                    "processes, or raise max_connections.",
+                    id="async_dbbridge.E004",
+                )
+            )
+    return messages

@@ -12,8 +12,11 @@ defaults are written once, here.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -25,7 +28,7 @@ from ._affinity import validate as validate_affinity
 from ._connections import Policy
 from ._validation import is_number, is_positive_int
 
-__all__ = ("BridgeSettings", "get_settings")
+__all__ = ("BridgeSettings", "SettingsError", "get_settings", "parse_settings")
 
 SETTING_NAME: Final = "ASYNC_DBBRIDGE"
 
@@ -120,110 +123,207 @@ class BridgeSettings:
         }
 
 
-def _error(key: str, value: object, expected: str) -> ImproperlyConfigured:
-    return ImproperlyConfigured(f"{SETTING_NAME}[{key!r}] is {value!r}; expected {expected}.")
+class SettingsError(ImproperlyConfigured):
+    """`ASYNC_DBBRIDGE` is invalid: every problem found, each naming its key.
+
+    The message lists them all, so one run of `manage.py check` (or one failed
+    start) shows every mistake; `problems` holds them one by one (system check
+    `async_dbbridge.E001` reports each as an error of its own).
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = tuple(problems)
+        if len(problems) == 1:
+            message = problems[0]
+        else:
+            message = f"{SETTING_NAME} has {len(problems)} problems:\n" + "\n".join(
+                f"- {problem}" for problem in problems
+            )
+        super().__init__(message)
 
 
-def _number(key: str, value: object, *, allow_none: bool, positive: bool) -> float | None:
-    if value is None and allow_none:
-        return None
-    if not is_number(value):
-        raise _error(key, value, "a number of seconds" + (" or None" if allow_none else ""))
-    number = float(value)  # type: ignore[arg-type]  # is_number() checked it
-    if number < 0 or (positive and number == 0):
-        raise _error(key, value, "a number " + ("> 0" if positive else ">= 0"))
-    return number
+def _problem(key: str, value: object, expected: str) -> str:
+    return f"{SETTING_NAME}[{key!r}] is {value!r}; expected {expected}."
+
+
+def _unknown_key(key: object) -> str:
+    """An unknown key, with the accepted key it most looks like (case aside), if any."""
+    close = difflib.get_close_matches(str(key).upper(), sorted(_KEYS), n=1, cutoff=0.6)
+    if close:
+        return f"{SETTING_NAME} has no key {key!r}; did you mean {close[0]!r}?"
+    return f"{SETTING_NAME} has no key {key!r}; accepted keys are {', '.join(sorted(_KEYS))}."
+
+
+class _Checker:
+    """Collects every problem of one `ASYNC_DBBRIDGE` value instead of stopping at the first.
+
+    Each check returns a usable value either way (the default when the given
+    one is invalid), so later checks that depend on it still run and report.
+    """
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def add(self, key: str, value: object, expected: str) -> None:
+        self.problems.append(_problem(key, value, expected))
+
+    def seconds(
+        self, key: str, value: object, default: float | None, *, allow_none: bool, positive: bool
+    ) -> float | None:
+        """A duration: a finite number of seconds (within what a thread can wait), or None.
+
+        NaN passes every comparison (`nan < 0` is false) and infinity overflows
+        every wait and timestamp it reaches, each far from this key: both are
+        refused here, by name. `None` is the way to say "no limit".
+        """
+        if value is None and allow_none:
+            return None
+        bound = "> 0" if positive else ">= 0"
+        expected = f"a number of seconds {bound}" + (" or None (no limit)" if allow_none else "")
+        if not is_number(value):
+            self.add(key, value, expected)
+            return default
+        assert isinstance(value, int | float)  # is_number() checked it
+        if isinstance(value, float) and math.isnan(value):
+            self.add(key, value, expected + "; NaN is not a number of seconds")
+            return default
+        if value > threading.TIMEOUT_MAX or (isinstance(value, float) and math.isinf(value)):
+            self.add(
+                key,
+                value,
+                f"a finite number of seconds, at most threading.TIMEOUT_MAX "
+                f"({threading.TIMEOUT_MAX:g})" + ("; None means no limit" if allow_none else ""),
+            )
+            return default
+        number = float(value)
+        if number < 0 or (positive and number == 0):
+            self.add(key, value, expected)
+            return default
+        return number
+
+    def positive_int(self, key: str, value: object, default: int, expected: str) -> int:
+        if is_positive_int(value):
+            assert isinstance(value, int)
+            return value
+        self.add(key, value, expected)
+        return default
 
 
 def parse_settings(raw: object) -> BridgeSettings:
-    """Validate a raw `ASYNC_DBBRIDGE` value; raise `ImproperlyConfigured` on error."""
+    """Validate a raw `ASYNC_DBBRIDGE` value; raise `SettingsError` naming every problem.
+
+    `SettingsError` is an `ImproperlyConfigured`.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ImproperlyConfigured(f"{SETTING_NAME} must be a dict, not {type(raw).__name__}.")
-    unknown = sorted(set(map(str, raw)) - _KEYS)
-    if unknown:
-        raise ImproperlyConfigured(
-            f"{SETTING_NAME} has unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"accepted keys are {', '.join(sorted(_KEYS))}."
-        )
+        raise SettingsError([f"{SETTING_NAME} must be a dict, not {type(raw).__name__}."])
+    check = _Checker()
+    check.problems.extend(_unknown_key(key) for key in raw if key not in _KEYS)
 
-    max_workers = raw.get("MAX_WORKERS", DEFAULT_MAX_WORKERS)
-    if not is_positive_int(max_workers):
-        raise _error("MAX_WORKERS", max_workers, "a positive integer")
+    max_workers = check.positive_int(
+        "MAX_WORKERS",
+        raw.get("MAX_WORKERS", DEFAULT_MAX_WORKERS),
+        DEFAULT_MAX_WORKERS,
+        "a positive integer",
+    )
 
     policy_name = raw.get("POLICY", "request")
     max_age = raw.get("MAX_AGE")
-    if policy_name == "request":
-        policy = Policy.request()
-    elif policy_name == "close":
+    policy = Policy.request()
+    if policy_name == "close":
         policy = Policy.always_close()
     elif policy_name == "max_age":
-        policy = Policy.max_age(_number("MAX_AGE", max_age, allow_none=True, positive=False))
-    else:
-        raise _error("POLICY", policy_name, "'request', 'close' or 'max_age'")
+        policy = Policy.max_age(
+            check.seconds("MAX_AGE", max_age, None, allow_none=True, positive=False)
+        )
+    elif policy_name != "request":
+        check.add("POLICY", policy_name, "'request', 'close' or 'max_age'")
     if policy_name != "max_age" and max_age is not None:
-        raise _error("MAX_AGE", max_age, "None unless POLICY is 'max_age'")
+        check.add("MAX_AGE", max_age, "None unless POLICY is 'max_age'")
 
-    idle_timeout = _number(
-        "IDLE_TIMEOUT", raw.get("IDLE_TIMEOUT", 60.0), allow_none=True, positive=True
+    idle_timeout = check.seconds(
+        "IDLE_TIMEOUT", raw.get("IDLE_TIMEOUT", 60.0), 60.0, allow_none=True, positive=True
     )
 
     databases = raw.get("DATABASES")
     if databases is not None:
-        if isinstance(databases, str) or not all(isinstance(a, str) for a in databases):
-            raise _error("DATABASES", databases, "a list of database aliases or None")
-        unknown_aliases = [a for a in databases if a not in settings.DATABASES]
-        if unknown_aliases:
-            raise _error(
-                "DATABASES",
-                databases,
-                f"aliases defined in settings.DATABASES ({', '.join(sorted(settings.DATABASES))})",
-            )
-        databases = tuple(databases)
+        if (
+            isinstance(databases, str)
+            or not isinstance(databases, Iterable)
+            or not all(isinstance(a, str) for a in databases)
+        ):
+            check.add("DATABASES", databases, "a list of database aliases or None")
+            databases = None
+        else:
+            unknown_aliases = [a for a in databases if a not in settings.DATABASES]
+            if unknown_aliases:
+                check.add(
+                    "DATABASES",
+                    databases,
+                    "aliases defined in settings.DATABASES "
+                    f"({', '.join(sorted(settings.DATABASES))})",
+                )
+            databases = tuple(databases)
 
     prefix = raw.get("THREAD_NAME_PREFIX", "dbbridge")
     if not isinstance(prefix, str) or not prefix:
-        raise _error("THREAD_NAME_PREFIX", prefix, "a non-empty string")
+        check.add("THREAD_NAME_PREFIX", prefix, "a non-empty string")
+        prefix = "dbbridge"
 
-    shutdown_timeout = _number(
+    shutdown_timeout = check.seconds(
         "SHUTDOWN_TIMEOUT",
         raw.get("SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT),
+        DEFAULT_SHUTDOWN_TIMEOUT,
         allow_none=True,
         positive=False,
     )
 
     # A pooled connection serves one thread at a time, and the bridge's workers
     # are the threads that use it most: the same budget sizes both by default.
-    pool_size = raw.get("POOL_SIZE", max_workers)
-    if not is_positive_int(pool_size):
-        raise _error("POOL_SIZE", pool_size, "a positive integer (connections per alias)")
-    pool_timeout = _number(
+    pool_size = check.positive_int(
+        "POOL_SIZE",
+        raw.get("POOL_SIZE", max_workers),
+        max_workers,
+        "a positive integer (connections per alias)",
+    )
+    pool_timeout = check.seconds(
         "POOL_TIMEOUT",
         raw.get("POOL_TIMEOUT", DEFAULT_POOL_TIMEOUT),
+        DEFAULT_POOL_TIMEOUT,
         allow_none=False,
         positive=True,
     )
     assert pool_timeout is not None  # allow_none=False
     max_waiting = raw.get("MAX_WAITING")
     if max_waiting is not None and not is_positive_int(max_waiting):
-        raise _error(
+        check.add(
             "MAX_WAITING",
             max_waiting,
             "a positive integer (threads waiting for one alias's connection) or None "
             f"({MAX_WAITING_PER_CONNECTION} x POOL_SIZE)",
         )
+        max_waiting = None
     hold = raw.get("HOLD", "transaction")
     if hold not in HOLD_CHOICES:
-        raise _error("HOLD", hold, "'transaction' or 'request'")
-    cpu_affinity = validate_affinity(raw.get("CPU_AFFINITY"), SETTING_NAME)
+        check.add("HOLD", hold, "'transaction' or 'request'")
+        hold = "transaction"
+    cpu_affinity: Affinity = None
+    try:
+        cpu_affinity = validate_affinity(raw.get("CPU_AFFINITY"), SETTING_NAME)
+    except ImproperlyConfigured as exc:
+        check.problems.append(str(exc))
     fuse_middleware = raw.get("FUSE_MIDDLEWARE", True)
     if not isinstance(fuse_middleware, bool):
-        raise _error("FUSE_MIDDLEWARE", fuse_middleware, "True or False")
+        check.add("FUSE_MIDDLEWARE", fuse_middleware, "True or False")
+        fuse_middleware = True
     one_hop = raw.get("ONE_HOP", True)
     if not isinstance(one_hop, bool):
-        raise _error("ONE_HOP", one_hop, "True or False")
+        check.add("ONE_HOP", one_hop, "True or False")
+        one_hop = True
 
+    if check.problems:
+        raise SettingsError(check.problems)
     return BridgeSettings(
         max_workers=max_workers,
         policy=policy,

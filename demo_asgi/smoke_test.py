@@ -221,6 +221,19 @@ def _exercise(base_url: str) -> Any:
             expect=lambda b: None if b.get("stock_left") == in_stock["stock"] - 1 else "stock",
         )
         _check(client, "GET", "/orders", expect=lambda b: None if b.get("orders") else "no orders")
+        # A refused order is an answer, not a bridge error (the last /stats shows errors 0).
+        refused = client.post("/orders", json={"product": 10**9, "quantity": 1})
+        if refused.status_code != 404:
+            raise SmokeFailure(f"POST /orders (no such product): HTTP {refused.status_code}")
+        icon = client.get("/favicon.ico")
+        if icon.status_code != 200 or icon.headers.get("content-type") != "image/svg+xml":
+            raise SmokeFailure(f"GET /favicon.ico: HTTP {icon.status_code}")
+        _check(
+            client,
+            "GET",
+            "/load",
+            expect=lambda b: None if b.get("phase") == "idle" else f"phase {b.get('phase')!r}",
+        )
         return _check(
             client,
             "GET",

@@ -21,7 +21,7 @@ VENV_DIR="${VENV_DIR:-.venv}"
 VENV_DJ61_DIR="${VENV_DJ61_DIR:-.venv-dj61}"
 PIP_FLAGS=(-q --disable-pip-version-check)
 
-DEV_SPECS=(-e ".[postgresql,mysql,test,lint,docs,demo,channels,dramatiq,huey,rq]" "Django>=5.2,<5.3" "asgiref>=3.13" matplotlib)
+DEV_SPECS=(-e ".[postgresql,mysql,test,lint,docs,demo,browser,channels,dramatiq,huey,rq]" "Django>=5.2,<5.3" "asgiref>=3.13" matplotlib)
 # The integrations' extras in both series: tests/test_docs.py imports every public module and
 # runs the integration pages' samples, their test modules import them (even where the matrix
 # deselects the real-worker tests), and make peers runs Channels' suite, under each Django.
@@ -95,6 +95,11 @@ sys_pkgs=()
 have_mysql_headers || sys_pkgs+=(libmariadb-dev pkg-config)
 # mysqlclient has no Linux wheels: it is compiled
 command -v cc >/dev/null 2>&1 || sys_pkgs+=(gcc libc6-dev)
+# The demo's browser test (tests/test_demo_browser.py) drives Debian's headless
+# Chromium through its chromedriver with Selenium.
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+    sys_pkgs+=(chromium chromium-driver)
+fi
 if [ "$bench" -eq 1 ] && ! command -v wrk >/dev/null 2>&1; then
     sys_pkgs+=(wrk)
 fi
@@ -139,6 +144,21 @@ pip_install() {
     shift
     "$dir/bin/python" -m pip install "${PIP_FLAGS[@]}" "$@" \
         2> >(grep -v -e 'is ignored: it is neither a file nor a directory' >&2)
+}
+
+# tests/test_quickstart.py follows README.md in fresh venvs: it installs the package from
+# this clone and from a wheel built here, and serves the quick start with uvicorn, offline.
+# pip reads the wheels of the distributions it needs (the versions this venv has) from
+# $dir/wheelhouse instead of an index.
+WHEELHOUSE_DISTS=(Django asgiref psycopg psycopg-binary psycopg-pool uvicorn hatchling hatch-fancy-pypi-readme)
+make_wheelhouse() {
+    local dir="$1" specs=()
+    mapfile -t specs < <("$dir/bin/python" -c 'import sys, importlib.metadata as m; print("\n".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' "${WHEELHOUSE_DISTS[@]}")
+    rm -rf "$dir/wheelhouse"
+    log "$dir: wheelhouse for the quick-start test: ${specs[*]}"
+    "$dir/bin/python" -m pip download "${PIP_FLAGS[@]}" --only-binary=:all: --dest "$dir/wheelhouse" "${specs[@]}" \
+        2> >(grep -v -e 'is ignored: it is neither a file nor a directory' >&2) ||
+        die "pip download of the quick-start test's wheels failed in $dir"
 }
 
 venv_pyver() { "$1/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
@@ -191,6 +211,7 @@ build_venv() {
     log "$dir ($label): pip install $*"
     pip_install "$dir" "$@" ||
         die "pip install failed in $dir (is async_dbbridge/__init__.py with __version__ and README.md present?)"
+    make_wheelhouse "$dir"
     printf '%s\n' "$hash" >"$stamp"
     log "$dir ($label): ready, Python $(venv_pyver "$dir"), Django $("$dir/bin/python" -c 'import django; print(django.get_version())'), $(($(date +%s) - t0))s"
 }

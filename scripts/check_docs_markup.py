@@ -9,6 +9,12 @@ notice, so this script does, on two sources:
 * the built site's HTML (what readers see), ignoring code blocks and inline code;
 * every docstring of the package, public or private, read with `ast` (no import).
 
+On the built site it also greps every file (pages, the search index, the sitemap), code
+included, for names the project retired (`RETIRED`: the never-released request "lanes" and
+their `LANE*` settings) and for the test marker `# Not runnable:` that rendered samples drop
+(scripts/mkdocs_hooks.py). tests/test_packaging.py runs `find_retired` on the package's long
+description.
+
 Usage (`make docs` runs it after the build):
 
     python scripts/check_docs_markup.py [SITE_DIR ...]
@@ -49,6 +55,13 @@ PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     (re.compile(r"`[^`\n]+ <[^>\n]+>`_"), "reST link: write [text](url)"),
 )
+
+#: Names of the first, never-released design, gone from the code: a reader who meets one in the
+#: docs looks for something that does not exist.
+RETIRED = re.compile(r"\b(?:lanes?|LANE_[A-Z_]+)\b", re.IGNORECASE)
+#: tests/test_docs.py's marker for a sample it must not run; the site drops it.
+TEST_MARKER = re.compile(r"#\s*Not runnable:")
+_SITE_TEXT_SUFFIXES = frozenset({".html", ".json", ".xml", ".txt", ".js"})
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
 # An inline code span not opened right after a role's colon.
@@ -187,11 +200,29 @@ def scan_html(path: Path, where: str | None = None) -> list[Finding]:
     return findings
 
 
+def find_retired(text: str, where: str) -> list[Finding]:
+    """Retired names and test markers anywhere in `text`, code included."""
+    findings = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        for pattern, problem in (
+            (RETIRED, "retired name (request lanes were never released)"),
+            (TEST_MARKER, "test marker in a rendered sample (scripts/mkdocs_hooks.py drops it)"),
+        ):
+            for match in pattern.finditer(line):
+                start = max(0, match.start() - 40)
+                findings.append(Finding(where, number, line[start : match.end() + 40], problem))
+    return findings
+
+
 def scan_site(site: Path) -> list[Finding]:
-    """Every HTML page of a built site."""
+    """Every HTML page of a built site; every text file of it for retired names."""
     if not (site / "index.html").is_file():
         raise SystemExit(f"check_docs_markup: {site} is not a built site (no index.html)")
-    return [finding for page in sorted(site.rglob("*.html")) for finding in scan_html(page)]
+    findings = [finding for page in sorted(site.rglob("*.html")) for finding in scan_html(page)]
+    for path in sorted(site.rglob("*")):
+        if path.suffix in _SITE_TEXT_SUFFIXES and not path.name.endswith(".min.js"):
+            findings += find_retired(path.read_text(errors="replace"), str(path))
+    return findings
 
 
 def main(argv: Iterable[str]) -> int:

@@ -128,8 +128,8 @@ run_one() {
         result="FAIL (server down)"
     else
         log="$logdir/run-$series-$backend-$loop.log"
-        echo "+ DB_BACKEND=$backend DBBRIDGE_WORKERS=$workers DBBRIDGE_LOOP=$loop $py -m pytest ${pytest_args[*]} $*"
-        DB_BACKEND="$backend" DBBRIDGE_WORKERS="$workers" DBBRIDGE_LOOP="$loop" "${timeout_cmd[@]}" "$py" -m pytest "${pytest_args[@]}" "$@" 2>&1 | tee "$log"
+        echo "+ DB_BACKEND=$backend DBBRIDGE_WORKERS=$workers DBBRIDGE_SLOW=$workers DBBRIDGE_LOOP=$loop $py -m pytest ${pytest_args[*]} $*"
+        DB_BACKEND="$backend" DBBRIDGE_WORKERS="$workers" DBBRIDGE_SLOW="$workers" DBBRIDGE_LOOP="$loop" "${timeout_cmd[@]}" "$py" -m pytest "${pytest_args[@]}" "$@" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         count "$log"
         case "$rc" in
@@ -169,7 +169,8 @@ for series in $DJANGO_SERIES; do
         pytest_args=(-q)
         # The task frameworks' real-worker tests run in the 5.2 series only:
         # they cost a worker start per case, and the integrations touch no
-        # code that differs between Django series (CI's time budget).
+        # code that differs between Django series (CI's time budget). So do
+        # the `slow` ones: README's quick start in fresh venvs, the demo in a browser.
         workers=0
         boot="scripts/bootstrap.sh all"
     fi

@@ -56,11 +56,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # The task workers' end-to-end tests start real workers against real
     # brokers: the matrix runs them in one Django series (scripts/test_matrix.sh).
     workers = os.environ.get("DBBRIDGE_WORKERS", "1") != "0"
+    # So do the fresh-venv and browser end-to-end runs (README's quick start, the demo).
+    slow = os.environ.get("DBBRIDGE_SLOW", "1") != "0"
 
     def applies(item: pytest.Item) -> bool:
         if vendor == "sqlite" and item.get_closest_marker("requires_server"):
             return False
         if not workers and item.get_closest_marker("workers"):
+            return False
+        if not slow and item.get_closest_marker("slow"):
             return False
         marker = item.get_closest_marker("vendor")
         return marker is None or vendor in marker.args

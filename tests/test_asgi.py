@@ -21,7 +21,7 @@ import async_dbbridge._compat
 import async_dbbridge._pool
 from async_dbbridge import TransactionLeftOpenWarning, get_bridge_executor, stats
 from async_dbbridge._compat import REQUEST_THREADS_SUPPORTED
-from async_dbbridge.asgi import DBBridgeASGIApp, get_asgi_application
+from async_dbbridge.asgi import UNAVAILABLE_BODY, DBBridgeASGIApp, get_asgi_application
 from tests.conftest import SetSetting, eventually, kill_backend, off_loop, sessions_become
 from tests.e2e_project.driver import Lifespan, Response, call_http
 from tests.e2e_project.settings import OVERRIDES
@@ -161,7 +161,7 @@ async def test_an_unknown_setting_fails_startup_naming_it(make_app: MakeApp) -> 
     app = make_app(LANES=4)
     message = await Lifespan(app).startup()
     assert message["type"] == "lifespan.startup.failed"
-    assert "unknown key(s) 'LANES'" in message["message"]
+    assert "has no key 'LANES'" in message["message"]
     assert "POOL_SIZE" in message["message"]
 
 
@@ -467,14 +467,20 @@ async def test_pool_timeout_is_answered_503_with_retry_after(
     # The gate view holds the only connection inside its sync call.
     first = asyncio.create_task(call_http(app, "/gate/hold/"))
     await entered("hold")
-    with caplog.at_level(logging.ERROR, logger="django.request"):
+    with (
+        caplog.at_level(logging.ERROR, logger="django.request"),
+        caplog.at_level(logging.WARNING, logger="async_dbbridge"),
+    ):
         second = await asyncio.wait_for(call_http(app, "/sync-query/"), timeout=30)
     assert second.status == 503
     assert second.headers[b"retry-after"] == b"1"
     assert second.headers[b"content-type"] == b"text/plain; charset=utf-8"
-    assert b"'default'" in second.body
-    assert b"POOL_SIZE" in second.body
-    assert b"Traceback" not in second.body  # Django's 500 body was swallowed
+    # DEBUG is off: the body says nothing about the configuration; the log does.
+    assert second.body == UNAVAILABLE_BODY
+    assert "503 Service Unavailable for GET /sync-query/: all 1 connections to database " in (
+        caplog.text
+    )
+    assert "POOL_SIZE" in caplog.text
     assert "PoolTimeout" in caplog.text  # Django logged the exception, as for any 500
     assert pool().timeouts == 1
     probe.gates["hold"].set()
@@ -625,3 +631,167 @@ def test_request_thread_support_is_detected_from_asgiref() -> None:
 
     major, minor = (int(part) for part in asgiref.__version__.split(".")[:2])
     assert ((major, minor) >= (3, 13)) == REQUEST_THREADS_SUPPORTED
+
+
+# -- what a 503 says, and to whom -----------------------------------------------------------
+
+
+async def _a_503(app: DBBridgeASGIApp) -> Response:
+    """A 503 from a real checkout timeout: the gate view holds the only connection."""
+    first = asyncio.create_task(call_http(app, "/gate/hold/"))
+    await entered("hold")
+    try:
+        return await asyncio.wait_for(call_http(app, "/sync-query/"), timeout=30)
+    finally:
+        probe.gates["hold"].set()
+        assert (await first).status == 200
+
+
+@requires_request_threads
+@pytest.mark.parametrize("debug", [False, True], ids=["DEBUG=False", "DEBUG=True"])
+async def test_the_503_body_shows_configuration_only_with_debug(
+    make_app: MakeApp, project: SettingsWrapper, caplog: pytest.LogCaptureFixture, debug: bool
+) -> None:
+    project.DEBUG = debug
+    app = make_app(POOL_SIZE=1, POOL_TIMEOUT=0.3)
+    with caplog.at_level(logging.WARNING, logger="async_dbbridge"):
+        response = await _a_503(app)
+    assert response.status == 503
+    assert response.headers[b"content-type"] == b"text/plain; charset=utf-8"
+    detail = "all 1 connections to database 'default' stayed in use for 0.3s"
+    if debug:
+        assert response.body.decode() == (
+            f"503 Service Unavailable: {detail} (ASYNC_DBBRIDGE POOL_SIZE / POOL_TIMEOUT). "
+            "Please retry.\n"
+        )
+    else:
+        assert response.body == UNAVAILABLE_BODY
+        assert b"POOL" not in response.body
+        assert b"default" not in response.body
+    # The log has the detail in both modes, once, with the request.
+    [line] = [r.getMessage() for r in caplog.records if "503 Service Unavailable" in r.message]
+    assert line == (
+        f"async_dbbridge: 503 Service Unavailable for GET /sync-query/: {detail} "
+        "(ASYNC_DBBRIDGE POOL_SIZE / POOL_TIMEOUT)"
+    )
+
+
+@requires_request_threads
+async def test_a_project_renders_its_own_503_from_503_html(
+    make_app: MakeApp, project: SettingsWrapper, tmp_path: Any
+) -> None:
+    (tmp_path / "503.html").write_text(
+        "<h1>Busy</h1><p>Try again in {{ retry_after }} s.</p>", encoding="utf-8"
+    )
+    project.TEMPLATES = [
+        {"BACKEND": "django.template.backends.django.DjangoTemplates", "DIRS": [str(tmp_path)]}
+    ]
+    app = make_app(POOL_SIZE=1, POOL_TIMEOUT=1.5)
+    response = await _a_503(app)
+    assert response.status == 503
+    assert response.headers[b"content-type"] == b"text/html; charset=utf-8"
+    assert response.headers[b"retry-after"] == b"2"
+    assert response.body == b"<h1>Busy</h1><p>Try again in 2 s.</p>"
+
+
+@pytest.fixture
+def one_connection_user(db_settings: SetSetting) -> Iterator[None]:
+    """Point 'default' at a database user the server lets open one session, no more.
+
+    The server's own refusal ("too many connections for role", MySQL's
+    max_user_connections) without filling the whole server, which other
+    clients of this machine share.
+    """
+    conn = connections["default"]
+    user = f"dbbridge_one_{threading.get_native_id()}"
+    with conn.cursor() as cursor:
+        if conn.vendor == "postgresql":
+            cursor.execute(f"DROP ROLE IF EXISTS {user}")
+            cursor.execute(f"CREATE ROLE {user} LOGIN CONNECTION LIMIT 1")
+            cursor.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {user}")
+        else:
+            cursor.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+            cursor.execute(f"CREATE USER '{user}'@'%' WITH MAX_USER_CONNECTIONS 1")
+            cursor.execute(f"GRANT SELECT ON `{conn.settings_dict['NAME']}`.* TO '{user}'@'%'")
+    conn.close()
+    db_settings(aliases=("default",), USER=user, PASSWORD="")
+    yield
+    connections["default"].close()
+    # The fixture's own changes are undone by db_settings after this.
+    admin = connections.create_connection("default")
+    admin.settings_dict = {**admin.settings_dict, "USER": ADMIN_USER[admin.vendor]}
+    try:
+        with admin.cursor() as cursor:
+            if admin.vendor == "postgresql":
+                cursor.execute(f"DROP OWNED BY {user}")
+                cursor.execute(f"DROP ROLE {user}")
+            else:
+                cursor.execute(f"DROP USER '{user}'@'%'")
+    finally:
+        admin.close()
+
+
+ADMIN_USER = {"postgresql": "postgres", "mysql": "root"}
+
+
+@requires_request_threads
+@pytest.mark.requires_server
+@pytest.mark.usefixtures("one_connection_user")
+async def test_a_server_that_refuses_a_connection_is_the_same_503(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The pool has room for two; the server lets this user have one.
+    app = make_app(POOL_SIZE=2, POOL_TIMEOUT=5)
+    with caplog.at_level(logging.WARNING, logger="async_dbbridge"):
+        response = await _a_503(app)
+    assert response.status == 503
+    assert response.body == UNAVAILABLE_BODY
+    assert response.headers[b"retry-after"] == b"5"
+    [line] = [r.getMessage() for r in caplog.records if "503 Service Unavailable" in r.message]
+    assert "the server of database 'default' refused a new connection, it is full" in line
+    assert re.search(r"too many connections for role|max_user_connections", line), line
+    assert pool().timeouts == 0  # the server refused; the pool never timed out
+
+
+@requires_request_threads
+@pytest.mark.requires_server
+async def test_startup_says_when_the_server_cannot_hold_the_pool(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from async_dbbridge import _startup
+
+    monkeypatch.setattr(_startup, "_probed", set())
+    app = make_app(POOL_SIZE=10_000)
+    with caplog.at_level(logging.WARNING, logger="async_dbbridge"):
+        assert (await Lifespan(app).startup())["type"] == "lifespan.startup.complete"
+    lines = [r.getMessage() for r in caplog.records if "max_connections" in r.message]
+    assert [line.split(" is more than")[0] for line in lines] == [
+        f"async_dbbridge: POOL_SIZE=10000 for database {alias!r}" for alias in ("default", "other")
+    ]
+    # Once per alias per process: a second start does not ask again.
+    caplog.clear()
+    assert (await Lifespan(make_app(POOL_SIZE=10_000)).startup())["type"] == (
+        "lifespan.startup.complete"
+    )
+    assert "max_connections" not in caplog.text
+    await app.aclose()
+
+
+def test_503s_are_logged_once_per_interval_with_the_count_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from async_dbbridge import asgi
+
+    clock = [1000.0]
+    log = asgi._UnavailableLog(clock=lambda: clock[0])
+    scope = {"method": "GET", "path": "/x/"}
+    with caplog.at_level(logging.WARNING, logger="async_dbbridge"):
+        for _ in range(5):  # a burst: one line
+            log(scope, "the pool")
+        clock[0] += log.EVERY
+        log(scope, "the pool")
+    assert [r.getMessage() for r in caplog.records] == [
+        "async_dbbridge: 503 Service Unavailable for GET /x/: the pool",
+        "async_dbbridge: 503 Service Unavailable for GET /x/: the pool "
+        "(4 more 503s since the last such line, not logged)",
+    ]

@@ -18,6 +18,9 @@ from async_dbbridge import checks
 from async_dbbridge._lending import make_pooled
 from async_dbbridge.checks import (
     check_connection_budget,
+    check_deploy_health_checks,
+    check_deploy_processes,
+    check_deploy_shutdown_timeout,
     check_django_pool,
     check_pooled_conn_max_age,
     check_settings,
@@ -291,3 +294,71 @@ def test_pool_checks_run_with_manage_py_check(
     db_settings(aliases=("other",), OPTIONS={"pool": True})
     with pytest.raises(SystemCheckError, match=r"async_dbbridge\.E003"):
         call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
+
+
+# -- manage.py check --deploy -------------------------------------------------------------
+
+
+def test_deploy_warns_about_reused_connections_without_health_checks(
+    settings: SettingsWrapper, db_settings: SetSetting
+) -> None:
+    settings.ASYNC_DBBRIDGE = {}
+    db_settings(CONN_MAX_AGE=60, CONN_HEALTH_CHECKS=True)
+    assert check_deploy_health_checks() == []
+    db_settings(aliases=("other",), CONN_HEALTH_CHECKS=False)
+    [warning] = check_deploy_health_checks()
+    assert warning.id == "async_dbbridge.W007"
+    assert warning.msg.startswith(
+        "DATABASES['other'] reuses pooled connections (CONN_MAX_AGE = 60)"
+    )
+    assert warning.hint is not None
+    assert "CONN_HEALTH_CHECKS'] = True" in warning.hint
+    # Nothing reused (CONN_MAX_AGE = 0, W006's business): nothing to check.
+    db_settings(aliases=("other",), CONN_MAX_AGE=0)
+    assert check_deploy_health_checks() == []
+    # For ever is reuse too.
+    db_settings(aliases=("other",), CONN_MAX_AGE=None)
+    assert [m.id for m in check_deploy_health_checks()] == ["async_dbbridge.W007"]
+    settings.ASYNC_DBBRIDGE = {"POOL_SIZE": 0}  # E001's alone
+    assert check_deploy_health_checks() == []
+
+
+def test_deploy_warns_about_a_shutdown_without_a_limit(settings: SettingsWrapper) -> None:
+    settings.ASYNC_DBBRIDGE = {}
+    assert check_deploy_shutdown_timeout() == []
+    settings.ASYNC_DBBRIDGE = {"SHUTDOWN_TIMEOUT": None}
+    [warning] = check_deploy_shutdown_timeout()
+    assert warning.id == "async_dbbridge.W008"
+    assert "SHUTDOWN_TIMEOUT'] is None" in warning.msg
+
+
+@pytest.mark.requires_server
+@pytest.mark.django_db
+def test_deploy_checks_processes_times_pool_size_against_the_server(
+    settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    max_connections, reserved = _server_limits()
+    usable = max_connections - reserved
+    settings.ASYNC_DBBRIDGE = {"POOL_SIZE": usable // 4 + 1}
+    # Without WEB_CONCURRENCY nothing says how many processes will run.
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    assert check_deploy_processes(databases=["default"]) == []
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")
+    assert check_deploy_processes(databases=["default"]) == []
+    monkeypatch.setenv("WEB_CONCURRENCY", "4")
+    [error] = check_deploy_processes(databases=["default"])
+    assert error.id == "async_dbbridge.E004"
+    assert error.msg.startswith(
+        f"WEB_CONCURRENCY = 4 processes x ASYNC_DBBRIDGE['POOL_SIZE'] = {usable // 4 + 1}: up "
+        f"to {4 * (usable // 4 + 1)} sessions on database 'default'"
+    )
+    assert error.hint is not None
+    assert f"at most {usable // 4}" in error.hint
+    # Only with --deploy and --database.
+    call_command("check", databases=["default"], stdout=io.StringIO())
+    with pytest.raises(SystemCheckError, match=r"async_dbbridge\.E004"):
+        call_command("check", deploy=True, databases=["default"], stdout=io.StringIO())
+    monkeypatch.setenv("WEB_CONCURRENCY", "many")
+    [error] = check_deploy_processes(databases=["default"])
+    assert error.id == "async_dbbridge.E004"
+    assert "WEB_CONCURRENCY is 'many'; expected a positive integer" in error.msg

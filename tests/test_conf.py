@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import Any
 
 import pytest
@@ -10,9 +12,9 @@ from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
-from async_dbbridge import Policy
+from async_dbbridge import Policy, conf
 from async_dbbridge.checks import check_settings
-from async_dbbridge.conf import DEFAULT_MAX_WORKERS, parse_settings
+from async_dbbridge.conf import DEFAULT_MAX_WORKERS, SettingsError, parse_settings
 
 
 def test_defaults_work_with_nothing_configured() -> None:
@@ -32,7 +34,7 @@ def test_max_age_policy() -> None:
     ("raw", "match"),
     [
         ([], "must be a dict"),
-        ({"WORKERS": 3}, "unknown key.*'WORKERS'.*MAX_WORKERS"),
+        ({"WORKERS": 3}, "no key 'WORKERS'; did you mean 'MAX_WORKERS'"),
         ({"MAX_WORKERS": 0}, r"\['MAX_WORKERS'\] is 0; expected a positive integer"),
         ({"MAX_WORKERS": "8"}, r"\['MAX_WORKERS'\]"),
         ({"POLICY": "never"}, r"\['POLICY'\] is 'never'; expected 'request', 'close' or 'max_age'"),
@@ -84,3 +86,81 @@ def test_in_memory_sqlite_is_warned_about() -> None:
     assert in_memory_sqlite_aliases(databases) == ["memory", "shared_memory"]
     # The suite's own databases are files (or servers): nothing to report.
     assert check_in_memory_sqlite() == []
+
+
+# -- every problem at once ---------------------------------------------------------------
+
+
+def test_every_problem_is_reported_at_once_with_close_matches() -> None:
+    raw = {"POOL_SIZ": 4, "pool_timeout": 2, "LANES": 8, "MAX_WORKERS": 0, "HOLD": "x"}
+    with pytest.raises(SettingsError) as caught:
+        parse_settings(raw)
+    problems = caught.value.problems
+    assert problems == (
+        "ASYNC_DBBRIDGE has no key 'POOL_SIZ'; did you mean 'POOL_SIZE'?",
+        "ASYNC_DBBRIDGE has no key 'pool_timeout'; did you mean 'POOL_TIMEOUT'?",
+        f"ASYNC_DBBRIDGE has no key 'LANES'; accepted keys are {', '.join(sorted(conf._KEYS))}.",
+        "ASYNC_DBBRIDGE['MAX_WORKERS'] is 0; expected a positive integer.",
+        "ASYNC_DBBRIDGE['HOLD'] is 'x'; expected 'transaction' or 'request'.",
+    )
+    # The exception's message (what a failed start prints) lists them all.
+    message = str(caught.value)
+    assert message.startswith("ASYNC_DBBRIDGE has 5 problems:\n- ")
+    assert all(problem in message for problem in problems)
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_e001_is_one_error_per_problem() -> None:
+    with override_settings(ASYNC_DBBRIDGE={"LANES": 4, "POOL_SIZE": 0, "POOL_TIMEOUT": "1"}):
+        errors = check_settings()
+    assert [e.id for e in errors] == ["async_dbbridge.E001"] * 3
+    assert "'LANES'" in errors[0].msg
+    assert "['POOL_SIZE'] is 0" in errors[1].msg
+    assert "['POOL_TIMEOUT'] is '1'" in errors[2].msg
+
+
+# Every key whose value is a number of seconds: NaN passes `< 0` and infinity
+# overflows the waits and timestamps it reaches, far from the key.
+NUMERIC_KEYS = {
+    "IDLE_TIMEOUT": {},
+    "SHUTDOWN_TIMEOUT": {},
+    "POOL_TIMEOUT": {},
+    "MAX_AGE": {"POLICY": "max_age"},
+}
+
+
+@pytest.mark.parametrize("key", sorted(NUMERIC_KEYS))
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (math.nan, "NaN is not a number of seconds"),
+        (math.inf, "a finite number of seconds"),
+        (-math.inf, "a finite number of seconds"),
+        (10**400, "a finite number of seconds"),
+        (threading.TIMEOUT_MAX * 2, "a finite number of seconds"),
+    ],
+    ids=["nan", "inf", "-inf", "huge-int", "beyond-TIMEOUT_MAX"],
+)
+def test_nan_and_infinity_are_refused_naming_the_key(key: str, value: float, words: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        parse_settings({**NUMERIC_KEYS[key], key: value})
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"ASYNC_DBBRIDGE[{key!r}] is ")
+    assert words in problem
+
+
+@pytest.mark.parametrize("key", ["MAX_WORKERS", "POOL_SIZE", "MAX_WAITING", "CPU_AFFINITY"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, 2.0])
+def test_integer_keys_refuse_any_float(key: str, value: float) -> None:
+    with pytest.raises(SettingsError) as caught:
+        parse_settings({key: value})
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"ASYNC_DBBRIDGE[{key!r}] is ")
+
+
+def test_largest_finite_values_are_accepted() -> None:
+    parsed = parse_settings(
+        {"POOL_TIMEOUT": threading.TIMEOUT_MAX, "IDLE_TIMEOUT": None, "SHUTDOWN_TIMEOUT": 0}
+    )
+    assert parsed.pool_timeout == threading.TIMEOUT_MAX
+    assert (parsed.idle_timeout, parsed.shutdown_timeout) == (None, 0.0)

@@ -154,7 +154,7 @@ def all_samples() -> list[tuple[str, str, str]]:
 
 def kind(block: str) -> str:
     first = block.split("\n", 1)[0]
-    if first.startswith("# settings.py"):
+    if first.startswith(("# settings.py", "# mysite/settings.py")):
         return "settings"
     if first.startswith("# myapp/models.py"):
         return "model"
@@ -209,8 +209,16 @@ def myapp() -> Iterator[None]:
     package.models = testapp_models  # type: ignore[attr-defined]
     sys.modules["myapp"] = package
     sys.modules["myapp.models"] = testapp_models
+    # The quick start's views, for its urls.py.
+    views = types.ModuleType("myapp.views")
+    exec(compile(QUICKSTART_VIEWS.read_text(), str(QUICKSTART_VIEWS), "exec"), views.__dict__)
+    package.views = views  # type: ignore[attr-defined]
+    sys.modules["myapp.views"] = views
     yield
-    del sys.modules["myapp"], sys.modules["myapp.models"]
+    del sys.modules["myapp"], sys.modules["myapp.models"], sys.modules["myapp.views"]
+
+
+QUICKSTART_VIEWS = ROOT / "docs/snippets/quickstart.py"
 
 
 @pytest.mark.usefixtures("myapp")
@@ -248,11 +256,34 @@ def _restore(manager: logging.Manager, saved: dict[str, Any]) -> None:
         logger.propagate, logger.disabled = propagate, disabled
 
 
+#: What `django-admin startproject` writes that a settings fragment may extend
+#: (`INSTALLED_APPS += [...]`): the quick start's is added to that file.
+STARTPROJECT_SETTINGS: dict[str, Any] = {
+    "INSTALLED_APPS": [
+        "django.contrib.admin",
+        "django.contrib.auth",
+        "django.contrib.contenttypes",
+        "django.contrib.sessions",
+        "django.contrib.messages",
+        "django.contrib.staticfiles",
+    ],
+}
+
+
+def _assigned_names(block: str) -> list[str]:
+    tree = ast.parse(block)
+    names: list[str] = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        names += [t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper()]
+    return names
+
+
 @pytest.mark.parametrize("block", samples_of("settings"))
 def test_settings_samples_are_valid_settings(block: str) -> None:
-    namespace: dict[str, Any] = {}
+    namespace: dict[str, Any] = {k: list(v) for k, v in STARTPROJECT_SETTINGS.items()}
     exec(compile(block, "<settings.py sample>", "exec"), namespace)
-    names = [name for name in namespace if name.isupper()]
+    names = _assigned_names(block)
     assert names, "a settings.py sample that sets nothing"
     for name in names:
         value = namespace[name]
@@ -324,7 +355,13 @@ def test_readme_quick_start_is_the_docs_quick_start() -> None:
     readme = python_blocks(section((ROOT / "README.md").read_text(), "Quick start"))
     docs = python_blocks(section((ROOT / "docs" / "index.md").read_text(), "Quick start"))
     assert readme == docs
-    assert [kind(block) for block in readme] == ["settings", "run", "model", "run"]
+    assert [kind(block) for block in readme] == ["settings", "run", "model", "run", "run"]
+    # The console steps too: tests/test_quickstart.py runs the README's.
+    console = re.compile(r"^```console\n(.*?)^```", re.MULTILINE | re.DOTALL)
+    for heading in ("Install", "Quick start"):
+        assert console.findall(section((ROOT / "README.md").read_text(), heading)) == (
+            console.findall(section((ROOT / "docs" / "index.md").read_text(), heading))
+        ), heading
     assert (ROOT / "docs/snippets/quickstart.py").read_text().rstrip("\n") in readme
 
 
@@ -340,6 +377,9 @@ def test_quick_start_views_work() -> None:
         return bytes(response.content)
 
     assert b"from the docs" in asyncio.run(scenario())
+    response = namespace["item_count"](RequestFactory().get("/items/count/"))
+    assert response.status_code == 200
+    assert response.content == b'{"count": 1}'
 
 
 @pytest.mark.usefixtures("myapp")
@@ -530,3 +570,62 @@ def test_logger_table_lists_every_level_the_library_logs_at() -> None:
     page = section(SETTINGS_PAGE.read_text(), "The `async_dbbridge` logger")
     documented = {row[0].strip("`") for row in table_rows(page, "| Level |")}
     assert documented == used
+
+
+# -- retired names and test markers ------------------------------------------------------
+
+
+def test_no_page_or_docstring_names_anything_retired() -> None:
+    """The sources of the site and of the long description; `make docs` greps the built site."""
+    findings = [
+        str(finding)
+        for path in [*DOC_FILES, *sorted((ROOT / "docs" / "snippets").glob("*.py"))]
+        for finding in markup.find_retired(path.read_text(), path.name)
+        if finding.problem.startswith("retired")
+    ]
+    findings += [
+        str(finding)
+        for path in sorted((ROOT / "async_dbbridge").glob("*.py"))
+        for finding in markup.find_retired(path.read_text(), path.name)
+        if finding.problem.startswith("retired")
+    ]
+    assert findings == []
+
+
+def test_the_site_check_finds_retired_names_and_markers(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<p>Request lanes need asgiref 3.13.</p>")
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "search_index.json").write_text(
+        '{"docs": [{"text": "LANE_WAIT_TIMEOUT"}, {"text": "# Not runnable: a reason"}]}'
+    )
+    found = sorted(
+        (Path(f.where).name, f.problem.split(" (")[0]) for f in markup.scan_site(tmp_path)
+    )
+    assert found == [
+        ("index.html", "retired name"),
+        ("search_index.json", "retired name"),
+        ("search_index.json", "test marker in a rendered sample"),
+    ]
+    assert markup.find_retired("a plain page", "x") == []
+
+
+def test_rendered_samples_drop_the_test_marker() -> None:
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks", ROOT / "scripts/mkdocs_hooks.py")
+    assert spec is not None
+    assert spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    html = (
+        '<div class="highlight"><pre><span></span><code><span class="c1"># Not runnable: '
+        'two lines of asgi.py.</span>\n<span class="n">application</span></code></pre></div>'
+    )
+    assert hooks.on_page_content(html) == (
+        '<div class="highlight"><pre><span></span><code><span class="n">application</span>'
+        "</code></pre></div>"
+    )
+
+
+def test_quick_start_blocks_fit_a_page_without_scrolling() -> None:
+    for block in python_blocks(section((ROOT / "README.md").read_text(), "Quick start")):
+        long = [line for line in block.splitlines() if len(line) > 80]
+        assert long == [], long

@@ -36,6 +36,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 import async_dbbridge
+from tests.test_docs import markup
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -251,18 +252,66 @@ def test_classifiers_match_requires_python() -> None:
     assert any(c.startswith("Development Status :: ") for c in PROJECT["classifiers"])
 
 
+README_SUBSTITUTIONS = PYPROJECT["tool"]["hatch"]["metadata"]["hooks"]["fancy-pypi-readme"][
+    "substitutions"
+]
+#: A Markdown link or image whose target is not absolute (nor an anchor on the page).
+RELATIVE_LINK = re.compile(r"\]\((?![a-z]+:|#)[^)\s]+\)")
+
+
+def absolute_links(text: str) -> str:
+    """`text` with the substitutions pyproject.toml asks of the long description."""
+    for substitution in README_SUBSTITUTIONS:
+        text = re.sub(substitution["pattern"], substitution["replacement"], text)
+    return text
+
+
 def test_long_description_is_the_readme_and_the_newest_changelog_entry(
     artifacts: Artifacts,
 ) -> None:
     description = artifacts.metadata.get_payload()
     assert isinstance(description, str)
-    assert description.startswith((ROOT / "README.md").read_text().rstrip("\n"))
+    readme = (ROOT / "README.md").read_text().rstrip("\n")
+    assert RELATIVE_LINK.search(readme), "the README has relative links: the check would be moot"
+    assert description.startswith(absolute_links(readme))
     changelog = (ROOT / "docs" / "changelog.md").read_text()
     # The body of the first "## " entry: its "###" sections, up to the next entry.
     newest = re.search(r"^## [^\n]+\n+(.+?)\s*(?=^## |\Z)", changelog, re.MULTILINE | re.DOTALL)
     assert newest is not None
     assert newest.group(1).startswith("### ")
-    assert newest.group(1) in description
+    assert absolute_links(newest.group(1)) in description
+
+
+def test_long_description_links_work_off_the_repository(artifacts: Artifacts) -> None:
+    """On a package index a relative link goes nowhere: every link is absolute, into docs/."""
+    description = artifacts.metadata.get_payload()
+    assert isinstance(description, str)
+    assert RELATIVE_LINK.findall(description) == []
+    base = "https://github.com/async-dbbridge/async-dbbridge/blob/main/"
+    targets = re.findall(r"\]\((https://github\.com/[^)\s#]+)", description)
+    assert targets
+    for target in targets:
+        assert target.startswith(base), target
+        # Each points at a file the repository has.
+        assert (ROOT / target.removeprefix(base)).is_file(), target
+    images = re.findall(r"!\[[^\]]*\]\((\S+)\)", description)
+    raw = "https://raw.githubusercontent.com/async-dbbridge/async-dbbridge/main/"
+    assert images
+    assert all(
+        image.startswith(raw) and (ROOT / image.removeprefix(raw)).is_file() for image in images
+    )
+
+
+def test_long_description_names_nothing_retired(artifacts: Artifacts) -> None:
+    description = artifacts.metadata.get_payload()
+    assert isinstance(description, str)
+    assert [str(f) for f in markup.find_retired(description, "long description")] == []
+
+
+def test_metadata_names_the_projects_urls(artifacts: Artifacts) -> None:
+    urls = dict(entry.split(", ", 1) for entry in artifacts.metadata.get_all("Project-URL") or [])
+    assert urls == PROJECT["urls"]
+    assert set(urls) >= {"Homepage", "Documentation", "Changelog", "Issues"}
 
 
 # -- the wheel installed on its own --------------------------------------------------------

@@ -75,8 +75,10 @@ elif _default_db["ENGINE"] == "django.db.backends.mysql":
 
 DATABASES = {"default": _default_db}
 
-# One bridge per process: at most 8 threads, so at most 8 connections per alias.
-ASYNC_DBBRIDGE = {"MAX_WORKERS": 8}
+# 8 bridge threads, and a pool of 4 connections per alias: small, so that the
+# dashboard's burst shows requests waiting for a connection, and a 503 (with
+# Retry-After) for those that waited longer than POOL_TIMEOUT.
+ASYNC_DBBRIDGE = {"MAX_WORKERS": 8, "POOL_SIZE": 4, "POOL_TIMEOUT": 1.0}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True

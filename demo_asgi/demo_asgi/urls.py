@@ -8,6 +8,8 @@ from shop import views
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("stats", views.stats, name="stats"),
+    path("load", views.load, name="load"),
+    path("favicon.ico", views.favicon, name="favicon"),
     path("products/db-call", views.products_db_call, name="products-db-call"),
     path("products/sync-to-async", views.products_sync_to_async, name="products-sync-to-async"),
     path("products/sync", views.products_sync, name="products-sync"),

@@ -19,10 +19,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -31,16 +35,20 @@ from django.db import connections, transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods
 
 import async_dbbridge
-from async_dbbridge import BridgeStats, db_call, db_sync_to_async
+from async_dbbridge import BridgeStats, PoolStats, db_call, db_sync_to_async
 from async_dbbridge.asgi import DBBridgeASGIApp
+from async_dbbridge.conf import get_settings
 from async_dbbridge.testing import process_open_connections, server_session_count
 from shop.models import Order, Product
 
 __all__ = (
     "dashboard",
+    "favicon",
+    "load",
     "orders",
     "products_async_orm",
     "products_db_call",
@@ -50,6 +58,8 @@ __all__ = (
 )
 
 MAX_DELAY = 2.0
+#: demo_asgi/, where `python -m shop.load` finds the shop package.
+DEMO_DIR = Path(__file__).resolve().parent.parent
 PRODUCT_LIMIT = 20
 
 # server_session_count() blocks (a query on PostgreSQL/MySQL), so it runs off
@@ -139,20 +149,21 @@ class _OrderError(Exception):
         self.status = status
 
 
-def _place_order(product_id: int, quantity: int) -> dict[str, Any]:
+def _place_order(product_id: int, quantity: int) -> dict[str, Any] | _OrderError:
     # The whole transaction runs inside one call on one worker thread: an
     # atomic block must begin and end on the thread that owns the connection,
-    # so it never spans an await.
+    # so it never spans an await. An order refused (no such product, not
+    # enough stock) is returned, not raised: the bridge counts calls that
+    # raise as errors, and a refused order is not a failure of the bridge.
     with transaction.atomic():
-        try:
-            # Row lock on PostgreSQL and MySQL, so concurrent orders cannot
-            # oversell; SQLite has no row locks (and ignores this), but with
-            # transaction_mode=IMMEDIATE its writers are serialized anyway.
-            product = Product.objects.select_for_update().get(pk=product_id)
-        except Product.DoesNotExist:
-            raise _OrderError(404, f"no product with id {product_id}") from None
+        # Row lock on PostgreSQL and MySQL, so concurrent orders cannot
+        # oversell; SQLite has no row locks (and ignores this), but with
+        # transaction_mode=IMMEDIATE its writers are serialized anyway.
+        product = Product.objects.select_for_update().filter(pk=product_id).first()
+        if product is None:
+            return _OrderError(404, f"no product with id {product_id}")
         if product.stock < quantity:
-            raise _OrderError(409, f"only {product.stock} {product.name!r} left")
+            return _OrderError(409, f"only {product.stock} {product.name!r} left")
         product.stock -= quantity
         product.save(update_fields=["stock"])
         order = Order.objects.create(product=product, quantity=quantity)
@@ -212,9 +223,11 @@ async def orders(request: HttpRequest) -> JsonResponse:
         return JsonResponse({"orders": await db_call(_recent_orders)})
     try:
         product_id, quantity = _order_input(request)
-        order = await db_call(_place_order, product_id, quantity)
     except _OrderError as exc:
         return JsonResponse({"error": str(exc)}, status=exc.status)
+    order = await db_call(_place_order, product_id, quantity)
+    if isinstance(order, _OrderError):
+        return JsonResponse({"error": str(order)}, status=order.status)
     return JsonResponse(order, status=201)
 
 
@@ -259,6 +272,37 @@ def _bridge_figures(snapshot: BridgeStats) -> dict[str, Any] | None:
     }
 
 
+def _pool_figures(
+    app: DBBridgeASGIApp | None, snapshot: BridgeStats, aliases: list[str]
+) -> dict[str, Any]:
+    """Each alias's pool; before its first checkout, an empty one of the configured size.
+
+    A pool is built on its first checkout; until then the dashboard shows the
+    row it will have (nothing in use, nothing opened), not a blank one.
+    Under stock Django there is no pool at all.
+    """
+    pools: dict[str, Any] = {alias: pool.as_dict() for alias, pool in snapshot.pools.items()}
+    if app is None:
+        return pools
+    configured = get_settings()
+    empty = PoolStats(
+        max_size=configured.effective_pool_size,
+        in_use=0,
+        idle=0,
+        waiting=0,
+        opened=0,
+        closed=0,
+        checkouts=0,
+        timeouts=0,
+        wait_time_total=0.0,
+        wait_time_max=0.0,
+        max_waiting=configured.effective_max_waiting,
+    ).as_dict()
+    for alias in aliases:
+        pools.setdefault(alias, dict(empty))
+    return pools
+
+
 def _collect_stats() -> dict[str, Any]:
     aliases = list(settings.DATABASES)
     app = _wrapper()
@@ -273,7 +317,7 @@ def _collect_stats() -> dict[str, Any]:
         "request_threads": threads.as_dict() if threads is not None else None,
         # One connection pool per database alias, shared by request threads
         # and bridge workers: POOL_SIZE connections at most.
-        "pools": {alias: pool.as_dict() for alias, pool in snapshot.pools.items()},
+        "pools": _pool_figures(app, snapshot, aliases),
         "bridge": _bridge_figures(snapshot),
         "server_sessions": {alias: server_session_count(alias) for alias in aliases},
         # Django connections open on any thread of this process: under stock
@@ -292,6 +336,90 @@ async def stats(request: HttpRequest) -> JsonResponse:
     return JsonResponse(await loop.run_in_executor(_stats_thread, _collect_stats))
 
 
+# -- the burst: the same load against this server and stock Django --------------
+
+#: Where stock Django serves the same project (scripts/run_demo.sh starts it).
+STOCK_URL = os.environ.get("DEMO_STOCK_URL", "")
+_load_lock = threading.Lock()
+_load: dict[str, Any] = {"process": None, "out": None}
+LOAD_LIMITS = {"clients": (1, 200, 48), "seconds": (1.0, 30.0, 5.0), "delay": (0.0, 1.0, 0.1)}
+
+
+def _load_parameter(request: HttpRequest, name: str) -> float:
+    low, high, default = LOAD_LIMITS[name]
+    try:
+        value = float(request.POST.get(name, default))
+    except ValueError:
+        value = default
+    return max(low, min(high, value)) if math.isfinite(value) else default
+
+
+def _start_load(request: HttpRequest) -> JsonResponse:
+    with _load_lock:
+        process = _load["process"]
+        if process is not None and process.poll() is None:
+            return JsonResponse({"error": "a burst is already running"}, status=409)
+        if process is not None:
+            process.wait()
+        own = f"{request.scheme}://{request.get_host()}"
+        targets = [f"async_dbbridge={own}"]
+        if STOCK_URL:
+            targets.append(f"stock Django={STOCK_URL}")
+        out = Path(tempfile.gettempdir()) / f"dbbridge-demo-load-{os.getpid()}.json"
+        out.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "shop.load", "--out", str(out)]
+        for name in ("clients", "seconds", "delay"):
+            value = _load_parameter(request, name)
+            command += [f"--{name}", str(int(value) if name == "clients" else value)]
+        for target in targets:
+            command += ["--target", target]
+        # A process of its own: load generated here would take this server's CPU.
+        _load["process"] = subprocess.Popen(command, cwd=DEMO_DIR)
+        _load["out"] = out
+    return JsonResponse({"started": True, "targets": targets}, status=202)
+
+
+def _read_load() -> dict[str, Any]:
+    with _load_lock:
+        out: Path | None = _load["out"]
+        process = _load["process"]
+    data: dict[str, Any] = {"phase": "idle", "targets": []}
+    if out is not None and out.exists():
+        data = json.loads(out.read_text())
+    elif process is not None and process.poll() is None:
+        data["phase"] = "starting"
+    if process is not None and process.poll() not in (None, 0):
+        data["phase"] = f"failed (exit {process.returncode})"
+    data["stock_url"] = STOCK_URL or None
+    return data
+
+
+# The dashboard's own form posts here; no cookies or sessions in this demo.
+@csrf_exempt
+@require_http_methods(["GET", "POST"])
+async def load(request: HttpRequest) -> JsonResponse:
+    """``POST``: start the burst (``clients``, ``seconds``, ``delay``). ``GET``: its figures."""
+    loop = asyncio.get_running_loop()
+    if request.method == "POST":
+        return await loop.run_in_executor(_stats_thread, _start_load, request)
+    return JsonResponse(await loop.run_in_executor(_stats_thread, _read_load))
+
+
+# An SVG pool of four slots, so the browser's tab has an icon and the log no 404.
+_FAVICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    b'<rect x="1" y="1" width="6" height="6" rx="1" fill="#e8833a"/>'
+    b'<rect x="9" y="1" width="6" height="6" rx="1" fill="#3a9e5f"/>'
+    b'<rect x="1" y="9" width="6" height="6" rx="1" fill="#3a9e5f"/>'
+    b'<rect x="9" y="9" width="6" height="6" rx="1" fill="#d8dce0"/></svg>'
+)
+
+
+@require_GET
+async def favicon(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(_FAVICON, content_type="image/svg+xml")
+
+
 ENDPOINTS = (
     ("products-db-call", "await db_call(fn)"),
     ("products-sync-to-async", "@db_sync_to_async"),
@@ -308,6 +436,11 @@ async def dashboard(request: HttpRequest) -> HttpResponse:
     context = {
         "endpoints": [(reverse(name), label) for name, label in ENDPOINTS],
         "stats_url": reverse("stats"),
+        "load_url": reverse("load"),
+        "pool_size": get_settings().effective_pool_size,
+        "pool_timeout": get_settings().pool_timeout,
+        "stock_url": STOCK_URL,
+        "vendor": connections["default"].vendor,
         "orders_url": reverse("orders"),
         "max_delay": MAX_DELAY,
     }

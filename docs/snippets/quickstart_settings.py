@@ -1,6 +1,13 @@
-# settings.py
-INSTALLED_APPS = [
-    # ... Django's apps and your own ...
-    "async_dbbridge",
-]
-ASYNC_DBBRIDGE = {"MAX_WORKERS": 8}  # optional: 8 threads, so at most 8 connections per alias
+# mysite/settings.py — add at the end of the settings startproject wrote
+INSTALLED_APPS += ["async_dbbridge", "myapp"]
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": "quickstart",
+        "USER": "postgres",
+        "HOST": "127.0.0.1",
+        "CONN_MAX_AGE": 60,  # seconds a pooled connection is reused
+        "CONN_HEALTH_CHECKS": True,  # checked before reuse
+    }
+}
+ASYNC_DBBRIDGE = {"POOL_SIZE": 8}  # at most 8 connections per process
