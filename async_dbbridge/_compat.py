@@ -377,8 +377,12 @@ def unwrap_converted(layer: Any) -> Any | None:
 #
 # The fused middleware (_middleware) and the one-hop path (_one_hop) each do in
 # their own code part of what Django's request machinery does. They act only on
-# a Django whose relevant functions are, to the character, the ones they were
-# checked against: the source text of each function below, hashed. Any other
+# a Django whose functions they *mirror* are, to the character, the ones they
+# were checked against: the source text of each function below, hashed. What
+# they only *call* (get_response, load_middleware, create_request, close, and
+# __call__, which still runs) is not fingerprinted: a library that wraps one of
+# those (Sentry's DjangoIntegration wraps get_response, load_middleware and
+# __call__) keeps its wrapper on either path. Any other
 # Django (a new release, a patched function — also one patched by another
 # library, whose patch a rewrite would bypass) turns the optimisation off, with
 # the reason logged at startup, and Django serves every request its own way.
@@ -392,7 +396,6 @@ MIDDLEWARE_FUNCTIONS: Final = (
     "django.utils.deprecation.MiddlewareMixin.__call__",
     "django.utils.deprecation.MiddlewareMixin.__acall__",
     "django.core.handlers.exception.convert_exception_to_response",
-    "django.core.handlers.base.BaseHandler.load_middleware",
     "django.core.handlers.base.BaseHandler.adapt_method_mode",
 )
 
@@ -401,12 +404,8 @@ MIDDLEWARE_FUNCTIONS: Final = (
 REQUEST_FUNCTIONS: Final = (
     "django.core.handlers.asgi.ASGIHandler.handle",
     "django.core.handlers.asgi.ASGIHandler.run_get_response",
-    "django.core.handlers.asgi.ASGIHandler.__call__",
     "django.core.handlers.asgi.ASGIRequest.__init__",
     "django.core.handlers.asgi.get_script_prefix",
-    "django.core.handlers.base.BaseHandler.get_response",
-    "django.core.handlers.base.BaseHandler._get_response",
-    "django.http.response.HttpResponseBase.close",
 )
 
 _COMMON: Final = {
@@ -415,27 +414,21 @@ _COMMON: Final = {
     "django.core.handlers.exception.convert_exception_to_response": "a297ae868bddaca2",
     "django.core.handlers.base.BaseHandler.adapt_method_mode": "1f6383b647ac2959",
     "django.core.handlers.asgi.ASGIHandler.run_get_response": "0234ea5fe09a5777",
-    "django.core.handlers.asgi.ASGIHandler.__call__": "f756809e9c9308dc",
     "django.core.handlers.asgi.get_script_prefix": "bd6e761a557ee4c5",
-    "django.core.handlers.base.BaseHandler.get_response": "3d6a79b124c2cccb",
-    "django.core.handlers.base.BaseHandler._get_response": "ec767cf1bf0296fa",
-    "django.http.response.HttpResponseBase.close": "84589f5b23acbb23",
 }
 
 #: sha256 (first 16 hex digits) of each function's source, per Django series,
-#: as checked: Django 5.2.20 and 6.1.3. 6.1 rewrapped a docstring line of
-#: load_middleware, moved handle() into a TaskGroup, and made ASGIRequest's
-#: path_info stop at a path segment (asgi_path_info follows both).
+#: as checked: Django 5.2.20 and 6.1.3. 6.1 moved handle() into a TaskGroup,
+#: and made ASGIRequest's path_info stop at a path segment (asgi_path_info
+#: follows both).
 FINGERPRINTS: Final[dict[tuple[int, int], dict[str, str]]] = {
     (5, 2): {
         **_COMMON,
-        "django.core.handlers.base.BaseHandler.load_middleware": "a1fb7ee5f8586195",
         "django.core.handlers.asgi.ASGIHandler.handle": "98faeb5bef800331",
         "django.core.handlers.asgi.ASGIRequest.__init__": "5ff1464df4bf995e",
     },
     (6, 1): {
         **_COMMON,
-        "django.core.handlers.base.BaseHandler.load_middleware": "b75c13d1041e06d9",
         "django.core.handlers.asgi.ASGIHandler.handle": "c91f27c7fcdc3fff",
         "django.core.handlers.asgi.ASGIRequest.__init__": "bb92eb4ad9d363bf",
     },

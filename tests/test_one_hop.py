@@ -455,3 +455,34 @@ def test_the_one_hop_setting_is_validated() -> None:
 def test_views_are_told_apart_as_django_does() -> None:
     assert not iscoroutinefunction(sync_view)
     assert iscoroutinefunction(async_view)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_library_wrapping_what_the_path_calls_keeps_its_wrapper(
+    project: SettingsWrapper, apps: list[DBBridgeASGIApp], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sentry's DjangoIntegration wraps get_response, load_middleware and __call__: the
+    one-hop path calls them, so it stays on, and the wrappers run."""
+    from django.core.handlers.base import BaseHandler
+
+    original_get_response = BaseHandler.get_response
+    original_call = ASGIHandler.__call__
+
+    def get_response(self: BaseHandler, request: HttpRequest) -> Any:
+        _log("wrapper", "get_response")
+        return original_get_response(self, request)
+
+    async def call(self: ASGIHandler, scope: Any, receive: Any, send: Any) -> None:
+        _log("wrapper", "__call__")
+        await original_call(self, scope, receive, send)
+
+    monkeypatch.setattr(BaseHandler, "get_response", get_response)
+    monkeypatch.setattr(ASGIHandler, "__call__", call)
+    app = DBBridgeASGIApp(ASGIHandler())
+    apps.append(app)
+    response = await call_http(app, "/sync/")
+    assert (response.status, response.body) == (200, b"sync view")
+    assert isinstance(_compat.instance_handle(app.app), OneHop)
+    calls = [(who, what) for who, what, *_ in LOG]
+    assert calls[:2] == [("wrapper", "__call__"), ("signal", "started")]
+    assert ("wrapper", "get_response") in calls
