@@ -387,6 +387,11 @@ def check_server(server: ServerProcess, config: Config, session_key: str) -> dic
         loop = "asyncio" if label == "wrapper-asyncio" else "uvloop"
         if stats["loop"] != loop:
             raise HarnessError(f"{label}: the server runs on {stats['loop']}'s loop, not {loop}'s")
+    conn_max_age = 0 if label in ("stock", "djpool") else 60
+    if stats["conn_max_age"] != conn_max_age:
+        raise HarnessError(
+            f"{label}: the server runs CONN_MAX_AGE={stats['conn_max_age']}, not {conn_max_age}"
+        )
     if stats["stack"] != config.stack:
         raise HarnessError(f"{label}: the server's stack is {stats['stack']}, not {config.stack}")
     cookie = {"Cookie": f"sessionid={session_key}"}

@@ -123,8 +123,9 @@ TEMPLATES = [
 
 # The pool requires CONN_MAX_AGE=0 (Django refuses persistent connections with
 # it): closing a connection gives it back to the pool. The wrapper's whole point
-# is to make persistent connections safe, so it runs with them.
-CONN_MAX_AGE = 60 if BENCH_VARIANT == "wrapper" else 0
+# is to make persistent connections safe, so it runs with them; so do the WSGI
+# variants, as a WSGI deployment would (one connection per thread).
+CONN_MAX_AGE = 60 if BENCH_VARIANT in ("wrapper", "wsgi", "a2wsgi") else 0
 
 
 DATABASES = databases_setting(
