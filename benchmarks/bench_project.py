@@ -447,6 +447,15 @@ class Sample:
     cpu: dict[str, float]
     #: ``--stack real``: events Sentry was handed in the server's life (0: nothing sent).
     sentry_events: int = 0
+    #: The wrapper's startup line ("async_dbbridge started ..."; "" for the others).
+    startup: str = ""
+
+
+def _startup_line(log: str) -> str:
+    for line in log.splitlines():
+        if "async_dbbridge started" in line:
+            return line.split("async_dbbridge started", 1)[1].strip()
+    return ""
 
 
 def _wrk(
@@ -528,6 +537,7 @@ def measure(
         errors=dict(list(error_summary(text).items())[:5]),
         cpu=cpu_per_request(cpu_start, cpu_end, result.requests),
         sentry_events=int((stats.get("sentry") or {}).get("events", 0)),
+        startup=_startup_line(text),
     )
 
 
@@ -886,6 +896,16 @@ def print_report(report: Report, config: Config) -> None:
         for where, lines in errors.items():
             for line, n in sorted(lines.items(), key=lambda item: -item[1])[:2]:
                 print(f"- {where}: {n:,} x `{line}`")
+    startups = {s.variant: s.startup for s in report.samples if s.startup}
+    if startups:
+        print()
+        for variant, line in startups.items():
+            hop = re.search(r"one thread hop \(ONE_HOP\): ([^;]*)", line)
+            fused = re.search(r"\(FUSE_MIDDLEWARE\): ([^;]*)", line)
+            print(
+                f"- {variant} started with ONE_HOP: {hop.group(1) if hop else '?'}; "
+                f"FUSE_MIDDLEWARE: {fused.group(1) if fused else '?'}"
+            )
     sent = [s for s in report.summary if s.sentry_events]
     if sent:
         print()

@@ -199,6 +199,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Errors (stock Django out of connections) go to stderr once each, without the
 # traceback: the harness counts them ("too many clients"); see server_logging.
 LOGGING: dict[str, Any] = server_logging()
+# The wrapper's startup line (INFO: what ONE_HOP and FUSE_MIDDLEWARE applied to, or
+# why not), for the report; the library logs nothing else at INFO but its stop line.
+LOGGING["loggers"]["async_dbbridge"]["level"] = "INFO"
 
 
 #: Events Sentry was handed to send (``/stats/`` shows them): none while nothing fails.
