@@ -188,6 +188,38 @@ class BenchDatabase:
         return server_session_count("admin")
 
 
+@contextlib.contextmanager
+def machine_lock(name: str, prog: str) -> Iterator[None]:
+    """Hold ``<tmp>/<name>.lock`` (flock) for a run: one run per database name per machine.
+
+    Two runs on one database name would drop each other's database and role
+    (each drops what it finds first), and their loads would disturb each
+    other's figures: the second waits, saying for whom.
+    """
+    import fcntl
+
+    path = os.path.join(tempfile.gettempdir(), f"{name}.lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            print(f"{prog}: waiting for another run on {name} (pid {holder})", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_harness(prog: str, database: BenchDatabase, body: Callable[[], _T]) -> _T | None:
     """``body()`` (which creates ``database``), then drop it whatever happened.
 

@@ -1273,7 +1273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.samples.append(sample)
         return report
 
-    with static:
+    with static, _common.machine_lock(DB_NAME, "bench_project"):
         report = run_harness("bench_project", database, run)
     if report is None:
         return 2
