@@ -71,8 +71,9 @@ It creates its database, ``dbbridge_bench_project``, and a role of that name
 the servers connect as, capped by the database server at ``--session-cap``
 sessions (70) so that stock Django at 200 clients cannot take every slot of a
 shared server; it drops whatever a crashed run left first, and drops both at
-the end. One run per machine at a time (a lock file; a second run waits). The exit status is 0 when the run completed, whatever the targets
-say; 2 if the harness itself failed.
+the end. One run per machine at a time (a lock file; a second run waits).
+The exit status is 0 when the run completed, whatever the targets say; 2 if
+the harness itself failed.
 """
 
 from __future__ import annotations
