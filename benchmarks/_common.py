@@ -1,11 +1,12 @@
-"""What the benchmarks share: the database, wrk, a uvicorn server process, counting and CPU.
+"""What the benchmarks share: the database, wrk, a server process, counting and CPU.
 
 ``bench_asgi.py`` and ``bench_project.py`` both serve a Django project with
-one uvicorn worker in a subprocess, drive it with ``wrk``, and count the
-server's sessions from outside while it runs; they create and drop their
-database and role the same way, and their projects' settings build the
-database aliases and the log setup from here. The scripts are run directly
-(``benchmarks/`` is then ``sys.path[0]``), so they put the repository root on
+one uvicorn worker (``bench_project.py`` also one gunicorn worker) in a
+subprocess, drive it with ``wrk``, and count the server's sessions from
+outside while it runs; they create and drop their database and role the same
+way, and their projects' settings build the database aliases and the log
+setup from here. The scripts are run directly (``benchmarks/`` is then
+``sys.path[0]``), so they put the repository root on
 ``sys.path`` themselves and import this module as ``benchmarks._common``.
 """
 
@@ -187,6 +188,38 @@ class BenchDatabase:
         return server_session_count("admin")
 
 
+@contextlib.contextmanager
+def machine_lock(name: str, prog: str) -> Iterator[None]:
+    """Hold ``<tmp>/<name>.lock`` (flock) for a run: one run per database name per machine.
+
+    Two runs on one database name would drop each other's database and role
+    (each drops what it finds first), and their loads would disturb each
+    other's figures: the second waits, saying for whom.
+    """
+    import fcntl
+
+    path = os.path.join(tempfile.gettempdir(), f"{name}.lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            print(f"{prog}: waiting for another run on {name} (pid {holder})", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_harness(prog: str, database: BenchDatabase, body: Callable[[], _T]) -> _T | None:
     """``body()`` (which creates ``database``), then drop it whatever happened.
 
@@ -341,7 +374,31 @@ def software_versions(server: str) -> dict[str, Any]:
         "asgiref": asgiref.__version__,
         "uvicorn": uvicorn.__version__,
         "async_dbbridge": async_dbbridge.__version__,
+        # What uvicorn's "auto" picks, and the other servers: None when not installed.
+        **{name: package_version(name) for name in OPTIONAL_PACKAGES},
     }
+
+
+#: Packages the report names with their versions when installed (the bench extra).
+OPTIONAL_PACKAGES: Final = (
+    "uvloop",
+    "httptools",
+    "gunicorn",
+    "a2wsgi",
+    "django-cors-headers",
+    "whitenoise",
+    "sentry-sdk",
+)
+
+
+def package_version(name: str) -> str | None:
+    """The installed distribution's version, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def loadavg() -> str:
@@ -352,20 +409,45 @@ def loadavg() -> str:
 # -- counting sessions ----------------------------------------------------------------
 
 
-def open_files(pid: int, path: str) -> int:
-    """Descriptors of process ``pid`` on ``path``: SQLite's open connections (0 once it exited)."""
-    target = os.path.realpath(path)
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except (FileNotFoundError, ProcessLookupError):
-        return 0
-    count = 0
-    for fd in fds:
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from ``/proc`` (a gunicorn master and its worker).
+
+    Empty once ``pid`` has exited; a child that exits while it is read is left out.
+    """
+    tree: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop()
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                count += 1
-        except OSError:
+            tids = os.listdir(f"/proc/{current}/task")
+        except (FileNotFoundError, ProcessLookupError):
             continue
+        tree.append(current)
+        for tid in tids:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return tree
+
+
+def open_files(pid: int, path: str) -> int:
+    """Descriptors of process ``pid`` and its descendants on ``path``: SQLite's open
+    connections (0 once it exited)."""
+    target = os.path.realpath(path)
+    count = 0
+    for proc in process_tree(pid):
+        try:
+            fds = os.listdir(f"/proc/{proc}/fd")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{proc}/fd/{fd}") == target:
+                    count += 1
+            except OSError:
+                continue
     return count
 
 
@@ -528,11 +610,20 @@ def free_port() -> int:
 def http_get(
     port: int, path: str, timeout: float = 5.0, headers: Mapping[str, str] | None = None
 ) -> tuple[int, bytes]:
+    status, _, body = http_request(port, path, timeout, headers)
+    return status, body
+
+
+def http_request(
+    port: int, path: str, timeout: float = 5.0, headers: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """A GET: status, headers (names lower-cased; a repeated one keeps its last value), body."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path, headers=dict(headers or {}))
         response = conn.getresponse()
-        return response.status, response.read()
+        got = {name.lower(): value for name, value in response.getheaders()}
+        return response.status, got, response.read()
     finally:
         conn.close()
 
@@ -552,31 +643,35 @@ def library_first() -> None:
     sys.path.insert(0, src)
 
 
-class UvicornServer:
-    """One uvicorn process, 1 worker, no access log, on 127.0.0.1; its output goes to ``log``.
+class ServerProcess:
+    """One HTTP server process on 127.0.0.1, started from the repository root; output to ``log``.
 
     Its environment is the harness's, plus ``env``, minus ``unset``. ``library_src``
     is a checkout whose ``async_dbbridge`` the application imports instead of this
     one's: PYTHONPATH cannot say so, because uvicorn puts its ``--app-dir`` (the
     working directory, this repository) first on ``sys.path``; the served
     application module reads ``BENCH_LIBRARY_SRC`` (see `library_first`). ``cpu``
-    runs the whole process under ``taskset -c cpu``.
+    runs the whole process under ``taskset -c cpu``. ``command(port)`` is the
+    server's command line after the interpreter.
     """
+
+    #: What the error messages call the server.
+    program = "server"
 
     def __init__(
         self,
         label: str,
-        application: str,
+        command: Sequence[str],
         *,
         env: Mapping[str, str],
-        lifespan: str,
         log: IO[bytes],
+        port: int,
         library_src: str | None = None,
         cpu: int | None = None,
         unset: Sequence[str] = (),
     ) -> None:
         self.label = label
-        self.port = free_port()
+        self.port = port
         self.log = log
         paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
         full_env = {
@@ -590,31 +685,20 @@ class UvicornServer:
         # Settings the harness did not ask for must not leak in from its own environment.
         for key in unset:
             full_env.pop(key, None)
-        command = [
+        argv = [
             # Pinned like the wrapper's CPU_AFFINITY pins its loop and threads.
             *(["taskset", "-c", str(cpu)] if cpu is not None else []),
             sys.executable,
-            "-m",
-            "uvicorn",
-            application,
-            "--workers",
-            "1",
-            "--no-access-log",
-            "--lifespan",
-            lifespan,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
+            *command,
         ]
         self.process = subprocess.Popen(
-            command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
+            argv, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
         )
 
     @property
     def pid(self) -> int:
+        """The process the harness started (gunicorn's master: count its tree, see
+        `process_tree`)."""
         return self.process.pid
 
     def url(self, path: str) -> str:
@@ -625,8 +709,8 @@ class UvicornServer:
         while True:
             if self.process.poll() is not None:
                 raise HarnessError(
-                    f"{self.label}: uvicorn exited ({self.process.returncode}) before serving:\n"
-                    f"{self.log_text()}"
+                    f"{self.label}: {self.program} exited ({self.process.returncode}) before "
+                    f"serving:\n{self.log_text()}"
                 )
             try:
                 status, _ = http_get(self.port, path, timeout=1.0)
@@ -648,7 +732,7 @@ class UvicornServer:
         return result
 
     def stop(self, timeout: float) -> tuple[int | None, float]:
-        """SIGTERM (uvicorn's graceful shutdown), wait; SIGKILL past ``timeout``.
+        """SIGTERM (uvicorn's and gunicorn's graceful shutdown), wait; SIGKILL past ``timeout``.
 
         Returns the exit status (None: it had to be killed) and the seconds it took.
         """
@@ -669,8 +753,117 @@ class UvicornServer:
         return self.log.read().decode(errors="replace")
 
 
+class UvicornServer(ServerProcess):
+    """One uvicorn process, 1 worker, no access log.
+
+    ``loop`` and ``http``: uvicorn's ``--loop`` / ``--http`` (``auto``: uvloop and
+    httptools when installed, as with ``uvicorn[standard]``; else asyncio and h11).
+    """
+
+    program = "uvicorn"
+
+    def __init__(
+        self,
+        label: str,
+        application: str,
+        *,
+        env: Mapping[str, str],
+        lifespan: str,
+        log: IO[bytes],
+        library_src: str | None = None,
+        cpu: int | None = None,
+        unset: Sequence[str] = (),
+        loop: str = "auto",
+        http: str = "auto",
+    ) -> None:
+        port = free_port()
+        command = [
+            "-m",
+            "uvicorn",
+            application,
+            "--workers",
+            "1",
+            "--no-access-log",
+            "--lifespan",
+            lifespan,
+            "--loop",
+            loop,
+            "--http",
+            http,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
+        super().__init__(
+            label,
+            command,
+            env=env,
+            log=log,
+            port=port,
+            library_src=library_src,
+            cpu=cpu,
+            unset=unset,
+        )
+
+
+class GunicornServer(ServerProcess):
+    """One gunicorn master and 1 ``gthread`` worker of ``threads`` threads, no access log.
+
+    ``pid`` is the master's: the worker is its child (CPU and descriptors are
+    counted over the tree). SIGTERM is gunicorn's graceful stop too, bounded by
+    ``--graceful-timeout``.
+    """
+
+    program = "gunicorn"
+
+    def __init__(
+        self,
+        label: str,
+        application: str,
+        *,
+        threads: int,
+        env: Mapping[str, str],
+        log: IO[bytes],
+        library_src: str | None = None,
+        cpu: int | None = None,
+        unset: Sequence[str] = (),
+    ) -> None:
+        port = free_port()
+        command = [
+            "-m",
+            "gunicorn",
+            application,
+            "--workers",
+            "1",
+            "--worker-class",
+            "gthread",
+            "--threads",
+            str(threads),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--graceful-timeout",
+            "10",
+            "--log-level",
+            "warning",
+        ]
+        super().__init__(
+            label,
+            command,
+            env=env,
+            log=log,
+            port=port,
+            library_src=library_src,
+            cpu=cpu,
+            unset=unset,
+        )
+
+
 def clean_exit(code: int | None) -> bool:
-    # uvicorn re-raises the signal it shut down on, so a clean stop is -SIGTERM.
+    # uvicorn re-raises the signal it shut down on, so a clean stop is -SIGTERM
+    # (gunicorn's master exits 0).
     return code in (0, -signal.SIGTERM)
 
 
@@ -702,12 +895,19 @@ class CpuSnapshot:
 
     @classmethod
     def take(cls, pid: int) -> CpuSnapshot | None:
+        """``server``: ``pid`` and its descendants (a gunicorn master and its worker)."""
         try:
             tick = os.sysconf("SC_CLK_TCK")
-            with open(f"/proc/{pid}/stat") as f:
-                # Fields after the command name, which may hold spaces: state is
-                # the first, utime and stime the 12th and 13th.
-                fields = f.read().rsplit(")", 1)[1].split()
+            ticks = 0
+            procs = process_tree(pid)
+            if not procs:
+                return None
+            for proc in procs:
+                with open(f"/proc/{proc}/stat") as f:
+                    # Fields after the command name, which may hold spaces: state is
+                    # the first, utime and stime the 12th and 13th.
+                    fields = f.read().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])
             with open("/proc/stat") as f:
                 cpu = [int(v) for v in f.readline().split()[1:]]
         except (OSError, ValueError, IndexError):
@@ -716,7 +916,7 @@ class CpuSnapshot:
         busy = sum(cpu) - cpu[3] - (cpu[4] if len(cpu) > 4 else 0)
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         return cls(
-            server=(int(fields[11]) + int(fields[12])) / tick,
+            server=ticks / tick,
             children=children.ru_utime + children.ru_stime,
             machine=busy / tick,
             at=time.monotonic(),
@@ -726,7 +926,7 @@ class CpuSnapshot:
 def cpu_per_request(
     start: CpuSnapshot | None, end: CpuSnapshot | None, requests: int
 ) -> dict[str, float]:
-    """Milliseconds of CPU per request: uvicorn, wrk, the rest (DB server, harness, others)."""
+    """Milliseconds of CPU per request: the server, wrk, the rest (DB server, harness, others)."""
     if start is None or end is None or not requests:
         return {}
     server = end.server - start.server

@@ -1,19 +1,37 @@
-"""A project-shaped app under uvicorn: stock Django, Django's pool and the wrapper, one run.
+"""A project-shaped app: stock Django, Django's pool, the wrapper, WSGI and a2wsgi, one run.
 
-One uvicorn worker serves ``benchmarks/project`` — the settings ``django-admin
-startproject`` generates (its seven middleware, admin, auth, contenttypes,
-sessions, messages, staticfiles; sessions and auth migrated) plus one app —
-and ``wrk`` drives it. Every request carries the session cookie of a user
-logged in at setup (64 users, one session each, taken in turn), so the views
-that look at ``request.user`` load a session row and a user row through the
-middleware before running their own queries. Three variants:
+One server process (one worker) serves ``benchmarks/project`` — the settings
+``django-admin startproject`` generates (its seven middleware, admin, auth,
+contenttypes, sessions, messages, staticfiles; sessions and auth migrated)
+plus one app — and ``wrk`` drives it. Every request carries the session
+cookie of a user logged in at setup (64 users, one session each, taken in
+turn), so the views that look at ``request.user`` load a session row and a
+user row through the middleware before running their own queries. Variants:
 
-* ``stock`` — Django's ASGI handler, ``CONN_MAX_AGE=0``;
+* ``stock`` — Django's ASGI handler under uvicorn, ``CONN_MAX_AGE=0``;
 * ``djpool`` — Django's handler with psycopg's pool (``min_size = max_size =
   --pool-size``), ``CONN_MAX_AGE=0`` (PostgreSQL only);
 * ``wrapper`` — ``async_dbbridge.asgi.get_asgi_application``, ``CONN_MAX_AGE=60``,
   ``ASYNC_DBBRIDGE`` from ``wrapper_settings()`` below (plus ``--wrapper-settings``),
-  passed to the server as JSON.
+  passed to the server as JSON; uvicorn with its standard extras (uvloop and
+  httptools, which ``uvicorn[standard]`` installs and ``auto`` picks);
+* ``wrapper-asyncio`` — the same under ``--loop asyncio --http h11``;
+* ``wsgi`` — the same project as WSGI (Django's ``get_wsgi_application``) under
+  gunicorn: 1 worker, ``gthread``, ``--threads`` = ``--pool-size``,
+  ``CONN_MAX_AGE=60``;
+* ``a2wsgi`` — uvicorn + ``a2wsgi.WSGIMiddleware(get_wsgi_application(),
+  workers=--pool-size)``, ``CONN_MAX_AGE=60``.
+
+Every uvicorn but ``wrapper-asyncio``'s runs with ``--loop auto --http auto``:
+uvloop and httptools, which the harness requires (``scripts/bootstrap.sh dev
+--bench`` installs them with the other servers: the ``bench`` extra).
+
+``--stack real`` serves every variant with what real projects put around
+startproject's chain (``benchmarks/project/settings.py``): django-cors-headers
+first (the requests carry an allowed ``Origin``), WhiteNoise right after
+``SecurityMiddleware`` (serving ``collectstatic``'s output) and Sentry's
+``DjangoIntegration`` with a local DSN nothing is sent to while nothing fails
+(the report says if anything was).
 
 Workloads (``--only``), each with the issue's target for the wrapper:
 
@@ -22,7 +40,9 @@ Workloads (``--only``), each with the issue's target for the wrapper:
 * ``b`` — async view: a query, 100 ms of I/O, a query, 64 clients:
   ≥ 2x Django's pool req/s (PostgreSQL) on ≤ pool-size server sessions;
 * ``c`` — a one-query sync view and a one-query async-ORM view, 32 clients:
-  ≥ 1.3x Django's pool (PostgreSQL), ≥ 2x stock (MariaDB);
+  ≥ 1.3x Django's pool (PostgreSQL), ≥ 2x stock (MariaDB); and for the sync
+  view (``c-sync``, issue #18), the wrapper (either loop) ≥ 1.0x a2wsgi and
+  ≥ 0.9x WSGI;
 * ``d`` — sync view with a 50 ms query (``pg_sleep`` / ``SLEEP``), 200 clients:
   sessions never above the pool size, no "too many connections", every
   response a 2xx or a 503 (PostgreSQL and MariaDB only).
@@ -40,8 +60,9 @@ Run from the repository root (docs/bench-project.md says more):
 
 ```console
 .venv/bin/python benchmarks/bench_project.py [--backend postgresql|mysql|sqlite]
-    [--quick] [--rounds N] [--duration S] [--variants stock,djpool,wrapper]
-    [--only a,b,c,d] [--pool-size N] [--wrapper-settings JSON]
+    [--quick] [--rounds N] [--duration S]
+    [--variants stock,djpool,wrapper,wrapper-asyncio,wsgi,a2wsgi]
+    [--stack startproject|real] [--only a,b,c,d] [--pool-size N] [--wrapper-settings JSON]
     [--wrapper-src DIR] [--json FILE] [--chart PNG | --no-chart]
 .venv/bin/python benchmarks/bench_project.py --replot FILE.json [--chart PNG]
 ```
@@ -50,8 +71,9 @@ It creates its database, ``dbbridge_bench_project``, and a role of that name
 the servers connect as, capped by the database server at ``--session-cap``
 sessions (70) so that stock Django at 200 clients cannot take every slot of a
 shared server; it drops whatever a crashed run left first, and drops both at
-the end. The exit status is 0 when the run completed, whatever the targets
-say; 2 if the harness itself failed.
+the end. One run per machine at a time (a lock file; a second run waits).
+The exit status is 0 when the run completed, whatever the targets say; 2 if
+the harness itself failed.
 """
 
 from __future__ import annotations
@@ -78,8 +100,10 @@ from benchmarks import _common
 from benchmarks._common import (
     ROOT,
     CpuSnapshot,
+    GunicornServer,
     HarnessError,
     Sampler,
+    ServerProcess,
     UvicornServer,
     WrkResult,
     clean_exit,
@@ -96,27 +120,48 @@ from benchmarks._common import (
 DB_NAME: Final = os.environ.get("BENCH_PROJECT_DB_NAME", "dbbridge_bench_project")
 SETTINGS_MODULE: Final = "benchmarks.project.settings"
 APPLICATION: Final = "benchmarks.project.asgi:application"
+WSGI_APPLICATION: Final = "benchmarks.project.wsgi:application"
 WRK_SCRIPT: Final = ROOT / "benchmarks" / "project" / "wrk_statuses.lua"
 
-VARIANTS: Final = ("stock", "djpool", "wrapper")
+VARIANTS: Final = ("stock", "djpool", "wrapper", "wrapper-asyncio", "wsgi", "a2wsgi")
 #: With ``--baseline-src``: the wrapper served from another checkout, in the same rounds.
 BASELINE: Final = "baseline"
+#: The variants that serve the wrapper (``BENCH_VARIANT=wrapper`` in the settings).
+WRAPPERS: Final = ("wrapper", "wrapper-asyncio", BASELINE)
 BACKENDS: Final = ("postgresql", "mysql", "sqlite")
+STACKS: Final = ("startproject", "real")
+#: The ``Origin`` of the requests on ``--stack real`` (the settings' CORS_ALLOWED_ORIGINS).
+CORS_ORIGIN: Final = "http://app.bench.test"
+#: A file of ``collectstatic``'s output WhiteNoise must serve on ``--stack real``.
+STATIC_PROBE: Final = "/static/admin/css/base.css"
+
+#: What a variant or stack needs installed: (module, distribution).
+_NEEDS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
+    "wrapper": (("uvloop", "uvloop"), ("httptools", "httptools")),
+    "wsgi": (("gunicorn", "gunicorn"),),
+    "a2wsgi": (("a2wsgi", "a2wsgi"),),
+    "real": (
+        ("corsheaders", "django-cors-headers"),
+        ("whitenoise", "whitenoise"),
+        ("sentry_sdk", "sentry-sdk"),
+    ),
+}
 
 
 def wrapper_settings(pool_size: int) -> dict[str, Any]:
     """The wrapper variant's ``ASYNC_DBBRIDGE``: the one place to change when the library's do.
 
-    One pool of ``POOL_SIZE`` connections per alias bounds the process's
-    sessions (request threads and the bridge's workers share it); the bridge
-    gets as many threads. ``CPU_AFFINITY`` is ``"auto"``, as the deployment
-    docs recommend for a worker per CPU: the event loop and its request
-    threads share one CPU (``--pin-others`` pins stock Django and Django's
-    pool with ``taskset`` for the like-for-like comparison). ``POOL_TIMEOUT``
-    and ``HOLD`` are the library's defaults. Whatever this returns (merged
-    with ``--wrapper-settings``) reaches the server as JSON, unchanged.
+    The library's defaults but for the size: one pool of ``POOL_SIZE``
+    connections per alias bounds the process's sessions (request threads and
+    the bridge's workers share it), and the bridge gets as many threads.
+    ``CPU_AFFINITY`` is not set (the library's default, what issue #18's
+    targets are measured on); ``--wrapper-settings '{"CPU_AFFINITY": "auto"}'``
+    pins the loop and its request threads to one CPU, as the runs before
+    issue #18 did (``--pin-others`` then pins the other variants with
+    ``taskset`` for the like-for-like comparison). Whatever this returns
+    (merged with ``--wrapper-settings``) reaches the server as JSON, unchanged.
     """
-    return {"MAX_WORKERS": pool_size, "POOL_SIZE": pool_size, "CPU_AFFINITY": "auto"}
+    return {"MAX_WORKERS": pool_size, "POOL_SIZE": pool_size}
 
 
 @dataclass(frozen=True)
@@ -145,6 +190,9 @@ A_P99: Final = 1.1
 B_VS_POOL: Final = 2.0
 C_VS_POOL: Final = 1.3
 C_VS_STOCK: Final = 2.0
+# Issue #18: the sync view against the same project served as WSGI.
+C_SYNC_VS_A2WSGI: Final = 1.0
+C_SYNC_VS_WSGI: Final = 0.9
 
 #: A server refusing a session, as drivers word it (PostgreSQL: past max_connections or
 #: the role's limit; MariaDB: past max_connections or MAX_USER_CONNECTIONS).
@@ -185,6 +233,8 @@ class Config:
     wrk_threads: int
     #: CONN_HEALTH_CHECKS on the served alias, in every variant alike.
     health_checks: bool = False
+    #: The middleware around the app: startproject's, or a real project's (see settings.py).
+    stack: str = "startproject"
     #: wrk's per-request timeout: longer than any queue the slow workloads build.
     wrk_timeout: float = 10.0
     start_timeout: float = 60.0
@@ -203,15 +253,19 @@ class Config:
 # -- the database ---------------------------------------------------------------------
 
 
-def _setup_django(database: Database) -> None:
+def _setup_django(database: Database, stack: str) -> None:
     # The harness reads the servers' settings module as the stock variant:
     # alias "default" is the servers' role (it migrates, so the role owns the
-    # tables), "admin" creates the database and counts sessions.
+    # tables), "admin" creates the database and counts sessions. The stack's
+    # apps and STATIC_ROOT as the servers', without Sentry (BENCH_ROLE).
     os.environ.update(
         {
             **database.server_env(),
             "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
             "BENCH_VARIANT": "stock",
+            "BENCH_STACK": stack,
+            "BENCH_STATIC_ROOT": database.static_root,
+            "BENCH_ROLE": "harness",
         }
     )
     import django
@@ -224,6 +278,8 @@ class Database(_common.BenchDatabase):
     """The benchmark database, the role the servers connect as, and the logged-in sessions."""
 
     session_keys: list[str] = field(default_factory=list)
+    #: ``--stack real``: where collectstatic put the files WhiteNoise serves ("" otherwise).
+    static_root: str = ""
 
     def create(self, sessions: int) -> None:
         """Drop what a crashed run left, then create, migrate, seed and log users in."""
@@ -232,6 +288,8 @@ class Database(_common.BenchDatabase):
         self._create_objects()
         call_command("migrate", database="default", interactive=False, verbosity=0)
         self._seed(sessions)
+        if self.static_root:
+            call_command("collectstatic", interactive=False, verbosity=0)
         self._created()
 
     def _seed(self, sessions: int) -> None:
@@ -264,57 +322,103 @@ class Database(_common.BenchDatabase):
 # -- one measurement ------------------------------------------------------------------
 
 
-class Server(UvicornServer):
-    """One uvicorn process serving the project as one variant."""
-
-    def __init__(self, variant: str, config: Config, database: Database, log: IO[bytes]) -> None:
-        env = {
-            **database.server_env(),
-            "BENCH_VARIANT": variant,
-            "BENCH_POOL_SIZE": str(config.pool_size),
-            "BENCH_HEALTH_CHECKS": "1" if config.health_checks else "0",
-            "BENCH_ASYNC_DBBRIDGE": json.dumps(
-                config.baseline_settings
-                if variant == BASELINE and config.baseline_settings is not None
-                else config.wrapper_settings
-            ),
-            "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
-        }
-        wrapper = variant in ("wrapper", BASELINE)
-        src = config.baseline_src if variant == BASELINE else config.wrapper_src
-        if variant == BASELINE:
-            env["BENCH_VARIANT"] = "wrapper"  # the settings know the library, not its source
-        super().__init__(
+def start_server(variant: str, config: Config, database: Database, log: IO[bytes]) -> ServerProcess:
+    """One server process serving the project as ``variant`` (not yet ready)."""
+    env = {
+        **database.server_env(),
+        "BENCH_VARIANT": variant,
+        "BENCH_STACK": config.stack,
+        "BENCH_STATIC_ROOT": database.static_root,
+        "BENCH_POOL_SIZE": str(config.pool_size),
+        "BENCH_HEALTH_CHECKS": "1" if config.health_checks else "0",
+        "BENCH_ASYNC_DBBRIDGE": json.dumps(
+            config.baseline_settings
+            if variant == BASELINE and config.baseline_settings is not None
+            else config.wrapper_settings
+        ),
+        "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
+    }
+    wrapper = variant in WRAPPERS
+    if wrapper:
+        env["BENCH_VARIANT"] = "wrapper"  # the settings know the library, not its source
+    # Only the harness's settings leave Sentry out.
+    unset = ("BENCH_ROLE",)
+    if variant == "wsgi":
+        return GunicornServer(
             variant,
-            APPLICATION,
+            WSGI_APPLICATION,
+            threads=config.pool_size,
             env=env,
-            # Django's own handler raises on the lifespan protocol, which
-            # uvicorn's "on" turns into a failed startup; the wrapper needs it.
-            lifespan="on" if wrapper else "off",
             log=log,
-            library_src=src if wrapper else None,
-            cpu=None if wrapper else config.pin_others,
+            cpu=config.pin_others,
+            unset=unset,
         )
+    src = config.baseline_src if variant == BASELINE else config.wrapper_src
+    asyncio_h11 = variant == "wrapper-asyncio"
+    return UvicornServer(
+        variant,
+        APPLICATION,
+        env=env,
+        # Django's own handler raises on the lifespan protocol, which
+        # uvicorn's "on" turns into a failed startup (a2wsgi has none
+        # either); the wrapper needs it.
+        lifespan="on" if wrapper else "off",
+        log=log,
+        library_src=src if wrapper else None,
+        cpu=None if wrapper else config.pin_others,
+        unset=unset,
+        loop="asyncio" if asyncio_h11 else "auto",
+        http="h11" if asyncio_h11 else "auto",
+    )
 
-    def check_library(self, config: Config) -> None:
-        """A wrapper server must run the checkout it was given, not whichever comes first."""
-        if self.label not in ("wrapper", BASELINE):
-            return
-        src = config.baseline_src if self.label == BASELINE else config.wrapper_src
+
+def check_server(server: ServerProcess, config: Config, session_key: str) -> dict[str, Any]:
+    """Is the server what the variant and stack say? Else nothing is measured. Returns /stats/."""
+    label = server.label
+    stats = server.get_json("/stats/")
+    if label in WRAPPERS:
+        # A wrapper server must run the checkout it was given, not whichever comes first.
+        src = config.baseline_src if label == BASELINE else config.wrapper_src
         expected = Path(src or ROOT, "async_dbbridge", "__init__.py").resolve()
-        served = Path(self.get_json("/stats/")["library"]["file"]).resolve()
+        served = Path(stats["library"]["file"]).resolve()
         if served != expected:
-            raise HarnessError(f"{self.label}: the server imported {served}, not {expected}")
-
-    def check_login(self, session_key: str) -> None:
-        """A cookie must log the request in, and no cookie must not: else nothing is measured."""
-        cookie = {"Cookie": f"sessionid={session_key}"}
-        status, body = _common.http_get(self.port, "/whoami/", timeout=10.0, headers=cookie)
-        if status != 200 or not body.startswith(b"bench-"):
-            raise HarnessError(f"{self.label}: a logged-in request got {status}: {body[:200]!r}")
-        status, body = _common.http_get(self.port, "/whoami/", timeout=10.0)
-        if status != 403:
-            raise HarnessError(f"{self.label}: an anonymous request got {status}, not 403")
+            raise HarnessError(f"{label}: the server imported {served}, not {expected}")
+        if stats["bridge"] is None:
+            raise HarnessError(f"{label}: async_dbbridge is not in the server's INSTALLED_APPS")
+    if label != "wsgi" and label != "a2wsgi":
+        # The stats view is async: under an ASGI handler it runs on uvicorn's loop.
+        loop = "asyncio" if label == "wrapper-asyncio" else "uvloop"
+        if stats["loop"] != loop:
+            raise HarnessError(f"{label}: the server runs on {stats['loop']}'s loop, not {loop}'s")
+    conn_max_age = 0 if label in ("stock", "djpool") else 60
+    if stats["conn_max_age"] != conn_max_age:
+        raise HarnessError(
+            f"{label}: the server runs CONN_MAX_AGE={stats['conn_max_age']}, not {conn_max_age}"
+        )
+    if stats["stack"] != config.stack:
+        raise HarnessError(f"{label}: the server's stack is {stats['stack']}, not {config.stack}")
+    cookie = {"Cookie": f"sessionid={session_key}"}
+    if config.stack == "real":
+        cookie["Origin"] = CORS_ORIGIN
+        sentry = stats["sentry"] or {}
+        if not sentry.get("active") or "django" not in sentry.get("integrations", ()):
+            raise HarnessError(f"{label}: Sentry's DjangoIntegration is not active: {sentry}")
+    status, headers, body = _common.http_request(server.port, "/whoami/", 10.0, cookie)
+    if status != 200 or not body.startswith(b"bench-"):
+        raise HarnessError(f"{label}: a logged-in request got {status}: {body[:200]!r}")
+    if config.stack == "real":
+        allowed = headers.get("access-control-allow-origin")
+        if allowed != CORS_ORIGIN:
+            raise HarnessError(
+                f"{label}: django-cors-headers answered Access-Control-Allow-Origin {allowed!r}"
+            )
+        status, _, body = _common.http_request(server.port, STATIC_PROBE, 10.0)
+        if status != 200 or not body:
+            raise HarnessError(f"{label}: WhiteNoise did not serve {STATIC_PROBE} ({status})")
+    status, body = _common.http_get(server.port, "/whoami/", timeout=10.0)
+    if status != 403:
+        raise HarnessError(f"{label}: an anonymous request got {status}, not 403")
+    return stats
 
 
 @dataclass
@@ -344,6 +448,17 @@ class Sample:
     stats: dict[str, Any]
     errors: dict[str, int]
     cpu: dict[str, float]
+    #: ``--stack real``: events Sentry was handed in the server's life (0: nothing sent).
+    sentry_events: int = 0
+    #: The wrapper's startup line ("async_dbbridge started ..."; "" for the others).
+    startup: str = ""
+
+
+def _startup_line(log: str) -> str:
+    for line in log.splitlines():
+        if "async_dbbridge started" in line:
+            return line.split("async_dbbridge started", 1)[1].strip()
+    return ""
 
 
 def _wrk(
@@ -356,7 +471,10 @@ def _wrk(
         threads=config.wrk_threads,
         timeout=config.wrk_timeout,
         script=WRK_SCRIPT,
-        script_args=[",".join(database.session_keys)],
+        script_args=[
+            ",".join(database.session_keys),
+            *([CORS_ORIGIN] if config.stack == "real" else []),
+        ],
     )
 
 
@@ -367,11 +485,10 @@ def measure(
         return database.count_sessions(server.pid)
 
     with tempfile.TemporaryFile() as log:
-        server = Server(variant, config, database, log)
+        server = start_server(variant, config, database, log)
         try:
             server.wait_ready(config.start_timeout)
-            server.check_login(database.session_keys[0])
-            server.check_library(config)
+            check_server(server, config, database.session_keys[0])
             before = settle(count, config.idle_timeout, config.settle_stable)
             url = server.url(workload.path)
             # Threads, connections and pools start during the burst; the
@@ -422,6 +539,8 @@ def measure(
         stats=stats,
         errors=dict(list(error_summary(text).items())[:5]),
         cpu=cpu_per_request(cpu_start, cpu_end, result.requests),
+        sentry_events=int((stats.get("sentry") or {}).get("events", 0)),
+        startup=_startup_line(text),
     )
 
 
@@ -452,6 +571,10 @@ class Summary:
     connects_per_request: float
     unclean_exits: int
     cpu: dict[str, float]
+    vs_wsgi: float | None = None
+    vs_a2wsgi: float | None = None
+    #: ``--stack real``: Sentry events over the rounds (0: nothing was sent).
+    sentry_events: int = 0
 
 
 @dataclass
@@ -460,6 +583,8 @@ class Check:
     #: PASS, FAIL, or INFO (not measurable here).
     status: str
     text: str
+    #: The row the check is about.
+    variant: str = "wrapper"
 
     @property
     def mark(self) -> str:
@@ -547,6 +672,9 @@ def summarize(samples: Sequence[Sample], config: Config) -> list[Summary]:
                         for k in mine[0].cpu
                         if all(k in s.cpu for s in mine)
                     },
+                    vs_wsgi=_paired(samples, variant, "wsgi", key, _rate),
+                    vs_a2wsgi=_paired(samples, variant, "a2wsgi", key, _rate),
+                    sentry_events=sum(s.sentry_events for s in mine),
                 )
             )
     return summaries
@@ -558,12 +686,18 @@ def check_targets(summary: Sequence[Summary], config: Config) -> list[Check]:
     checks: list[Check] = []
     server = config.backend != "sqlite"
 
-    def ratio(key: str, value: float | None, op: str, bound: float, what: str) -> None:
+    def ratio(
+        key: str, value: float | None, op: str, bound: float, what: str, variant: str = "wrapper"
+    ) -> None:
         if value is None:
-            checks.append(Check(key, "INFO", f"{what} {op} {bound:g}x: not measured in this run"))
+            checks.append(
+                Check(key, "INFO", f"{what} {op} {bound:g}x: not measured in this run", variant)
+            )
             return
         ok = value >= bound if op == ">=" else value <= bound
-        checks.append(Check(key, "PASS" if ok else "FAIL", f"{what} {op} {bound:g}x: {value:.2f}x"))
+        checks.append(
+            Check(key, "PASS" if ok else "FAIL", f"{what} {op} {bound:g}x: {value:.2f}x", variant)
+        )
 
     def sessions(key: str, wrapper: Summary) -> None:
         bound = config.session_bound
@@ -577,6 +711,17 @@ def check_targets(summary: Sequence[Summary], config: Config) -> list[Check]:
         )
 
     for key in config.workloads:
+        if key == "c-sync":
+            # Issue #18: the wrapper's sync view against the project served as WSGI,
+            # on either loop (wrapper-asyncio: asyncio + h11; a2wsgi runs uvloop).
+            for variant in ("wrapper", "wrapper-asyncio"):
+                row = by_key.get((variant, key))
+                if row is None:
+                    continue
+                if "a2wsgi" in config.variants:
+                    ratio(key, row.vs_a2wsgi, ">=", C_SYNC_VS_A2WSGI, "req/s vs a2wsgi", variant)
+                if "wsgi" in config.variants:
+                    ratio(key, row.vs_wsgi, ">=", C_SYNC_VS_WSGI, "req/s vs WSGI gthread", variant)
         wrapper = by_key.get(("wrapper", key))
         if wrapper is None:
             continue
@@ -624,6 +769,12 @@ def _variant_label(variant: str, config: Config) -> str:
         return f"stock, CONN_MAX_AGE=0{pinned}"
     if variant == "djpool":
         return f"Django pool ({config.pool_size}), CONN_MAX_AGE=0{pinned}"
+    if variant == "wsgi":
+        return (
+            f"WSGI: gunicorn gthread, 1 worker, {config.pool_size} threads, CONN_MAX_AGE=60{pinned}"
+        )
+    if variant == "a2wsgi":
+        return f"a2wsgi ({config.pool_size} workers), CONN_MAX_AGE=60{pinned}"
     if variant == BASELINE:
         settings = (
             config.wrapper_settings
@@ -634,7 +785,10 @@ def _variant_label(variant: str, config: Config) -> str:
         where = "" if affinity is None else f", CPU_AFFINITY={affinity!r}"
         return f"baseline wrapper ({config.baseline_src}), CONN_MAX_AGE=60{where}"
     affinity = config.wrapper_settings.get("CPU_AFFINITY")
-    return "wrapper, CONN_MAX_AGE=60" + ("" if affinity is None else f", CPU_AFFINITY={affinity!r}")
+    loop = "asyncio + h11" if variant == "wrapper-asyncio" else "uvloop + httptools"
+    return f"wrapper ({loop}), CONN_MAX_AGE=60" + (
+        "" if affinity is None else f", CPU_AFFINITY={affinity!r}"
+    )
 
 
 def _ratio(value: float | None) -> str:
@@ -653,21 +807,28 @@ def markdown_table(report: Report, config: Config) -> str:
     for check in report.checks:
         checks.setdefault(check.workload, []).append(check)
     baseline = config.baseline_src is not None
+    wsgi = "wsgi" in config.variants
+    a2wsgi = "a2wsgi" in config.variants
+    extra = int(baseline) + int(wsgi) + int(a2wsgi)
     lines = [
         "| workload | variant | req/s (2xx) | p99 ms | non-2xx | too many conns "
         "| peak sessions | vs stock | vs Django pool | p99 vs stock "
+        + ("| vs WSGI " if wsgi else "")
+        + ("| vs a2wsgi " if a2wsgi else "")
         + ("| vs baseline " if baseline else "")
         + "| targets |",
-        "|---|---|" + "---:|" * (9 if baseline else 8) + "---|",
+        "|---|---|" + "---:|" * (8 + extra) + "---|",
     ]
     for s in report.summary:
-        targets = ""
-        if s.variant == "wrapper":
-            targets = "<br>".join(f"{c.mark} {c.text}" for c in checks.get(s.workload, []))
+        targets = "<br>".join(
+            f"{c.mark} {c.text}" for c in checks.get(s.workload, []) if c.variant == s.variant
+        )
         lines.append(
             f"| {s.workload} | {_variant_label(s.variant, config)} | {s.ok_per_s:,.0f} "
             f"| {s.p99_ms:,.0f} | {_non_2xx(s)} | {s.too_many:,} | {s.sessions_peak} "
             f"| {_ratio(s.vs_stock)} | {_ratio(s.vs_djpool)} | {_ratio(s.p99_vs_stock)} "
+            + (f"| {_ratio(s.vs_wsgi)} " if wsgi else "")
+            + (f"| {_ratio(s.vs_a2wsgi)} " if a2wsgi else "")
             + (f"| {_ratio(s.vs_baseline)} " if baseline else "")
             + f"| {targets} |"
         )
@@ -683,8 +844,28 @@ def print_report(report: Report, config: Config) -> None:
     )
     print()
     cap = f"{config.session_cap}" if config.session_cap else "none"
+    servers = [f"uvloop {env.get('uvloop')}, httptools {env.get('httptools')}"]
+    if "wsgi" in config.variants:
+        servers.append(f"gunicorn {env.get('gunicorn')}")
+    if "a2wsgi" in config.variants:
+        servers.append(f"a2wsgi {env.get('a2wsgi')}")
+    if config.stack == "real":
+        servers.append(
+            f"django-cors-headers {env.get('django-cors-headers')}, whitenoise "
+            f"{env.get('whitenoise')}, sentry-sdk {env.get('sentry-sdk')}"
+        )
+    stack = (
+        "startproject's middleware"
+        if config.stack == "startproject"
+        else "real stack: CorsMiddleware first, WhiteNoise after SecurityMiddleware, "
+        "Sentry's DjangoIntegration"
+    )
+    print(f"Stack: {stack}. {'; '.join(servers)}.")
+    print()
     print(
-        f"uvicorn, 1 worker; wrk -t{config.wrk_threads}, {config.duration:g} s per run after a "
+        f"One server process, 1 worker (uvicorn --loop auto --http auto but "
+        f"wrapper-asyncio: asyncio + h11); wrk -t{config.wrk_threads}, "
+        f"{config.duration:g} s per run after a "
         f"{config.warmup:g} s warm-up; {config.rounds} interleaved round(s), medians. "
         f"Django pool: {config.pool_size}. CONN_HEALTH_CHECKS={config.health_checks}. "
         f"Wrapper ASYNC_DBBRIDGE="
@@ -718,6 +899,21 @@ def print_report(report: Report, config: Config) -> None:
         for where, lines in errors.items():
             for line, n in sorted(lines.items(), key=lambda item: -item[1])[:2]:
                 print(f"- {where}: {n:,} x `{line}`")
+    startups = {s.variant: s.startup for s in report.samples if s.startup}
+    if startups:
+        print()
+        for variant, line in startups.items():
+            hop = re.search(r"one thread hop \(ONE_HOP\): ([^;]*)", line)
+            fused = re.search(r"\(FUSE_MIDDLEWARE\): ([^;]*)", line)
+            print(
+                f"- {variant} started with ONE_HOP: {hop.group(1) if hop else '?'}; "
+                f"FUSE_MIDDLEWARE: {fused.group(1) if fused else '?'}"
+            )
+    sent = [s for s in report.summary if s.sentry_events]
+    if sent:
+        print()
+        for s in sent:
+            print(f"- {s.variant}/{s.workload}: {s.sentry_events:,} Sentry event(s)")
     left = [s for s in report.summary if s.sessions_after or s.unclean_exits]
     if left:
         print()
@@ -728,7 +924,10 @@ def print_report(report: Report, config: Config) -> None:
             )
     print()
     for check in report.checks:
-        print(f"{check.status} {check.workload}: {check.text}")
+        where = check.workload
+        if check.variant != "wrapper":
+            where += f" ({check.variant})"
+        print(f"{check.status} {where}: {check.text}")
 
 
 # -- the chart ------------------------------------------------------------------------
@@ -737,6 +936,9 @@ _COLORS: Final = {
     "stock": "#9e9e9e",
     "djpool": "#5b8fd9",
     "wrapper": "#3aa675",
+    "wrapper-asyncio": "#7cc8a0",
+    "wsgi": "#e08a3c",
+    "a2wsgi": "#c9a227",
     BASELINE: "#a5d6a7",
 }
 
@@ -752,8 +954,9 @@ def write_chart(report: Report, config: Config, path: Path) -> None:
     if not keys:
         return
     by_key = {(s.variant, s.workload): s for s in summary}
+    width = max(3.0, 0.6 * len(config.variants))
     fig, axes = plt.subplots(
-        2, len(keys), figsize=(3.0 * len(keys) + 1, 6), squeeze=False, height_ratios=(3, 2)
+        2, len(keys), figsize=(width * len(keys) + 1, 6), squeeze=False, height_ratios=(3, 2)
     )
     for col, key in enumerate(keys):
         rate_ax, session_ax = axes[0][col], axes[1][col]
@@ -791,14 +994,14 @@ def write_chart(report: Report, config: Config, path: Path) -> None:
         if config.backend != "sqlite":
             session_ax.axhline(config.session_bound, color="#c0392b", linestyle="--", linewidth=1)
         for ax in (rate_ax, session_ax):
-            ax.set_xticks(xs, [s.variant for s in rows], fontsize=8)
+            ax.set_xticks(xs, [s.variant for s in rows], fontsize=8, rotation=30, ha="right")
             ax.grid(axis="y", alpha=0.3)
             ax.set_axisbelow(True)
     axes[0][0].set_ylabel("requests/s (2xx), median")
     axes[1][0].set_ylabel(f"peak server sessions\n(dashed: {config.session_bound})")
     env = report.environment
     fig.suptitle(
-        f"bench_project — {env['server']}, startproject middleware, uvicorn 1 worker, "
+        f"bench_project — {env['server']}, {config.stack} stack, 1 worker, "
         f"wrk {config.duration:g} s x {config.rounds} round(s), {env['cpus']} CPUs",
         fontsize=10,
     )
@@ -827,6 +1030,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--backend", choices=BACKENDS, default="postgresql")
     parser.add_argument(
+        "--stack",
+        choices=STACKS,
+        default="startproject",
+        help="the middleware, every variant alike: startproject's, or a real project's "
+        "(django-cors-headers first, WhiteNoise, Sentry's DjangoIntegration)",
+    )
+    parser.add_argument(
         "--variants",
         help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; djpool on "
         "PostgreSQL only)",
@@ -848,8 +1058,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         "--wrapper-settings",
         metavar="JSON",
         default="{}",
-        help="ASYNC_DBBRIDGE keys merged over the defaults (null removes a key), e.g. "
-        '\'{"HOLD": "request", "POOL_TIMEOUT": null}\'',
+        help="ASYNC_DBBRIDGE keys merged over the defaults (MAX_WORKERS = POOL_SIZE = "
+        "--pool-size, the library's defaults otherwise: no CPU_AFFINITY); null removes a key, "
+        'e.g. \'{"CPU_AFFINITY": "auto"}\' or \'{"HOLD": "request", "POOL_TIMEOUT": null}\'',
     )
     parser.add_argument(
         "--wrapper-src",
@@ -866,7 +1077,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         "--pin-others",
         type=int,
         metavar="CPU",
-        help="run the stock and Django-pool servers under 'taskset -c CPU', as the "
+        help="run every server but the wrapper's under 'taskset -c CPU', as the "
         "wrapper's CPU_AFFINITY pins its event loop: the like-for-like comparison",
     )
     parser.add_argument(
@@ -921,6 +1132,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         parser.error(str(exc))
     if "djpool" in variants and backend != "postgresql":
         parser.error("--variants: djpool (psycopg's pool) needs --backend postgresql")
+    missing = _missing_packages((*variants, args.stack))
+    if missing:
+        parser.error(
+            f"not installed: {', '.join(missing)} (scripts/bootstrap.sh dev --bench installs "
+            "the bench extra)"
+        )
     if backend == "sqlite":
         if args.only is not None and "d" in groups:
             parser.error("--only: workload d needs a database server (pg_sleep / SLEEP)")
@@ -964,8 +1181,21 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         sessions=args.sessions,
         session_cap=args.session_cap,
         wrk_threads=args.wrk_threads,
+        stack=args.stack,
     )
     return config, args
+
+
+def _missing_packages(needs: Sequence[str]) -> list[str]:
+    """The distributions the variants and stack in ``needs`` want and this venv lacks."""
+    import importlib.util
+
+    missing: list[str] = []
+    for need in needs:
+        for module, dist in _NEEDS.get(need, ()):
+            if importlib.util.find_spec(module) is None and dist not in missing:
+                missing.append(dist)
+    return missing
 
 
 def schedule(config: Config) -> Iterator[tuple[int, str, str]]:
@@ -988,7 +1218,7 @@ def _progress(s: Sample) -> str:
     statuses = ",".join(f"{k}:{v}" for k, v in sorted(s.statuses.items()))
     sockets = sum(s.socket_errors.values())
     return (
-        f"[round {s.round + 1}] {s.variant:8} {s.workload:8} {s.ok_per_s:8,.0f} req/s  "
+        f"[round {s.round + 1}] {s.variant:15} {s.workload:8} {s.ok_per_s:8,.0f} req/s  "
         f"p99 {s.latency_ms.get('p99', 0):6,.0f} ms  [{statuses}] socket {sockets}  "
         f"too-many {s.too_many}  sessions peak {s.sessions_peak} after {s.sessions_after}"
     )
@@ -1031,7 +1261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_project: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     database = Database.for_run(config.backend, DB_NAME, config.session_cap)
-    _setup_django(database)
+    static = tempfile.TemporaryDirectory(prefix="bench_project_static-")
+    if config.stack == "real":
+        database.static_root = static.name
+    _setup_django(database, config.stack)
     started = time.monotonic()
 
     def run() -> Report:
@@ -1043,7 +1276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.samples.append(sample)
         return report
 
-    report = run_harness("bench_project", database, run)
+    with static, _common.machine_lock(DB_NAME, "bench_project"):
+        report = run_harness("bench_project", database, run)
     if report is None:
         return 2
     report.environment["loadavg_after"] = _common.loadavg()

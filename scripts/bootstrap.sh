@@ -4,7 +4,9 @@
 # Usage: scripts/bootstrap.sh [dev|all] [--bench]
 #   dev      .venv       Python 3.11, Django 5.2, all extras (default)
 #   all      .venv       + .venv-dj61 (Python 3.13, else 3.12; Django 6.1)
-#   --bench  also make sure `wrk` is installed (apt)
+#   --bench  also make sure `wrk` is installed (apt), and install the `bench` extra
+#            (uvicorn[standard], gunicorn, a2wsgi, django-cors-headers, whitenoise,
+#            sentry-sdk: benchmarks/bench_project.py's servers and real stack) in .venv
 #
 # Idempotent: each venv has a stamp file (.bootstrap-<venv name>) holding a hash of
 # pyproject.toml + this script; when it matches and the venv's python still runs,
@@ -26,6 +28,8 @@ DEV_SPECS=(-e ".[postgresql,mysql,test,lint,docs,demo,browser,channels,dramatiq,
 # runs the integration pages' samples, their test modules import them (even where the matrix
 # deselects the real-worker tests), and make peers runs Channels' suite, under each Django.
 DJ61_SPECS=(-e ".[postgresql,mysql,test,channels,dramatiq,huey,rq]" "Django>=6.1,<6.2")
+# --bench only: the benchmarks' servers and real-stack middleware, not needed by the tests.
+BENCH_SPECS=(-e ".[bench]" "Django>=5.2,<5.3")
 
 log() { printf '[bootstrap] %s\n' "$*"; }
 die() {
@@ -217,6 +221,18 @@ build_venv() {
 }
 
 build_venv "$VENV_DIR" "dev: py3.11 django5.2" "3.11" -- "${DEV_SPECS[@]}"
+if [ "$bench" -eq 1 ]; then
+    # Its own stamp (over the dev venv's): `dev` and `dev --bench` do not undo each other.
+    bench_stamp="$(stamp_file "$VENV_DIR")-bench"
+    bench_hash="$({ cat "$(stamp_file "$VENV_DIR")"; printf '%s\n' "${BENCH_SPECS[@]}"; } | sha256sum | cut -d' ' -f1)"
+    if [ "${BOOTSTRAP_FORCE:-0}" != 1 ] && [ -f "$bench_stamp" ] && [ "$(cat "$bench_stamp")" = "$bench_hash" ]; then
+        log "$VENV_DIR (bench extra): up to date"
+    else
+        log "$VENV_DIR (bench extra): pip install ${BENCH_SPECS[*]}"
+        pip_install "$VENV_DIR" "${BENCH_SPECS[@]}" || die "pip install of the bench extra failed in $VENV_DIR"
+        printf '%s\n' "$bench_hash" >"$bench_stamp"
+    fi
+fi
 if [ "$target" = all ]; then
     build_venv "$VENV_DJ61_DIR" "dj61: py3.13 django6.1" "3.13 3.12" -- "${DJ61_SPECS[@]}"
 fi

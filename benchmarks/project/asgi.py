@@ -1,4 +1,5 @@
-"""The ASGI application: Django's own, or wrapped by ``async_dbbridge.asgi`` (``BENCH_VARIANT``).
+"""The ASGI application: Django's own, wrapped by ``async_dbbridge.asgi``, or Django's WSGI
+handler under ``a2wsgi`` (``BENCH_VARIANT``).
 
 Serve with ``uvicorn benchmarks.project.asgi:application --lifespan on`` from
 the repository root. Django's own handler answers the lifespan protocol's
@@ -23,6 +24,18 @@ def _application() -> Any:
         from async_dbbridge.asgi import get_asgi_application
 
         return get_asgi_application()
+    if os.environ.get("BENCH_VARIANT") == "a2wsgi":
+        from a2wsgi import WSGIMiddleware
+        from django.core.wsgi import get_wsgi_application
+
+        # As many threads as the other variants' pool: CONN_MAX_AGE=60 keeps
+        # one connection per thread.
+        return WSGIMiddleware(
+            # django-stubs types WSGIHandler.__call__ as returning HttpResponseBase,
+            # which is the iterable of bytes WSGI wants, but not declared as one.
+            get_wsgi_application(),  # type: ignore[arg-type]
+            workers=int(os.environ.get("BENCH_POOL_SIZE", "8")),
+        )
     from django.core.asgi import get_asgi_application as django_asgi_application
 
     return django_asgi_application()

@@ -1,11 +1,12 @@
 -- wrk script for bench_project.py: logged-in requests, and responses counted by status.
 --
--- Usage: wrk ... -s wrk_statuses.lua URL -- KEY1,KEY2,...
+-- Usage: wrk ... -s wrk_statuses.lua URL -- KEY1,KEY2,... [ORIGIN]
 -- Each request carries the session cookie of one of the given session keys,
 -- taken in turn (each thread starting at a different one), so requests load
 -- different sessions and users, as a site's logged-in traffic does. wrk counts
 -- only "Non-2xx or 3xx" in all; done() prints every status with its count on
--- one line, "BENCH_STATUSES {json}", for the harness to read.
+-- one line, "BENCH_STATUSES {json}", for the harness to read. With ORIGIN, every
+-- request also carries "Origin: ORIGIN" (a cross-origin call, as a front end's).
 
 local threads = {}
 
@@ -18,6 +19,7 @@ function init(args)
   statuses = {}
   prepared = {}
   local keys = args[1] or ""
+  local origin = args[2] or ""
   for key in string.gmatch(keys, "[^,]+") do
     local headers = {}
     -- wrk.headers holds the Host header wrk built from the URL.
@@ -25,6 +27,9 @@ function init(args)
       headers[name] = value
     end
     headers["Cookie"] = "sessionid=" .. key
+    if origin ~= "" then
+      headers["Origin"] = origin
+    end
     table.insert(prepared, wrk.format("GET", wrk.path, headers))
   end
   if #prepared == 0 then

@@ -116,6 +116,21 @@ async def stats(request: HttpRequest) -> JsonResponse:
         }
     import async_dbbridge
 
+    sentry = None
+    if getattr(settings, "BENCH_STACK", "") == "real":
+        import sentry_sdk
+
+        client = sentry_sdk.get_client()
+        sentry = {
+            "active": client.is_active(),
+            "integrations": sorted(getattr(client, "integrations", {})),
+            "events": len(getattr(settings, "SENTRY_EVENTS", ())),
+        }
+    try:
+        # Under a WSGI server this view runs in async_to_sync's loop: says little.
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    except RuntimeError:
+        loop = None
     return JsonResponse(
         {
             "variant": os.environ.get("BENCH_VARIANT", ""),
@@ -125,5 +140,9 @@ async def stats(request: HttpRequest) -> JsonResponse:
             "connects": connects(),
             "bridge": bridge,
             "pool": pool.get_stats() if pool is not None else None,
+            "stack": getattr(settings, "BENCH_STACK", None),
+            "middleware": list(settings.MIDDLEWARE),
+            "loop": loop,
+            "sentry": sentry,
         }
     )
