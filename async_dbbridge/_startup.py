@@ -96,7 +96,7 @@ async def wait_for(done: asyncio.Future[None] | None) -> None:
         return
     try:
         await asyncio.wait_for(asyncio.shield(done), PROBE_WAIT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass  # a slow or unreachable server: the thread logs when it answers
 
 

@@ -87,14 +87,14 @@ async def _chat(url: str, tasks: int, clients: int) -> tuple[float, int, set[int
                     await ws.send(str(n))
                     answer = json.loads(await asyncio.wait_for(ws.recv(), ANSWER_TIMEOUT))
                     backends.add(int(answer["backend"]))
-                except (TimeoutError, asyncio.TimeoutError, ValueError, KeyError):
+                except (TimeoutError, ValueError, KeyError):
                     failed += share - n
                     return
 
     runs = [asyncio.ensure_future(client(share)) for share in shares]
     try:
         await asyncio.wait_for(all_ready.wait(), 60)
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         for run in runs:
             run.cancel()
         await asyncio.gather(*runs, return_exceptions=True)
