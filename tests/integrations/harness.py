@@ -315,20 +315,6 @@ class Journal:
             time.sleep(0.01)
 
 
-def idle_past_health_check(since: float) -> None:
-    """Wait until connections given back to a pool at ``since`` are checked when taken.
-
-    The pool pings a connection only when it is taken after idling
-    `HEALTH_CHECK_IDLE` seconds (one given back a moment ago is alive): the
-    scenario "sessions killed while the workers idle" needs that long.
-    """
-    from async_dbbridge._pool import HEALTH_CHECK_IDLE
-
-    remaining = since + HEALTH_CHECK_IDLE + 0.25 - time.monotonic()
-    if remaining > 0:
-        time.sleep(remaining)
-
-
 Send = Callable[..., None]
 
 
@@ -359,10 +345,9 @@ def run_burst(
         used = {row.backend for row in wait_for_rows(tasks, worker)}
     total = tasks
     if kill:
-        finished_at = time.monotonic()
-        # Sessions were really open, and now they are gone.
+        # Sessions were really open, and now they are gone; the next tasks run at
+        # once (the pool checks every checkout, not only one that idled a second).
         assert kill_sessions(used) >= 1
-        idle_past_health_check(finished_at)
         for n in range(tasks, tasks + 50):
             send("record", n)
         total += 50

@@ -190,7 +190,7 @@ def test_periodic_tasks_get_the_hooks_and_a_timeout_closes(db_settings: SetSetti
     from huey import MemoryHuey, crontab
     from huey.exceptions import TaskTimeout
 
-    from async_dbbridge._pool import get_pool
+    from async_dbbridge._lending import get_pool
     from async_dbbridge.integrations.huey import install
     from tests.conftest import backend_id
 
