@@ -21,7 +21,7 @@ VENV_DIR="${VENV_DIR:-.venv}"
 VENV_DJ61_DIR="${VENV_DJ61_DIR:-.venv-dj61}"
 PIP_FLAGS=(-q --disable-pip-version-check)
 
-DEV_SPECS=(-e ".[postgresql,mysql,test,lint,docs,demo]" "Django>=5.2,<5.3" "asgiref>=3.13" matplotlib)
+DEV_SPECS=(-e ".[postgresql,mysql,test,lint,docs,demo,celery]" "Django>=5.2,<5.3" "asgiref>=3.13" matplotlib)
 DJ61_SPECS=(-e ".[postgresql,mysql,test]" "Django>=6.1,<6.2")
 
 log() { printf '[bootstrap] %s\n' "$*"; }
