@@ -17,9 +17,9 @@ orders rotated each round (``_common.rotated``). Figures are medians over the
 rounds; the ratio bridge/own is the median of the per-round ratios. The
 targets, printed as PASS/FAIL (INFO where a target does not apply):
 
-* where the framework's own handling connects per task (at least 500
-  sessions opened per 1,000 tasks): the bridge runs ≥ 1.5x its tasks/s, and
-  opens ≥ 50x fewer sessions per 1,000 tasks;
+* on PostgreSQL, where the framework's own handling connects per task (at
+  least 500 sessions opened per 1,000 tasks): the bridge runs ≥ 1.5x its
+  tasks/s, and opens ≥ 50x fewer sessions per 1,000 tasks;
 * the bridge's peak sessions never above its bound (processes x POOL_SIZE),
   0 sessions left once its worker exited, no task failed.
 
@@ -220,7 +220,7 @@ def summarize(
     return summary
 
 
-def check_targets(summary: Sequence[Summary], errors: dict[str, str]) -> list[Check]:
+def check_targets(summary: Sequence[Summary], errors: dict[str, str], backend: str) -> list[Check]:
     checks: list[Check] = []
     by_key = {(s.framework, s.variant): s for s in summary}
     for name in dict.fromkeys(s.framework for s in summary) | dict.fromkeys(errors):
@@ -231,9 +231,16 @@ def check_targets(summary: Sequence[Summary], errors: dict[str, str]) -> list[Ch
         if own is None or bridge is None:
             checks.append(Check(name, "FAIL", "own and bridge did not both run"))
             continue
-        per_task = own.opened_per_1000 >= PER_TASK
+        # The speed and connection targets are PostgreSQL's, where a session costs a
+        # server process; on MariaDB connecting is cheap (figures, no target).
+        per_task = own.opened_per_1000 >= PER_TASK and backend == "postgresql"
         applies = "PASS" if per_task else "INFO"
-        why = "" if per_task else " (own does not connect per task: no target)"
+        if per_task:
+            why = ""
+        elif backend != "postgresql":
+            why = " (a PostgreSQL target)"
+        else:
+            why = " (own does not connect per task: no target)"
         ratio = bridge.ratio or 0.0
         checks.append(
             Check(
@@ -525,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     report.environment["loadavg_after"] = _common.loadavg()
     report.environment["seconds"] = round(time.monotonic() - started, 1)
-    report.checks = check_targets(report.summary, report.errors)
+    report.checks = check_targets(report.summary, report.errors, args.backend)
     print_report(report)
     out = Path(args.json or f"bench_workers_{args.backend}.json")
     out.write_text(json.dumps(asdict(report), indent=2) + "\n")
