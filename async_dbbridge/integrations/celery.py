@@ -318,6 +318,19 @@ class DBBridgeFixup:
             signal.connect(receiver, sender=sender, weak=False, dispatch_uid=self._uid)
         return self
 
+    def _disconnect(self) -> None:
+        """Undo `install()`'s signal receivers (the tests' clean-up)."""
+        signals.import_modules.disconnect(sender=self.app, dispatch_uid=self._uid)
+        for signal in (
+            signals.worker_init,
+            signals.worker_process_init,
+            signals.task_prerun,
+            signals.task_postrun,
+            signals.worker_process_shutdown,
+            signals.worker_shutdown,
+        ):
+            signal.disconnect(dispatch_uid=self._uid)
+
     # -- what the built-in fix-up does that is not about connections -----------------------
 
     def now(self, utc: bool = False) -> datetime:
