@@ -268,14 +268,14 @@ def test_prefork_runs_500_tasks_on_two_sessions_and_recovers_from_bad_tasks(
         # A database error: that child's connection is closed, the next task gets another.
         assert isinstance(worker.result(worker.send("fail_with_database_error")), Exception)
         pid, bad = marked("error")
-        after = clean_next_task(worker.probes(6, hold=0.05), pid)
+        after = clean_next_task(worker.probes(10, hold=0.05), pid)
         assert after["session"] != bad
         assert not session_alive(bad)
 
         # A transaction left open: rolled back, the connection goes back clean.
         assert worker.result(worker.send("leave_transaction_open")) is None
         pid, _ = marked("marker")
-        clean_next_task(worker.probes(6, hold=0.05), pid)
+        clean_next_task(worker.probes(10, hold=0.05), pid)
         assert not Item.objects.filter(name__startswith="left-open").exists()
         connections["default"].close()
 
@@ -283,7 +283,7 @@ def test_prefork_runs_500_tasks_on_two_sessions_and_recovers_from_bad_tasks(
         failure = worker.result(worker.send("slow_query", 1.0, soft_time_limit=0.3))
         assert type(failure).__name__ == "SoftTimeLimitExceeded"
         pid, slow = marked("slow")
-        after = clean_next_task(worker.probes(6, hold=0.05), pid)
+        after = clean_next_task(worker.probes(10, hold=0.05), pid)
         assert after["session"] != slow
 
         # The children's fork cleanup never touched the parent's session.
@@ -336,7 +336,8 @@ def test_celerys_own_fixup_opens_a_session_per_task_install_reuses_one(
             peak = sampler.stop()
             assert {r["thread"] for r in reports} == {"MainThread"}
             opened[variant] = len(sessions(reports))
-            assert peak == 1
+            # Celery's fix-up: a closed session may still be listed as the next one starts.
+            assert peak == 1 if variant == "bridge" else peak >= 1
             assert worker.stop() == 0
         assert wait_for_server_sessions("default", 0, timeout=10) == 0
     # Celery's fix-up closes every connection after every task: a new session each.
