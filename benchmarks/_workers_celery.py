@@ -104,6 +104,9 @@ def run_round(variant: str, *, database: BenchDatabase, tasks: int) -> WorkerRou
         left = sessions_left(database, worker.pid)
     finally:
         worker.close()
+        with client.connection_for_write() as broker:
+            channel: Any = broker.default_channel  # the transport's: not in the stubs
+            channel.queue_delete(env["BENCH_CELERY_QUEUE"])
         client.close()
         backend: Any = client.backend  # a RedisBackend: its client is not the app's to close
         backend.client.connection_pool.disconnect()

@@ -142,6 +142,10 @@ class Worker:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+        # The queue, and whatever a failed test left in it, goes with the worker.
+        with self.client.connection_for_write() as broker:
+            channel: Any = broker.default_channel  # the transport's: not in the stubs
+            channel.queue_delete(self.env["CELERY_TEST_QUEUE"])
         self.client.close()
         # The result backend's Redis connections are not the app's to close.
         backend: Any = self.client.backend  # a RedisBackend, whose type the stubs do not know
