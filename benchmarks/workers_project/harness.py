@@ -5,7 +5,7 @@ worker of this project (`worker_env`), and counting on the server: sessions
 opened (`sessions_opened`, PostgreSQL's ``pg_stat_database.sessions``) and
 sessions left once a worker exited (`sessions_left`). They run in the
 harness's process, where ``bench_workers.py`` configured Django with
-``benchmarks.workers_project.settings`` (``BENCH_HARNESS=1``).
+``benchmarks.workers_project.settings``.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ def worker_env(database: BenchDatabase, variant: str, **extra: str) -> dict[str,
         "PYTHONPATH": os.pathsep.join(p for p in paths if p),
         **extra,
     }
-    # The harness's own alias ("stats") is not the worker's business.
-    env.pop("BENCH_HARNESS", None)
     return env
 
 
@@ -92,15 +90,15 @@ class WorkerProcess:
 def sessions_opened(database: BenchDatabase) -> int | None:
     """Sessions ever opened on the benchmark database (PostgreSQL; None elsewhere).
 
-    ``pg_stat_database.sessions`` counts a session when it ends. Read through
-    the alias ``stats`` (the ``postgres`` database), so that reading opens no
-    session on the counted database.
+    ``pg_stat_database.sessions`` counts a session when it ends. Read from the
+    ``postgres`` database (``_nodb_cursor()``, as the harness creates databases),
+    so that reading opens no session on the counted one.
     """
     if database.backend != "postgresql":
         return None
     from django.db import connections
 
-    with connections["stats"].cursor() as cursor:
+    with connections["admin"]._nodb_cursor() as cursor:
         cursor.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s", [database.name])
         row = cursor.fetchone()
     return int(row[0]) if row else 0

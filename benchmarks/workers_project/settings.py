@@ -10,11 +10,7 @@ table (``tests.testapp``'s ``Item``, ten rows); the environment says the rest:
   async_dbbridge) or ``bridge`` (its integration; ``async_dbbridge`` is then in
   ``INSTALLED_APPS``, as a project adopting it would have it);
 * ``BENCH_POOL_SIZE``: ``ASYNC_DBBRIDGE["POOL_SIZE"]`` (default 1: a process
-  of a prefork pool runs one task at a time);
-* ``BENCH_HARNESS=1``: the harness's process, which also gets the alias
-  ``stats`` (PostgreSQL: the ``postgres`` database, as ``admin``), to read
-  ``pg_stat_database`` without a session on the benchmark database, whose
-  end would count as one more session opened.
+  of a prefork pool runs one task at a time).
 
 Both variants run at the same Django settings: ``CONN_MAX_AGE=60``,
 ``CONN_HEALTH_CHECKS=True``.
@@ -40,8 +36,6 @@ DATABASES = databases_setting(
     pool_needs="",
 )
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
-if os.environ.get("BENCH_HARNESS") == "1" and BACKEND == "postgresql":
-    DATABASES["stats"] = {**DATABASES["admin"], "NAME": "postgres"}
 
 INSTALLED_APPS = ["tests.testapp", *(["async_dbbridge"] if VARIANT == "bridge" else [])]
 SECRET_KEY = "benchmarks-only-not-secret"
