@@ -191,7 +191,7 @@ def _remove_builtin(app: Any) -> None:
     builtins = [f for f in getattr(app, "_fixups", None) or () if isinstance(f, DjangoFixup)]
     for builtin in builtins:
         signals.import_modules.disconnect(builtin.on_import_modules, sender=app)
-        # Connected with a per-fix-up dispatch_uid since Celery 5.6.1, without before.
+        # Celery 5.7 connects it with a dispatch_uid of its own; earlier releases without.
         uid = getattr(builtin, "_worker_init_uid", None)
         if uid is not None:
             signals.worker_init.disconnect(dispatch_uid=uid)
