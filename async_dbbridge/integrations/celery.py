@@ -191,7 +191,8 @@ def _remove_builtin(app: Any) -> None:
     builtins = [f for f in getattr(app, "_fixups", None) or () if isinstance(f, DjangoFixup)]
     for builtin in builtins:
         signals.import_modules.disconnect(builtin.on_import_modules, sender=app)
-        # Celery 5.7 connects it with a dispatch_uid of its own; earlier releases without.
+        # Celery 5.7 connects it with a dispatch_uid of its own, other releases may
+        # not: both ways are undone.
         uid = getattr(builtin, "_worker_init_uid", None)
         if uid is not None:
             signals.worker_init.disconnect(dispatch_uid=uid)
