@@ -143,8 +143,8 @@ def install(app: Celery) -> DBBridgeFixup:
     Celery("proj", fixups=["async_dbbridge.integrations.celery:fixup"])
     ```
 
-    Idempotent. The module docstring lists what is kept of the built-in
-    fix-up and what changes.
+    Idempotent. What is kept of the built-in fix-up and what changes: this
+    module's docstring, and the documentation's Celery page.
 
     Returns:
         The app's fix-up (the same one on every call).
