@@ -418,7 +418,7 @@ def replot(source: Path, chart: Path | None) -> Path:
 
 
 def parse_args(
-    argv: Sequence[str] | None, available: Sequence[str]
+    argv: Sequence[str] | None, available: Sequence[str], unusable: dict[str, str]
 ) -> tuple[argparse.Namespace, tuple[str, ...]]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
@@ -451,6 +451,9 @@ def parse_args(
         return args, ()
     if not available:
         parser.error("no benchmarks/_workers_<framework>.py module could be imported")
+    for name in (args.frameworks or "").split(","):
+        if name.strip() in unusable:
+            parser.error(f"--frameworks: {name.strip()}: {unusable[name.strip()]}")
     try:
         frameworks = (
             tuple(available)
@@ -468,7 +471,7 @@ def parse_args(
 
 def main(argv: Sequence[str] | None = None) -> int:
     found, unusable = discover()
-    args, names = parse_args(argv, sorted(found))
+    args, names = parse_args(argv, sorted(found), unusable)
     if args.replot:
         print(f"chart: {replot(Path(args.replot), Path(args.chart) if args.chart else None)}")
         return 0
