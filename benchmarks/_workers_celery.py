@@ -32,6 +32,7 @@ from benchmarks._workers import WorkerRound
 from benchmarks.workers_project.celery_config import celery_config
 from benchmarks.workers_project.harness import (
     WorkerProcess,
+    process_tree_cpu,
     sessions_left,
     sessions_opened,
     sessions_opened_since,
@@ -93,6 +94,7 @@ def run_round(variant: str, *, database: BenchDatabase, tasks: int) -> WorkerRou
         if isinstance(first, int):
             ids.add(first)
         with Sampler(lambda: database.count_sessions(worker.pid), 0.05) as sampler:
+            cpu_before = process_tree_cpu(worker.pid)
             started = time.monotonic()
             sent = ResultSet([client.send_task(TASK, args=(n,)) for n in range(tasks)], app=client)
             # One subscription for them all (the Redis backend's native join).
@@ -100,6 +102,7 @@ def run_round(variant: str, *, database: BenchDatabase, tasks: int) -> WorkerRou
                 timeout=RUN_TIMEOUT, propagate=False, on_interval=worker.check_alive
             )
             seconds = time.monotonic() - started
+            cpu = process_tree_cpu(worker.pid) - cpu_before
         worker.stop()
         left = sessions_left(database, worker.pid)
     finally:
@@ -126,4 +129,5 @@ def run_round(variant: str, *, database: BenchDatabase, tasks: int) -> WorkerRou
         peak_sessions=max(sampler.samples, default=0),
         left_sessions=left,
         bound=PROCESSES * POOL_SIZE,
+        worker_cpu_s=cpu,
     )

@@ -44,7 +44,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -154,6 +154,8 @@ class Summary:
     bound: int
     left_sessions: int
     failed: int
+    #: Median CPU milliseconds the worker's processes spent per task (None: not measured).
+    cpu_ms_per_task: float | None = None
 
 
 @dataclass
@@ -178,6 +180,11 @@ def _rounds_of(
     rounds: Sequence[tuple[int, WorkerRound]], framework: str, variant: str
 ) -> dict[int, WorkerRound]:
     return {n: r for n, r in rounds if r.framework == framework and r.variant == variant}
+
+
+def _median_or_none(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def summarize(
@@ -214,6 +221,7 @@ def summarize(
                     bound=mine[0].bound,
                     left_sessions=max(r.left_sessions for r in mine),
                     failed=sum(r.failed for r in mine),
+                    cpu_ms_per_task=_median_or_none(r.cpu_ms_per_task for r in mine),
                 )
             )
     return summary
@@ -259,6 +267,16 @@ def check_targets(summary: Sequence[Summary], errors: dict[str, str], backend: s
                 f"(target >= {OPENED_TARGET:.0f}x){why}",
             )
         )
+        if own.cpu_ms_per_task and bridge.cpu_ms_per_task:
+            checks.append(
+                Check(
+                    name,
+                    "INFO",
+                    f"worker CPU per task: own {own.cpu_ms_per_task:.2f} ms, bridge "
+                    f"{bridge.cpu_ms_per_task:.2f} ms "
+                    f"({own.cpu_ms_per_task / bridge.cpu_ms_per_task:.2f}x less)",
+                )
+            )
         checks.append(
             Check(
                 name,
@@ -285,17 +303,18 @@ def check_targets(summary: Sequence[Summary], errors: dict[str, str], backend: s
 
 def markdown_table(summary: Sequence[Summary], framework: str) -> str:
     lines = [
-        "| variant | tasks/s (min-max) | bridge/own | opened per 1,000 tasks | peak sessions "
-        "| bound | left | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | tasks/s (min-max) | bridge/own | opened per 1,000 tasks | worker CPU "
+        "ms/task | peak sessions | bound | left | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
         if s.framework != framework:
             continue
         ratio = "" if s.ratio is None else f"{s.ratio:.2f}x"
+        cpu = "-" if s.cpu_ms_per_task is None else f"{s.cpu_ms_per_task:.2f}"
         lines.append(
             f"| {s.variant} | {s.tasks_per_s:,.0f} ({s.tasks_per_s_min:,.0f}-"
-            f"{s.tasks_per_s_max:,.0f}) | {ratio} | {s.opened_per_1000:,.1f} | "
+            f"{s.tasks_per_s_max:,.0f}) | {ratio} | {s.opened_per_1000:,.1f} | {cpu} | "
             f"{s.peak_sessions} | {s.bound} | {s.left_sessions} | {s.failed} |"
         )
     return "\n".join(lines)
@@ -353,8 +372,9 @@ def write_chart(report: Report, path: Path) -> None:
         )
         for x, s in zip(xs, rows, strict=True):
             ratio = "" if s.ratio is None or s.variant == "own" else f"\n{s.ratio:.2f}x"
+            cpu = "" if s.cpu_ms_per_task is None else f"\nCPU {s.cpu_ms_per_task:.1f} ms/task"
             rate_ax.annotate(
-                f"{s.tasks_per_s:,.0f}{ratio}",
+                f"{s.tasks_per_s:,.0f}{ratio}{cpu}",
                 (x, s.tasks_per_s_max),
                 ha="center",
                 va="bottom",
@@ -469,6 +489,10 @@ def parse_args(
     return args, frameworks
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     found, unusable = discover()
     args, names = parse_args(argv, sorted(found), unusable)
@@ -520,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(
                         f"[round {round_no + 1}] {name:10} {variant:8} "
                         f"{result.tasks_per_s:8,.0f} tasks/s  opened {result.opened:5}  "
+                        f"cpu/task {_ms(result.cpu_ms_per_task)}  "
                         f"peak {result.peak_sessions}/{result.bound}  left "
                         f"{result.left_sessions}  failed {result.failed}",
                         file=sys.stderr,

@@ -130,3 +130,29 @@ def sessions_opened_since(database: BenchDatabase, before: int) -> int:
 def sessions_left(database: BenchDatabase, pid: int) -> int:
     """Sessions on the benchmark database once a worker exited (0, or what never goes)."""
     return settle(lambda: database.count_sessions(pid), timeout=10.0, stable=1.0)
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its live descendants.
+
+    Read from ``/proc`` (Linux): taken just before and just after the measured
+    tasks, the difference is what the worker's processes spent on them,
+    whatever else the machine was doing meanwhile. A child that exits in
+    between takes its time with it (0.0 where ``/proc`` is missing).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/stat") as f:
+                # After the command name (which may hold spaces): utime, stime are the 12th, 13th.
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    pending.extend(int(child) for child in f.read().split())
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or no /proc
+    return total
