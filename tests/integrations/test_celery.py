@@ -134,8 +134,13 @@ class Worker:
             self.process = subprocess.Popen(
                 self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
-        # Ready once it has run a task (bounded: a worker that cannot start fails here).
-        self.result(self.send("probe", 0), START_TIMEOUT)
+        try:
+            # Ready once it has run a task (bounded: a worker that cannot start fails here).
+            self.result(self.send("probe", 0), START_TIMEOUT)
+        except BaseException:
+            # __exit__ does not run when __enter__ raises: the worker must not outlive the test.
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
