@@ -18,6 +18,9 @@ A framework module defines:
   them from the first enqueue to the last result, stop the worker, and count
   on the server (sessions sampled during the run; sessions opened, from
   ``pg_stat_database.sessions`` on PostgreSQL; sessions left after the stop).
+  Optionally, the CPU time the worker's processes spent on the measured tasks
+  (``worker_cpu_s``; see ``benchmarks/workers_project/harness.py``'s
+  ``process_tree_cpu``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ class WorkerRound:
     peak_sessions: int
     left_sessions: int
     bound: int
+    #: CPU seconds the worker's processes spent on the measured tasks, if the
+    #: module measured it (steadier than tasks/s on a shared machine).
+    worker_cpu_s: float | None = None
 
     @property
     def tasks_per_s(self) -> float:
@@ -48,9 +54,16 @@ class WorkerRound:
     def opened_per_1000(self) -> float:
         return 1000.0 * self.opened / self.tasks if self.tasks else 0.0
 
+    @property
+    def cpu_ms_per_task(self) -> float | None:
+        if self.worker_cpu_s is None or not self.tasks:
+            return None
+        return 1000.0 * self.worker_cpu_s / self.tasks
+
     def as_dict(self) -> dict[str, Any]:
         return {
             **asdict(self),
             "tasks_per_s": self.tasks_per_s,
             "opened_per_1000": self.opened_per_1000,
+            "cpu_ms_per_task": self.cpu_ms_per_task,
         }
