@@ -51,7 +51,10 @@ def test_jobs_on_foreign_threads_share_the_bounded_pool(db_settings: SetSetting)
     assert all(results)
     stats = get_pool("default").stats()
     # Really opened, then reused: far fewer connections than jobs, never over the bound.
-    assert 1 <= stats.opened <= stats.max_size
+    # (Django 6.1's MySQL backend reads the server's version once per wrapper through
+    # temporary_connection(), whose close() really closes: one more open per thread.)
+    assert 1 <= stats.opened <= 2 * stats.max_size
+    assert stats.opened - stats.closed <= stats.max_size
     assert stats.checkouts >= 160
     assert stats.in_use == 0
     assert Item.objects.count() == 160
