@@ -19,9 +19,11 @@ request's thread:
    `get_response` through a chain of the same middleware built in **sync**
    mode (as `WSGIHandler` builds it), with `process_view`, the view,
    `process_exception`, `process_template_response` and the rendering;
-3. on the loop: Django's own `send_response`;
+3. on the loop: Django's own `send_response`, while listening for the client's
+   disconnect as Django's `handle()` does;
 4. on the request's thread, after the body was sent: `response.close()`
-   (`request_finished`), as Django does.
+   (`request_finished`), as Django does; a client gone before that gets
+   `request_finished` alone, as in Django.
 
 So a sync request costs two round trips instead of six to a dozen. Any other
 request — an async view, a URL that does not resolve with the default
@@ -34,10 +36,6 @@ What differs from Django's ASGI path, by design:
   same exception handling, on the request's thread; each middleware class is
   instantiated twice at startup (once per chain), so a middleware keeping
   state in its instance between requests sees only its own chain's requests;
-* a client that disconnects while a sync view runs does not cancel the
-  awaiting task (it could not stop the thread anyway): the response is
-  produced, its send is dropped by the server, and `response.close()` runs as
-  for any request, so `request_finished` fires exactly once either way;
 * a middleware that sets `request.urlconf` to a URLconf whose view is async
   gets that view run through `async_to_sync` on the request's thread, as
   Django's WSGI handler runs it.
@@ -51,6 +49,7 @@ startup and Django's own path serves every request.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -132,18 +131,50 @@ class OneHop:
             body_file = await handler.read_body(receive)
         except RequestAborted:
             return
+
+        async def process() -> HttpResponseBase:
+            try:
+                response = await self._respond(scope, body_file)
+            except BaseException:
+                # Propagating (DEBUG_PROPAGATE_EXCEPTIONS, a failing
+                # request_started receiver): nothing will close the body but us.
+                body_file.close()
+                raise
+            try:
+                await handler.send_response(response, send)
+            except asyncio.CancelledError:
+                pass  # the client disconnected during the send, as in Django
+            return response
+
+        # As Django's handle() does: listen for the client's disconnect while the
+        # request is served, and stop waiting for it (the thread finishes its
+        # call regardless) when the client goes away first.
+        listen = asyncio.create_task(handler.listen_for_disconnect(receive))
+        work = asyncio.create_task(process())
+        await asyncio.wait((listen, work), return_when=asyncio.FIRST_COMPLETED)
+        for task in (listen, work):
+            if task.done():
+                try:
+                    task.result()
+                except RequestAborted:
+                    pass
+                except AssertionError:
+                    body_file.close()
+                    raise
+            else:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         try:
-            response = await self._respond(scope, body_file)
-        except BaseException:
-            # Propagating (DEBUG_PROPAGATE_EXCEPTIONS, a failing request_started
-            # receiver): nothing will close the request body but us.
+            response = work.result()
+        except asyncio.CancelledError:
+            await signals.request_finished.asend(sender=self.handler_class)
             body_file.close()
-            raise
-        try:
-            await handler.send_response(response, send)
-        finally:
-            # After the body was sent (or failed to be): request_finished and
-            # the response's resource closers, on the request's thread.
+        else:
+            # After the body was sent: request_finished and the response's
+            # resource closers, on the request's thread.
             await self._close(response, body_file)
 
     def _is_for_a_sync_view(self, scope: dict[str, Any]) -> bool:
