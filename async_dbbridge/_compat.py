@@ -184,6 +184,7 @@ def may_be_disconnected(raw: Any) -> bool:
     killed backend, a server restart, PgBouncer gone) or, rarely, a
     notification. Either way the caller pings it; an unreadable socket is
     trusted. A connection the driver already knows to be closed is dead.
+    After an error, the same test tells a disconnect from a bad query.
     """
     if getattr(raw, "broken", False):
         return True
@@ -199,13 +200,6 @@ def may_be_disconnected(raw: Any) -> bool:
         return bool(poller.poll(0))
     except OSError:
         return True
-
-
-def is_disconnected(raw: Any) -> bool:
-    """After an error: did the connection die of a disconnect (not a bad query)?"""
-    if getattr(raw, "broken", False) or getattr(raw, "closed", False):
-        return True
-    return may_be_disconnected(raw)
 
 
 # -- Django cursors --------------------------------------------------------------------------

@@ -406,7 +406,7 @@ class _PooledWrapper(BaseDatabaseWrapper):
         if reusable:
             self._dbbridge_put = entry.pool.put(entry)
             return
-        if self.errors_occurred and _compat.is_disconnected(entry.raw):
+        if self.errors_occurred and _compat.may_be_disconnected(entry.raw):
             # Died of a disconnect (server restart, failover, killed): its idle
             # siblings most likely died with it. Check each before reuse.
             entry.pool.suspect_idle()
