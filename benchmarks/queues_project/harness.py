@@ -29,7 +29,10 @@ from benchmarks.queues_project.work import REDIS_URL, keys
 
 SETTINGS_MODULE: Final = "benchmarks.queues_project.settings"
 START_TIMEOUT: Final = 60.0
+#: Seconds for a whole batch: a floor, plus what the slowest worker here (RQ's forking
+#: worker, a process per job: 8-10 jobs/s on a loaded 2-CPU machine) needs per task.
 RUN_TIMEOUT: Final = 120.0
+RUN_TIMEOUT_PER_TASK: Final = 0.25
 STOP_TIMEOUT: Final = 30.0
 
 
@@ -172,7 +175,9 @@ def measure(
             started = time.monotonic()
             for n in range(1, tasks + 1):
                 send(n)
-            _wait_outcomes(redis, queue, tasks + 1, worker, RUN_TIMEOUT)
+            _wait_outcomes(
+                redis, queue, tasks + 1, worker, RUN_TIMEOUT + RUN_TIMEOUT_PER_TASK * tasks
+            )
             seconds = time.monotonic() - started
         worker.stop(sigterm_again)
         left = settle(lambda: database.count_sessions(worker.pid), timeout=10.0, stable=1.0)
