@@ -1,0 +1,368 @@
+"""Harness of the scale tests: PgBouncer, a database of their own, app servers, load.
+
+Real processes all the way: Debian's ``pgbouncer`` (installed by
+scripts/bootstrap.sh) started on a free port with a config the test writes,
+``tests.scale_project`` served by ``uvicorn --workers N`` in a subprocess (in
+a network namespace for the multi-host test), HTTP load from httpx, and the
+server's own counts (``pg_stat_activity``; PgBouncer's ``SHOW CLIENTS``).
+Every wait is bounded polling; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+#: Bound on every wait for a server to start, answer or stop.
+DEADLINE = 30.0
+PGHOST = os.environ.get("PGHOST", "127.0.0.1")
+PGPORT = int(os.environ.get("PGPORT", "5432"))
+PGUSER = os.environ.get("PGUSER", "postgres")
+
+
+def until(predicate: Any, what: str, timeout: float = DEADLINE, interval: float = 0.05) -> Any:
+    """Bounded polling: the predicate's first truthy value, or an AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def direct(dbname: str = "postgres", port: int = PGPORT, host: str = PGHOST) -> psycopg.Connection:
+    return psycopg.connect(
+        host=host, port=port, user=PGUSER, dbname=dbname, autocommit=True, connect_timeout=5
+    )
+
+
+def server_sessions(dbname: str, port: int = PGPORT) -> int:
+    """Client sessions the PostgreSQL server on `port` has open on `dbname` (not this one)."""
+    with direct(port=port) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            (dbname,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# -- a database of the test's own ------------------------------------------------------
+
+
+@contextmanager
+def scale_database(prefix: str) -> Iterator[str]:
+    """A fresh, empty database on the primary, dropped after (its sessions with it)."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with direct() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with direct() as conn:
+            # Only this test's database: its sessions are the test's servers'.
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- PgBouncer ---------------------------------------------------------------------------
+
+
+@dataclass
+class PgBouncer:
+    """One PgBouncer process the test started, and its admin console."""
+
+    host: str
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes]
+    admin_user: str = PGUSER
+
+    def show(self, what: str) -> list[dict[str, str | None]]:
+        """`SHOW <what>` on the admin console (the simple query protocol it speaks)."""
+        with psycopg.connect(
+            host=self.host,
+            port=self.port,
+            user=self.admin_user,
+            dbname="pgbouncer",
+            autocommit=True,
+            connect_timeout=5,
+        ) as admin:
+            result = admin.pgconn.exec_(f"SHOW {what}".encode())
+            assert result.status == 2, (result.error_message or b"").decode()
+            names = [(result.fname(i) or b"").decode() for i in range(result.nfields)]
+            return [
+                {
+                    name: None if (v := result.get_value(r, c)) is None else v.decode()
+                    for c, name in enumerate(names)
+                }
+                for r in range(result.ntuples)
+            ]
+
+    def clients(self, dbname: str) -> int:
+        """PgBouncer's client connections to `dbname` (its admin console's are on 'pgbouncer')."""
+        return sum(1 for row in self.show("CLIENTS") if row["database"] == dbname)
+
+    def log(self) -> str:
+        return (self.directory / "pgbouncer.log").read_text(errors="replace")
+
+
+def pgbouncer_missing() -> str | None:
+    if not os.path.exists(PGBOUNCER):
+        return (
+            f"PgBouncer is not installed ({PGBOUNCER}): scripts/bootstrap.sh installs Debian's "
+            "pgbouncer package"
+        )
+    return None
+
+
+@contextmanager
+def pgbouncer(
+    *,
+    pool_mode: str = "transaction",
+    pool_size: int = 10,
+    max_client_conn: int = 2000,
+    listen_addr: str = "127.0.0.1",
+    stats_users: str = PGUSER,
+    server_host: str = PGHOST,
+) -> Iterator[PgBouncer]:
+    """PgBouncer in front of the primary, on a free port, with a config written here."""
+    missing = pgbouncer_missing()
+    assert missing is None, missing
+    # Not pytest's tmp_path: PgBouncer runs as postgres, which may not enter it.
+    directory = Path(tempfile.mkdtemp(prefix="dbbridge-pgbouncer-"))
+    directory.chmod(0o755)
+    port = free_port()
+    (directory / "users.txt").write_text(f'"{PGUSER}" ""\n"dbbridge_nobody" ""\n')
+    (directory / "pgbouncer.ini").write_text(
+        "[databases]\n"
+        f"* = host={server_host} port={PGPORT}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = {listen_addr}\n"
+        f"listen_port = {port}\n"
+        "unix_socket_dir =\n"
+        "auth_type = trust\n"
+        f"auth_file = {directory / 'users.txt'}\n"
+        f"pool_mode = {pool_mode}\n"
+        f"default_pool_size = {pool_size}\n"
+        "reserve_pool_size = 0\n"
+        f"max_client_conn = {max_client_conn}\n"
+        f"stats_users = {stats_users}\n"
+        f"logfile = {directory / 'pgbouncer.log'}\n"
+        # Django sets these at connect; PgBouncer would refuse the login otherwise.
+        "ignore_startup_parameters = extra_float_digits,options\n"
+    )
+    command = [PGBOUNCER, str(directory / "pgbouncer.ini")]
+    if os.geteuid() == 0:
+        # PgBouncer refuses to run as root: it drops to the postgres user.
+        command[1:1] = ["-u", "postgres"]
+        shutil.chown(directory, "postgres")
+        for path in directory.iterdir():
+            shutil.chown(path, "postgres")
+    with (directory / "stderr.log").open("wb") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+    host = "127.0.0.1" if listen_addr == "0.0.0.0" else listen_addr
+    bouncer = PgBouncer(host, port, directory, process)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(
+                f"pgbouncer exited: {(directory / 'stderr.log').read_text(errors='replace')}"
+            )
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    try:
+        until(ready, "PgBouncer accepts connections")
+        yield bouncer
+    finally:
+        # SIGTERM: immediate shutdown (SIGINT would wait for every client).
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(DEADLINE)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- app servers ---------------------------------------------------------------------------
+
+
+@dataclass
+class AppServer:
+    """`uvicorn --workers N` serving tests.scale_project in a subprocess (maybe in a netns)."""
+
+    url: str
+    process: subprocess.Popen[str]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> str:
+        """SIGTERM, as a process manager sends it; wait for the exit; the server's log."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(DEADLINE)
+                raise AssertionError(f"uvicorn did not exit on SIGTERM:\n{self.log()}") from None
+        return self.log()
+
+
+def scale_env(dbname: str, port: int, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.scale_project.settings",
+        "PYTHONPATH": str(ROOT),
+        "SCALE_DB_NAME": dbname,
+        "SCALE_DB_PORT": str(port),
+    }
+    env.pop("WEB_CONCURRENCY", None)
+    env.update(extra)
+    return env
+
+
+def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`django-admin <args>` for the scale project, as a deploy runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "django", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@contextmanager
+def app_server(
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    workers: int = 2,
+    host: str = "127.0.0.1",
+    netns: str | None = None,
+    name: str = "app",
+) -> Iterator[AppServer]:
+    port = free_port() if netns is None else 8000
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tests.scale_project.asgi:application",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--lifespan",
+        "on",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    if netns is not None:
+        command = ["ip", "netns", "exec", netns, *command]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+    server = AppServer(f"http://{host}:{port}", process, log_path)
+
+    def answering() -> bool:
+        assert process.poll() is None, f"uvicorn exited:\n{server.log()}"
+        try:
+            response = httpx.get(f"{server.url}/primary/", timeout=5, trust_env=False)
+        except httpx.HTTPError:
+            return False
+        assert response.status_code == 200, response.text
+        return True
+
+    try:
+        until(answering, f"uvicorn ({name}) answers", timeout=60)
+        yield server
+    finally:
+        server.stop()
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values()) + sum(self.errors.values())
+
+    @property
+    def non_2xx(self) -> int:
+        return self.requests - sum(n for s, n in self.statuses.items() if 200 <= s < 300)
+
+
+async def _load(urls: Sequence[str], requests: int, concurrency: int) -> LoadResult:
+    result = LoadResult()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    todo = iter(range(requests))
+    async with httpx.AsyncClient(limits=limits, timeout=DEADLINE, trust_env=False) as client:
+
+        async def worker() -> None:
+            for i in todo:
+                url = urls[i % len(urls)]
+                try:
+                    response = await client.get(url)
+                except httpx.HTTPError as exc:
+                    result.errors[type(exc).__name__] += 1
+                else:
+                    result.statuses[response.status_code] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result.seconds = time.perf_counter() - started
+    return result
+
+
+def load(urls: Sequence[str], requests: int, concurrency: int) -> LoadResult:
+    """`requests` GETs spread over `urls`, `concurrency` at a time."""
+    return asyncio.run(_load(urls, requests, concurrency))
