@@ -10,4 +10,5 @@ urlpatterns = [
     path("iterate/", views.iterate),
     path("async/", views.primary_async),
     path("backend/", views.backend),
+    path("slow/", views.slow),
 ]

@@ -36,3 +36,10 @@ def backend(request: HttpRequest) -> JsonResponse:
         cursor.execute("SELECT pg_backend_pid()")
         (pid,) = cursor.fetchone()
     return JsonResponse({"backend": pid})
+
+
+def slow(request: HttpRequest) -> JsonResponse:
+    """A query that holds its server session a while: enough of them fill a pool."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(0.05)")
+    return JsonResponse({"slept": True})
