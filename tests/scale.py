@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -63,14 +64,16 @@ def direct(dbname: str = "postgres", port: int = PGPORT, host: str = PGHOST) -> 
     )
 
 
+_SESSIONS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+)
+
+
 def server_sessions(dbname: str, port: int = PGPORT) -> int:
     """Client sessions the PostgreSQL server on `port` has open on `dbname` (not this one)."""
     with direct(port=port) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-            "AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
-            (dbname,),
-        ).fetchone()
+        row = conn.execute(_SESSIONS, (dbname,)).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -366,3 +369,102 @@ async def _load(urls: Sequence[str], requests: int, concurrency: int) -> LoadRes
 def load(urls: Sequence[str], requests: int, concurrency: int) -> LoadResult:
     """`requests` GETs spread over `urls`, `concurrency` at a time."""
     return asyncio.run(_load(urls, requests, concurrency))
+
+
+class ContinuousLoad(threading.Thread):
+    """GETs on `paths`, `concurrency` at a time, until stopped; statuses per phase and path.
+
+    The test moves `phase` on ("before", "stopped", "back", ...) while the load
+    runs, and waits on the counts with `until`. A request counts in a phase
+    when it started and ended in it; one in flight across a change counts in
+    "between".
+    """
+
+    def __init__(self, base: str, paths: Sequence[str], concurrency: int) -> None:
+        super().__init__(name="continuous-load", daemon=True)
+        self.base, self.paths, self.concurrency = base, list(paths), concurrency
+        self.phase = "start"
+        self.counts: Counter[tuple[str, str, int | str]] = Counter()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def count(self, phase: str, path: str, status: int | str | None = None) -> int:
+        with self._lock:
+            return sum(
+                n
+                for (ph, pa, st), n in self.counts.items()
+                if ph == phase and pa == path and (status is None or st == status)
+            )
+
+    def statuses(self, phase: str, path: str) -> dict[int | str, int]:
+        with self._lock:
+            return {st: n for (ph, pa, st), n in self.counts.items() if ph == phase and pa == path}
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:
+            self.error = exc
+
+    async def _run(self) -> None:
+        limits = httpx.Limits(
+            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+        )
+        async with httpx.AsyncClient(limits=limits, timeout=DEADLINE, trust_env=False) as client:
+
+            async def worker(offset: int) -> None:
+                i = offset
+                while not self._stopping.is_set():
+                    path = self.paths[i % len(self.paths)]
+                    i += 1
+                    phase = self.phase
+                    try:
+                        status: int | str = (await client.get(self.base + path)).status_code
+                    except httpx.HTTPError as exc:
+                        status = type(exc).__name__
+                    if self.phase != phase:
+                        # In flight while the test moved on: counted in neither phase.
+                        phase = "between"
+                    with self._lock:
+                        self.counts[(phase, path, status)] += 1
+
+            await asyncio.gather(*(worker(n) for n in range(self.concurrency)))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(DEADLINE + 10)
+        assert not self.is_alive(), "the load did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+class Sampler(threading.Thread):
+    """A server's sessions on the test's database, sampled until stopped."""
+
+    def __init__(self, dbname: str, port: int = PGPORT) -> None:
+        super().__init__(name="session-sampler", daemon=True)
+        self.dbname, self.port = dbname, port
+        self.samples: list[int] = []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        conn: psycopg.Connection | None = None
+        while not self.stopped.is_set():
+            try:
+                # One connection of its own, kept (a connect per sample would
+                # load the server more than the test does); not counted.
+                conn = conn or direct(port=self.port)
+                row = conn.execute(_SESSIONS, (self.dbname,)).fetchone()
+                assert row is not None
+                self.samples.append(int(row[0]))
+            except psycopg.OperationalError:
+                conn = None  # that server is down (the replica test stops it)
+            self.stopped.wait(0.02)
+        if conn is not None:
+            conn.close()
+
+    def stop(self) -> list[int]:
+        self.stopped.set()
+        self.join(DEADLINE)
+        return self.samples

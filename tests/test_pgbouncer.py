@@ -9,7 +9,6 @@ at most 10 server sessions. Counted where they live: server sessions in
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from tests.scale import (
     PgBouncer,
+    Sampler,
     app_server,
     direct,
     load,
@@ -25,7 +25,6 @@ from tests.scale import (
     pgbouncer,
     scale_database,
     scale_env,
-    server_sessions,
     until,
 )
 
@@ -55,26 +54,6 @@ def migrated(bouncer: PgBouncer) -> Iterator[str]:
                 (ROWS - 1,),
             )
         yield name
-
-
-class Sampler(threading.Thread):
-    """The server's sessions on the test's database, sampled until stopped."""
-
-    def __init__(self, dbname: str) -> None:
-        super().__init__(name="session-sampler", daemon=True)
-        self.dbname = dbname
-        self.samples: list[int] = []
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            self.samples.append(server_sessions(self.dbname))
-            self.stopped.wait(0.02)
-
-    def stop(self) -> list[int]:
-        self.stopped.set()
-        self.join(30)
-        return self.samples
 
 
 def test_wrapper_under_load_behind_pgbouncer_stays_within_its_pool(
