@@ -114,6 +114,8 @@ def test_pool_bounds_both_aliases_and_a_stopped_replica_fails_only_its_views(
             replica_samples = replica_sampler.stop()
         log = server.stop()
 
+    # Nothing escaped the views' handling: no traceback in the servers' log.
+    assert "Traceback" not in log, log[-3000:]
     # Before: everything served.
     for path in ("/primary/", "/replica/", "/async/"):
         assert set(load.statuses("before", path)) == {200}, (path, load.statuses("before", path))
@@ -141,7 +143,8 @@ def test_pool_bounds_both_aliases_and_a_stopped_replica_fails_only_its_views(
     )
     print(
         "\nreplica stopped mid-load: /replica/ "
-        f"{load.statuses('stopped', '/replica/')}, /primary/ {load.statuses('stopped', '/primary/')}"
+        f"{load.statuses('stopped', '/replica/')}, "
+        f"/primary/ {load.statuses('stopped', '/primary/')}"
         f"; most sessions: primary {max(primary_samples)}, replica {max(replica_samples)} "
         f"(bound {bound}, {len(primary_samples)} and {len(replica_samples)} samples)"
     )
