@@ -191,7 +191,9 @@ def pgbouncer(
             shutil.chown(path, "postgres")
     with (directory / "stderr.log").open("wb") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
-    host = "127.0.0.1" if listen_addr == "0.0.0.0" else listen_addr
+    # The test reaches it on the first address it listens on (127.0.0.1 for `*`).
+    first = listen_addr.split(",")[0].strip()
+    host = "127.0.0.1" if first in ("*", "0.0.0.0") else first
     bouncer = PgBouncer(host, port, directory, process)
 
     def ready() -> bool:
