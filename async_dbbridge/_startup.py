@@ -145,16 +145,16 @@ def _check_alias(alias: str, pool_size: int) -> None:
     sessions = pool_size if procs is None else procs.total * pool_size
     if sessions > limit:
         logger.warning(
-            "async_dbbridge: %s for database %r may open %d connections, more than %s "
-            "accepts (%d for every client together). Once it is full it refuses new "
-            "connections and requests get 503s; lower ASYNC_DBBRIDGE['POOL_SIZE'] so that "
-            "processes x POOL_SIZE fits, or raise the limit.",
+            "async_dbbridge: %s for database %r is more than %s accepts (%d connections at "
+            "most, %d for every client together). Once it is full it refuses new connections "
+            "and requests get 503s; lower ASYNC_DBBRIDGE['POOL_SIZE'] so that processes x "
+            "POOL_SIZE fits, or raise the limit.",
             f"POOL_SIZE={pool_size}"
             if procs is None or procs.total == 1
             else f"{procs.total} processes x POOL_SIZE={pool_size}",
             alias,
-            sessions,
             where,
+            sessions,
             limit,
         )
 

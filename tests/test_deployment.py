@@ -11,6 +11,7 @@ server's own max_connections could never hold.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -314,3 +315,32 @@ def test_migrate_runs_against_a_server_too_small_for_the_pool(scale_db: str) -> 
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     assert "async_dbbridge.W003" in migrated.stderr
     assert "Applying testapp.0001_initial... OK" in migrated.stdout
+
+
+def test_the_wrappers_startup_look_compares_with_the_pooler_behind_pgbouncer(
+    settings: SettingsWrapper,
+    add_alias: AddAlias,
+    bouncer: PgBouncer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from async_dbbridge import _startup
+
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    alias = add_alias("bouncer", bouncer.port, DISABLE_SERVER_SIDE_CURSORS=True)
+    direct_alias = add_alias("direct", PGPORT)
+    settings.ASYNC_DBBRIDGE = {"POOL_SIZE": 500}
+    with caplog.at_level(logging.WARNING, logger="async_dbbridge"):
+        # What the ASGI wrapper runs at startup, on a thread of its own.
+        _startup._check_alias(alias, 500)
+        assert caplog.records == []  # 500 clients fit in max_client_conn 2000
+        _startup._check_alias(direct_alias, 500)
+        [line] = [r.getMessage() for r in caplog.records]
+        assert f"POOL_SIZE=500 for database {direct_alias!r} is more than database" in line
+        caplog.clear()
+        settings.ASYNC_DBBRIDGE = {"POOL_SIZE": 500, "PROCESSES": 5}
+        _startup._check_alias(alias, 500)
+        [line] = [r.getMessage() for r in caplog.records]
+    assert "5 processes x POOL_SIZE=500 for database 'bouncer' is more than the PgBouncer" in line
+    assert "(max_client_conn = 2000" in line
+    assert "(2500 connections at most, 2000 for every client together)" in line
