@@ -156,7 +156,14 @@ class Endpoint:
 
     @property
     def behind_pooler(self) -> bool:
-        return self.declared is not None or bool(self.seen_behind_pooler)
+        """Whether a pooler stands in between: what the PIDs show, else what `POOLERS` says.
+
+        The PIDs win over the setting: a server that hands out its own backend's
+        PID is answering directly (checks.py says so, W012), whatever was declared.
+        """
+        if self.seen_behind_pooler is not None:
+            return self.seen_behind_pooler
+        return self.declared is not None
 
     @property
     def mode(self) -> str | None:

@@ -431,10 +431,11 @@ def _pooler_findings(endpoint: Endpoint, parsed: BridgeSettings) -> list[checks.
             checks.Warning(
                 f"{SETTING_NAME}['POOLERS'] says DATABASES[{alias!r}] is behind "
                 f"{endpoint.declared!r}, but the server answers it directly (the backend PID "
-                f"handed at login is pg_backend_pid(), {endpoint.server_pid}): the budget "
-                "was compared with the pooler's limits instead of the server's.",
+                f"handed at login is pg_backend_pid(), {endpoint.server_pid}), so the budget "
+                "is compared with the server's max_connections, not a pooler's limits.",
                 hint=f"Point DATABASES[{alias!r}] at the pooler's host and port, or remove "
-                f"{alias!r} from POOLERS.",
+                f"{alias!r} from POOLERS. (A pooler that hands clients the server's own "
+                "backend PIDs cannot be told apart: then silence this check.)",
                 id="async_dbbridge.W012",
             )
         )
