@@ -387,6 +387,8 @@ class ContinuousLoad(threading.Thread):
         self.base, self.paths, self.concurrency = base, list(paths), concurrency
         self.phase = "start"
         self.counts: Counter[tuple[str, str, int | str]] = Counter()
+        #: Requests that got no HTTP response, with how long they took and why.
+        self.failures: list[str] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.error: BaseException | None = None
@@ -421,10 +423,16 @@ class ContinuousLoad(threading.Thread):
                     path = self.paths[i % len(self.paths)]
                     i += 1
                     phase = self.phase
+                    started = time.monotonic()
                     try:
                         status: int | str = (await client.get(self.base + path)).status_code
                     except httpx.HTTPError as exc:
                         status = type(exc).__name__
+                        with self._lock:
+                            self.failures.append(
+                                f"{phase} {path} after {time.monotonic() - started:.2f}s: "
+                                f"{exc!r} {exc.__cause__!r}"
+                            )
                     if self.phase != phase:
                         # In flight while the test moved on: counted in neither phase.
                         phase = "between"
