@@ -5,6 +5,12 @@ requests run on request threads, and those threads and the process-wide
 bridge's workers take their connections from one bounded pool per alias per
 process (`POOL_SIZE`), given back after each sync call when idle
 (`HOLD = "transaction"`) and at the request's end in any case.
+
+The connection budget multiplies that by the deployment's processes and
+compares it with what accepts the connections, the server or the PgBouncer
+in front of it (`_deployment`). The checks `migrate` and other commands run
+before they start (`check --database`) only ever warn about it; `check
+--deploy --database` reports the same as an error.
 """
 
 from __future__ import annotations
