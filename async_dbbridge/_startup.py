@@ -111,13 +111,15 @@ def join_probes(timeout: float | None) -> bool:
 
 
 def _check_alias(alias: str, pool_size: int) -> None:
-    from .checks import server_limits
+    from ._deployment import look, processes
+    from .conf import get_settings
 
+    parsed = get_settings()
     # A wrapper of its own, outside Django's per-thread registry and the pool:
     # opened here, closed here, whatever happens.
     conn = connections.create_connection(alias)
     try:
-        limits = server_limits(conn)
+        endpoint = look(conn, parsed.poolers.get(alias))
     except Exception as exc:
         # The server may be starting or unreachable: requests will say so
         # soon enough; this look is only advice.
@@ -128,22 +130,32 @@ def _check_alias(alias: str, pool_size: int) -> None:
             conn.close()
         except Exception:
             logger.debug("async_dbbridge: closing the server-limit probe failed", exc_info=True)
-    if limits is None:
+    if endpoint is None:
         return
-    max_connections, reserved = limits
-    usable = max_connections - reserved
-    if pool_size > usable:
+    # Behind a pooler the processes are its clients: its max_client_conn is
+    # their limit (None when its admin console would not say), not the
+    # server's max_connections, which only PgBouncer's server pool meets.
+    limit, where = endpoint.limit()
+    if limit is None:
+        return
+    try:
+        procs = processes(parsed)
+    except ValueError:
+        procs = None  # `check --deploy` says so; count this process alone
+    sessions = pool_size if procs is None else procs.total * pool_size
+    if sessions > limit:
         logger.warning(
-            "async_dbbridge: POOL_SIZE=%d for database %r is more than its server accepts "
-            "(max_connections = %d, %d reserved: %d for every client together). Once the "
-            "server is full it refuses new connections and requests get 503s; lower "
-            "ASYNC_DBBRIDGE['POOL_SIZE'] so that processes x POOL_SIZE fits, or raise "
-            "max_connections.",
-            pool_size,
+            "async_dbbridge: %s for database %r is more than %s accepts (%d connections at "
+            "most, %d for every client together). Once it is full it refuses new connections "
+            "and requests get 503s; lower ASYNC_DBBRIDGE['POOL_SIZE'] so that processes x "
+            "POOL_SIZE fits, or raise the limit.",
+            f"POOL_SIZE={pool_size}"
+            if procs is None or procs.total == 1
+            else f"{procs.total} processes x POOL_SIZE={pool_size}",
             alias,
-            max_connections,
-            reserved,
-            usable,
+            where,
+            sessions,
+            limit,
         )
 
 

@@ -5,17 +5,33 @@ requests run on request threads, and those threads and the process-wide
 bridge's workers take their connections from one bounded pool per alias per
 process (`POOL_SIZE`), given back after each sync call when idle
 (`HOLD = "transaction"`) and at the request's end in any case.
+
+The connection budget multiplies that by the deployment's processes and
+compares it with what accepts the connections, the server or the PgBouncer
+in front of it (`_deployment`). The checks `migrate` and other commands run
+before they start (`check --database`) only ever warn about it; `check
+--deploy --database` reports the same as an error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import Error as DjangoDatabaseError
 
+from ._deployment import (
+    ADMIN_DATABASE,
+    PREPARED_STATEMENTS_VERSION,
+    PROCESSES_VARIABLE,  # noqa: F401 (checks.PROCESSES_VARIABLE, as before)
+    Endpoint,
+    PoolerInfo,
+    Processes,
+    look,
+    processes,
+)
 from .conf import SETTING_NAME, BridgeSettings, SettingsError, parse_settings
 
 __all__ = (
@@ -26,6 +42,7 @@ __all__ = (
     "check_django_pool",
     "check_in_memory_sqlite",
     "check_pooled_conn_max_age",
+    "check_poolers",
     "check_settings",
     "connection_budget",
 )
@@ -251,31 +268,14 @@ def connection_budget() -> int:
     return parse_settings(getattr(settings, SETTING_NAME, None)).effective_pool_size
 
 
-def _server_limits(alias: str) -> tuple[int, int] | None:
-    """(max_connections, reserved for superusers) of the server behind `alias`."""
-    from django.db import connections
-
-    return server_limits(connections[alias])
-
-
 def server_limits(conn: Any) -> tuple[int, int] | None:
     """(max_connections, reserved for superusers) of the server `conn` (a wrapper) talks to.
 
-    None for a backend without a connection limit (SQLite). The ASGI wrapper
-    asks the same at startup (`_startup`), on a connection of its own.
+    None for a backend without a connection limit (SQLite). Behind a pooler
+    this is the server's limit, not the pooler's: see `_deployment.look()`.
     """
-    if conn.vendor not in ("postgresql", "mysql"):
-        return None
-    with conn.cursor() as cursor:
-        if conn.vendor == "postgresql":
-            cursor.execute(
-                "SELECT current_setting('max_connections')::int, "
-                "current_setting('superuser_reserved_connections')::int"
-            )
-        else:
-            cursor.execute("SELECT @@max_connections, 1")
-        row = cursor.fetchone()
-    return int(row[0]), int(row[1])
+    endpoint = look(conn, None)
+    return None if endpoint is None else (endpoint.max_connections, endpoint.reserved)
 
 
 def _budget_source() -> str:
@@ -288,30 +288,51 @@ def _budget_source() -> str:
     return f"{SETTING_NAME}['POOL_SIZE'] (by default MAX_WORKERS)"
 
 
-@checks.register(checks.Tags.database)
-def check_connection_budget(
-    app_configs: Any = None, databases: Any = None, **kwargs: Any
-) -> list[checks.CheckMessage]:
-    """E002 / W003: the pool's bound (`POOL_SIZE`) against the server's max_connections.
+# Said in every budget message: the check must not look like a guarantee it is not.
+_NOT_COUNTED = (
+    "Not counted: connections of threads you run yourself (a DBExecutor without "
+    "pooled=True, DBThread, db_connection_scope)."
+)
 
-    A database check: it runs with `manage.py check --database <alias>` (and
-    before `migrate`), since it has to ask the server. W004: the server could
-    not be asked (down, unreachable, refused us).
+
+def _look(alias: str, parsed: BridgeSettings) -> Endpoint | None:
+    """What `alias`'s connections go to (raises django.db.Error when it cannot be asked)."""
+    from django.db import connections
+
+    return look(connections[alias], parsed.poolers.get(alias))
+
+
+def _budget(databases: Any, *, deploy: bool) -> list[checks.CheckMessage]:
+    """The budget findings for the aliases asked about: warnings, or errors under --deploy.
+
+    Shared by the database check (`check --database`, and the check `migrate`
+    and other commands run before they start) and the deploy check (`check
+    --deploy --database`). Only the latter reports errors: a command that
+    serves no traffic must not be stopped by how many connections the
+    servers of the deployment would open.
     """
-    try:
-        budget = connection_budget()
-    except ImproperlyConfigured:
+    parsed = _parsed_settings()
+    if parsed is None:
         return []  # E001 reports it
+    try:
+        procs = processes(parsed)
+    except ValueError as exc:
+        # Only the deploy check reports it, as an error (E004 has always said
+        # so); the database run goes on as if nothing said how many run.
+        if deploy:
+            return [
+                checks.Error(
+                    f"{exc}, so the connection budget cannot be checked.",
+                    id="async_dbbridge.E004",
+                )
+            ]
+        procs = Processes(1, "", parsed.worker_processes)
+    budget = parsed.effective_pool_size
     source = _budget_source()
-    # Said in both messages: the check must not look like a guarantee it is not.
-    not_counted = (
-        "Not counted: connections of threads you run yourself (a DBExecutor without "
-        "pooled=True, DBThread, db_connection_scope)."
-    )
     messages: list[checks.CheckMessage] = []
     for alias in databases or ():
         try:
-            limits = _server_limits(alias)
+            endpoint = _look(alias, parsed)
         except DjangoDatabaseError as exc:
             # A check reports, it does not crash: an unreachable server is one
             # finding among others, and `check` must still print the rest.
@@ -319,33 +340,193 @@ def check_connection_budget(
             # querying, so this is the whole family and nothing else.
             messages.append(_unreachable(alias, exc))
             continue
-        if limits is None:
+        if endpoint is None:
             continue
-        max_connections, reserved = limits
-        usable = max_connections - reserved
-        where = f"database {alias!r} (max_connections = {max_connections}, {reserved} reserved)"
-        pool = (
-            f"One process's connection pool may open {budget} connections ({source}, shared "
-            f"by request threads and the bridge's workers) to {where}"
-        )
-        if budget > usable:
-            messages.append(
-                checks.Error(
-                    f"{pool}: more than the server accepts. {not_counted}",
-                    hint=f"Lower {SETTING_NAME}['POOL_SIZE'], or raise max_connections.",
-                    id="async_dbbridge.E002",
-                )
+        if not deploy:
+            messages.extend(_pooler_findings(endpoint, parsed))
+        limit, where = endpoint.limit()
+        if limit is None:
+            continue  # W013 (database run) says why the pooler's limit is unknown
+        sessions = procs.sessions(budget)
+        deployment = procs.describe(budget, source)
+        if sessions > limit:
+            message = (
+                f"The deployment's connection pools may open {deployment} connections "
+                f"(request threads and the bridge's workers of each process) to {where}: "
+                f"more than it accepts ({limit}). Once it is full, new connections are "
+                f"refused and requests get 503s. {_NOT_COUNTED}"
             )
-        elif 2 * budget > usable:
+            hint = (
+                f"Lower {SETTING_NAME}['POOL_SIZE'] to at most {max(1, limit // procs.total)}, "
+                "run fewer processes, or raise the limit"
+                + (" (max_client_conn)" if endpoint.behind_pooler else " (max_connections)")
+                + ". See the deploying at scale docs."
+            )
+            if deploy:
+                messages.append(checks.Error(message, hint=hint, id="async_dbbridge.E004"))
+            else:
+                messages.append(
+                    checks.Warning(
+                        message,
+                        hint=hint + " An error under check --deploy (E004); a warning here so "
+                        "that migrate and other commands that serve no traffic still run.",
+                        id="async_dbbridge.W003",
+                    )
+                )
+        elif not deploy and not procs.known and 2 * budget > limit:
             messages.append(
                 checks.Warning(
-                    f"{pool}: a second process (uvicorn --workers 2) would not fit. {not_counted}",
+                    f"One process's connection pool may open {budget} connections ({source}, "
+                    f"shared by request threads and the bridge's workers) to {where}: a second "
+                    f"process (uvicorn --workers 2) would not fit. {_NOT_COUNTED}",
                     hint="processes x POOL_SIZE, plus the connections of your own threads, "
-                    "must stay below max_connections minus the reserved ones; see the "
-                    "deployment and sizing docs.",
+                    "must stay below the limit; say how many processes run in "
+                    f"{SETTING_NAME}['PROCESSES'] (or WEB_CONCURRENCY) and "
+                    f"{SETTING_NAME}['WORKER_PROCESSES']. See the deploying at scale docs.",
                     id="async_dbbridge.W003",
                 )
             )
+    return messages
+
+
+@checks.register(checks.Tags.database)
+def check_connection_budget(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """W003: the deployment's pools against the limit of what they connect to.
+
+    A database check: it runs with `manage.py check --database <alias>` (and
+    before `migrate`), since it has to ask the server. Warnings only, so that
+    `migrate` and other commands that serve no traffic are never stopped by
+    it; `check --deploy --database` reports the same as an error (E004).
+    The deployment: `PROCESSES` (else `WEB_CONCURRENCY`) plus
+    `WORKER_PROCESSES`, each process with `POOL_SIZE` connections per alias.
+    The limit: the server's max_connections minus its reserved slots, or a
+    PgBouncer's max_client_conn when the alias is behind one (`POOLERS`, or
+    seen: W009). W004: the server could not be asked. W012 / W013 and
+    W010 / W011 (a pooler seen but not declared): see `_pooler_findings`.
+    """
+    return _budget(databases, deploy=False)
+
+
+def _pooler_findings(endpoint: Endpoint, parsed: BridgeSettings) -> list[checks.CheckMessage]:
+    """W009 / W012 / W013, and W010 / W011 for a transaction pooler `POOLERS` does not name."""
+    alias = endpoint.alias
+    messages: list[checks.CheckMessage] = []
+    seen = endpoint.seen_behind_pooler
+    pids = (
+        f"the backend PID it was handed at login ({endpoint.client_pid}) is not "
+        f"pg_backend_pid() ({endpoint.server_pid})"
+    )
+    if seen and endpoint.declared is None:
+        mode = f" in {endpoint.mode} mode" if endpoint.mode else ""
+        messages.append(
+            checks.Warning(
+                f"DATABASES[{alias!r}] connects through a connection pooler or proxy{mode}: "
+                f"{pids}. {SETTING_NAME}['POOLERS'] does not name it, so the checks that "
+                "run without a database (and the ASGI wrapper) cannot know.",
+                hint=f"Set {SETTING_NAME}['POOLERS'] = {{{alias!r}: "
+                f"'pgbouncer-{endpoint.mode or 'transaction'}'}} (or 'pgbouncer-session').",
+                id="async_dbbridge.W009",
+            )
+        )
+        if endpoint.mode in _TRANSACTION_MODES:
+            messages.extend(_transaction_pooler_findings(alias, endpoint.pooler))
+    elif seen is False and endpoint.declared is not None:
+        messages.append(
+            checks.Warning(
+                f"{SETTING_NAME}['POOLERS'] says DATABASES[{alias!r}] is behind "
+                f"{endpoint.declared!r}, but the server answers it directly (the backend PID "
+                f"handed at login is pg_backend_pid(), {endpoint.server_pid}), so the budget "
+                "is compared with the server's max_connections, not a pooler's limits.",
+                hint=f"Point DATABASES[{alias!r}] at the pooler's host and port, or remove "
+                f"{alias!r} from POOLERS. (A pooler that hands clients the server's own "
+                "backend PIDs cannot be told apart: then silence this check.)",
+                id="async_dbbridge.W012",
+            )
+        )
+    if endpoint.behind_pooler and endpoint.limit()[0] is None:
+        error = endpoint.pooler.error if endpoint.pooler is not None else "not PostgreSQL"
+        messages.append(
+            checks.Warning(
+                f"Could not read the limits of the pooler in front of DATABASES[{alias!r}] "
+                f"from its admin console (SHOW CONFIG on its {ADMIN_DATABASE!r} database): "
+                f"{error}. The connection budget was not compared: behind a pooler the "
+                "server's max_connections is not the processes' limit, max_client_conn is.",
+                hint=f"Add DATABASES[{alias!r}]['USER'] to PgBouncer's stats_users (read-only "
+                "SHOW commands), or compare processes x POOL_SIZE with max_client_conn "
+                "yourself and silence this check.",
+                id="async_dbbridge.W013",
+            )
+        )
+    return messages
+
+
+_TRANSACTION_MODES: Final = ("transaction", "statement")
+
+
+def _transaction_pooler_findings(
+    alias: str, pooler: PoolerInfo | None
+) -> list[checks.CheckMessage]:
+    """W010 / W011: what breaks behind a transaction pooler, from the alias's settings."""
+    from django.conf import settings
+
+    settings_dict = settings.DATABASES[alias]
+    messages: list[checks.CheckMessage] = []
+    if settings_dict.get("ENGINE", "").endswith("postgresql") and not settings_dict.get(
+        "DISABLE_SERVER_SIDE_CURSORS", False
+    ):
+        messages.append(
+            checks.Warning(
+                f"DATABASES[{alias!r}] is behind a transaction pooler with server-side "
+                "cursors on: QuerySet.iterator() opens a named cursor, and its next fetch "
+                "may go to another server session, which has no such cursor "
+                "(InvalidCursorName) unless the whole loop runs in one atomic() block.",
+                hint=f"Set DATABASES[{alias!r}]['DISABLE_SERVER_SIDE_CURSORS'] = True, as "
+                "Django's docs advise for transaction pooling.",
+                id="async_dbbridge.W010",
+            )
+        )
+    if (settings_dict.get("OPTIONS") or {}).get("server_side_binding") is True and not (
+        pooler is not None and pooler.keeps_prepared_statements
+    ):
+        version = ""
+        if pooler is not None and pooler.version is not None:
+            prepared = pooler.max_prepared_statements
+            version = (
+                f" (PgBouncer {'.'.join(map(str, pooler.version))}, max_prepared_statements "
+                + ("unsupported" if prepared is None else f"= {prepared}")
+                + ")"
+            )
+        messages.append(
+            checks.Warning(
+                f"DATABASES[{alias!r}]['OPTIONS']['server_side_binding'] is True behind a "
+                f"transaction pooler{version}: psycopg prepares a query once it has run a few "
+                "times, and the prepared statement lives in one server session; the next "
+                "execution may land on another (prepared statement does not exist).",
+                hint="Remove server_side_binding, or use PgBouncer "
+                f"{'.'.join(map(str, PREPARED_STATEMENTS_VERSION))} or later with "
+                "max_prepared_statements > 0 (then silence this check).",
+                id="async_dbbridge.W011",
+            )
+        )
+    return messages
+
+
+@checks.register()
+def check_poolers(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """W010 / W011: settings that break behind the transaction pooler `POOLERS` names.
+
+    Needs no database: it reads the settings only, so it runs with every
+    `check` (warnings: nothing is stopped by it).
+    """
+    parsed = _parsed_settings()
+    if parsed is None:
+        return []
+    messages: list[checks.CheckMessage] = []
+    for alias, pooler in parsed.poolers.items():
+        if pooler == "pgbouncer-transaction":
+            messages.extend(_transaction_pooler_findings(alias, None))
     return messages
 
 
@@ -423,65 +604,15 @@ def check_deploy_shutdown_timeout(
     ]
 
 
-#: The environment variable uvicorn, gunicorn and hypercorn-based deployments
-#: (Heroku, Dokku, Render...) read for the number of worker processes.
-PROCESSES_VARIABLE = "WEB_CONCURRENCY"
-
-
 @checks.register(checks.Tags.database, deploy=True)
 def check_deploy_processes(
     app_configs: Any = None, databases: Any = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """E004 (deploy, database): `WEB_CONCURRENCY` processes x `POOL_SIZE` exceed the server.
+    """E004 (deploy, database): the deployment's processes x `POOL_SIZE` exceed the limit.
 
-    Runs with `manage.py check --deploy --database <alias>` where the
-    environment says how many worker processes will run (`WEB_CONCURRENCY`,
-    which uvicorn and gunicorn read): each process has its own pool, so the
-    server sees up to processes x `POOL_SIZE` sessions per alias.
+    Runs with `manage.py check --deploy --database <alias>`, which no
+    command that serves no traffic runs: the same arithmetic as W003 (and
+    the same limit: the server's, or its pooler's), as an error. Also when
+    `WEB_CONCURRENCY` is not a positive integer.
     """
-    import os
-
-    raw = os.environ.get(PROCESSES_VARIABLE)
-    if raw is None:
-        return []
-    try:
-        processes = int(raw)
-    except ValueError:
-        processes = 0
-    if processes < 1:
-        return [
-            checks.Error(
-                f"{PROCESSES_VARIABLE} is {raw!r}; expected a positive integer (worker "
-                "processes), so the connection budget cannot be checked.",
-                id="async_dbbridge.E004",
-            )
-        ]
-    try:
-        budget = connection_budget()
-    except ImproperlyConfigured:
-        return []  # E001 reports it
-    messages: list[checks.CheckMessage] = []
-    for alias in databases or ():
-        try:
-            limits = _server_limits(alias)
-        except DjangoDatabaseError as exc:
-            messages.append(_unreachable(alias, exc))
-            continue
-        if limits is None:
-            continue
-        max_connections, reserved = limits
-        if processes * budget > max_connections - reserved:
-            messages.append(
-                checks.Error(
-                    f"{PROCESSES_VARIABLE} = {processes} processes x {_budget_source()} = "
-                    f"{budget}: up to {processes * budget} sessions on database {alias!r}, "
-                    f"whose server accepts {max_connections - reserved} (max_connections = "
-                    f"{max_connections}, {reserved} reserved). Once it is full, new "
-                    "connections are refused and requests get 503s.",
-                    hint=f"Lower {SETTING_NAME}['POOL_SIZE'] to at most "
-                    f"{max(1, (max_connections - reserved) // processes)}, run fewer "
-                    "processes, or raise max_connections.",
-                    id="async_dbbridge.E004",
-                )
-            )
-    return messages
+    return _budget(databases, deploy=True)

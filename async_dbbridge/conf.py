@@ -17,7 +17,7 @@ import math
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from django.conf import settings
@@ -52,6 +52,9 @@ _KEYS: Final = frozenset(
         "FUSE_MIDDLEWARE",
         "MAX_WAITING",
         "ONE_HOP",
+        "PROCESSES",
+        "WORKER_PROCESSES",
+        "POOLERS",
     }
 )
 
@@ -72,6 +75,10 @@ MAX_WAITING_PER_CONNECTION: Final = 32
 #: each sync call, when it is idle) or "request" (at the request's end).
 Hold = Literal["transaction", "request"]
 HOLD_CHOICES: Final[tuple[Hold, ...]] = ("transaction", "request")
+#: What stands between an alias and its server, as `POOLERS` says it: PgBouncer
+#: in transaction or session pooling mode (None: nothing, the server itself).
+Pooler = Literal["pgbouncer-transaction", "pgbouncer-session"]
+POOLER_CHOICES: Final[tuple[Pooler, ...]] = ("pgbouncer-transaction", "pgbouncer-session")
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,13 @@ class BridgeSettings:
     # Whether the ASGI wrapper serves a request for a sync view in one call on
     # its thread (_one_hop.py).
     one_hop: bool = True
+    # The deployment, for the connection budget checks (checks.py, _deployment.py):
+    # processes serving requests with these settings, on every host together
+    # (None: unknown; WEB_CONCURRENCY is read instead), task-worker processes,
+    # and the pooler in front of each alias that has one.
+    processes: int | None = None
+    worker_processes: int = 0
+    poolers: Mapping[str, Pooler] = field(default_factory=dict)
 
     @property
     def effective_pool_size(self) -> int:
@@ -322,6 +336,28 @@ def parse_settings(raw: object) -> BridgeSettings:
         check.add("ONE_HOP", one_hop, "True or False")
         one_hop = True
 
+    processes = raw.get("PROCESSES")
+    if processes is not None and not is_positive_int(processes):
+        check.add(
+            "PROCESSES",
+            processes,
+            "a positive integer (the processes serving requests, on every host together) "
+            "or None (unknown: the WEB_CONCURRENCY environment variable, if set)",
+        )
+        processes = None
+    worker_processes = raw.get("WORKER_PROCESSES", 0)
+    if not (
+        is_positive_int(worker_processes)
+        or (type(worker_processes) is int and worker_processes == 0)
+    ):
+        check.add(
+            "WORKER_PROCESSES",
+            worker_processes,
+            "an integer >= 0 (task-worker processes: Celery, Dramatiq, Huey, RQ)",
+        )
+        worker_processes = 0
+    poolers = _poolers(check, raw.get("POOLERS", {}))
+
     if check.problems:
         raise SettingsError(check.problems)
     return BridgeSettings(
@@ -338,7 +374,36 @@ def parse_settings(raw: object) -> BridgeSettings:
         fuse_middleware=fuse_middleware,
         max_waiting=max_waiting,
         one_hop=one_hop,
+        processes=processes,
+        worker_processes=worker_processes,
+        poolers=poolers,
     )
+
+
+def _poolers(check: _Checker, value: object) -> dict[str, Pooler]:
+    """`POOLERS`: alias -> the pooler in front of it; aliases mapped to None are left out."""
+    expected = (
+        "a dict of database aliases to "
+        + ", ".join(repr(choice) for choice in POOLER_CHOICES)
+        + " or None"
+    )
+    if not isinstance(value, Mapping):
+        check.add("POOLERS", value, expected)
+        return {}
+    poolers: dict[str, Pooler] = {}
+    for alias, pooler in value.items():
+        if alias not in settings.DATABASES:
+            check.add(
+                "POOLERS",
+                value,
+                f"aliases defined in settings.DATABASES ({', '.join(sorted(settings.DATABASES))}); "
+                f"{alias!r} is not one",
+            )
+        elif pooler is not None and pooler not in POOLER_CHOICES:
+            check.add("POOLERS", value, f"{expected}; {alias!r} maps to {pooler!r}")
+        elif pooler is not None:
+            poolers[alias] = pooler
+    return poolers
 
 
 def get_settings() -> BridgeSettings:

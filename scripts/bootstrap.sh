@@ -105,6 +105,12 @@ command -v cc >/dev/null 2>&1 || sys_pkgs+=(gcc libc6-dev)
 if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
     sys_pkgs+=(chromium chromium-driver)
 fi
+# The scale tests (tests/test_deployment.py, tests/test_pgbouncer.py, tests/test_scale_out.py)
+# start Debian's PgBouncer themselves, on a port of their own, with a config they write
+# (the package's own service is not used).
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+    sys_pkgs+=(pgbouncer)
+fi
 if [ "$bench" -eq 1 ] && ! command -v wrk >/dev/null 2>&1; then
     sys_pkgs+=(wrk)
 fi

@@ -58,6 +58,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     workers = os.environ.get("DBBRIDGE_WORKERS", "1") != "0"
     # So do the fresh-venv and browser end-to-end runs (README's quick start, the demo).
     slow = os.environ.get("DBBRIDGE_SLOW", "1") != "0"
+    # The scale-out tests (a streaming replica, app hosts in network
+    # namespaces) build clusters and namespaces: only when asked for.
+    scale = os.environ.get("DBBRIDGE_SCALE", "0") == "1"
 
     def applies(item: pytest.Item) -> bool:
         if vendor == "sqlite" and item.get_closest_marker("requires_server"):
@@ -65,6 +68,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if not workers and item.get_closest_marker("workers"):
             return False
         if not slow and item.get_closest_marker("slow"):
+            return False
+        if not scale and item.get_closest_marker("scale"):
             return False
         marker = item.get_closest_marker("vendor")
         return marker is None or vendor in marker.args
