@@ -58,6 +58,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     workers = os.environ.get("DBBRIDGE_WORKERS", "1") != "0"
     # So do the fresh-venv and browser end-to-end runs (README's quick start, the demo).
     slow = os.environ.get("DBBRIDGE_SLOW", "1") != "0"
+    # The ASGI server matrix (tests/test_servers.py): "fast" (the default) runs the
+    # cases marked servers(fast=True) on PostgreSQL, "all" every server on each
+    # server backend, "0" none.
+    servers = os.environ.get("DBBRIDGE_SERVERS", "fast")
+    if servers not in ("0", "fast", "all"):
+        raise pytest.UsageError(
+            f"DBBRIDGE_SERVERS must be '0', 'fast' or 'all', not {servers!r}"
+        )
 
     def applies(item: pytest.Item) -> bool:
         if vendor == "sqlite" and item.get_closest_marker("requires_server"):
@@ -66,6 +74,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return False
         if not slow and item.get_closest_marker("slow"):
             return False
+        server_marker = item.get_closest_marker("servers")
+        if server_marker is not None and servers != "all":
+            fast = server_marker.kwargs.get("fast", False) and vendor == "postgresql"
+            if servers == "0" or not fast:
+                return False
         marker = item.get_closest_marker("vendor")
         return marker is None or vendor in marker.args
 
