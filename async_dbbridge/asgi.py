@@ -377,7 +377,7 @@ class DBBridgeASGIApp:
             # response (streaming content included) and request_finished run
             # inside it.
             async with ThreadSensitiveContext(executor=binding):
-                await self.app(scope, receive, send_503_aware)
+                await _call_app_until_it_returns(self.app, scope, receive, send_503_aware)
         except BaseException as exc:
             error = exc
             raise
@@ -421,6 +421,41 @@ class DBBridgeASGIApp:
         return f"<{type(self).__name__} mode={self._mode} app={self.app!r}>"
 
 
+async def _call_app_until_it_returns(
+    app: ASGIApp, scope: Scope, receive: Receive, send: _Send503OnPoolTimeout
+) -> None:
+    """`app(scope, receive, send)`, which a cancellation of this request ends cleanly.
+
+    A server cancels a request still running when its graceful timeout
+    expires (uvicorn's ``--timeout-graceful-shutdown``) and answers the client
+    itself. Cancelled directly, Django's handler would leave its own tasks
+    behind: ``handle()`` does not cancel the ones it started, and a sync call
+    cannot be interrupted anyway (asgiref waits for the thread's call to
+    end, then carries on). Those leftovers would send their response after
+    the server's ("Unexpected ASGI message"), call into the request's
+    `ThreadSensitiveContext` after it exited, and fail with nobody to
+    retrieve their errors. So the app runs as a task of its own: on
+    cancellation its later messages are dropped, it finishes as after a
+    client's disconnect (the server sends ``http.disconnect``), still inside
+    the request's context, and then the cancellation goes on. A second
+    cancellation (the loop ending) cancels the app's task too.
+    """
+    call = asyncio.ensure_future(app(scope, receive, send))
+    try:
+        await asyncio.shield(call)
+    except asyncio.CancelledError:
+        if call.done():
+            raise
+        send.abandon()
+        try:
+            await call
+        except BaseException:
+            # What the abandoned request raised has no one to go to: the
+            # server already answered, and the cancellation is what goes on.
+            pass
+        raise
+
+
 class _Send503OnPoolTimeout:
     """The request's `send`, turning a 500 caused by `PoolTimeout` into a 503.
 
@@ -431,7 +466,7 @@ class _Send503OnPoolTimeout:
     swallowed. Anything else passes through untouched.
     """
 
-    __slots__ = ("_log", "_replaced", "_retry_after", "_scope", "_send", "_state")
+    __slots__ = ("_abandoned", "_log", "_replaced", "_retry_after", "_scope", "_send", "_state")
 
     def __init__(
         self,
@@ -447,10 +482,17 @@ class _Send503OnPoolTimeout:
         self._scope = scope
         self._log = log
         self._replaced = False
+        self._abandoned = False
+
+    def abandon(self) -> None:
+        """The server cancelled the request and answered it: drop what the app sends from now."""
+        self._abandoned = True
 
     async def __call__(self, message: Message) -> None:
-        if self._replaced:
-            return  # the rest of Django's 500 (body, trailers)
+        if self._replaced or self._abandoned:
+            # The rest of Django's 500 (body, trailers), or a request the
+            # server cancelled: the client has its answer already.
+            return
         if (
             message["type"] == "http.response.start"
             and message.get("status") == 500

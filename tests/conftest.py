@@ -63,9 +63,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # server backend, "0" none.
     servers = os.environ.get("DBBRIDGE_SERVERS", "fast")
     if servers not in ("0", "fast", "all"):
-        raise pytest.UsageError(
-            f"DBBRIDGE_SERVERS must be '0', 'fast' or 'all', not {servers!r}"
-        )
+        raise pytest.UsageError(f"DBBRIDGE_SERVERS must be '0', 'fast' or 'all', not {servers!r}")
 
     def applies(item: pytest.Item) -> bool:
         if vendor == "sqlite" and item.get_closest_marker("requires_server"):
