@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -79,8 +80,8 @@ def _report(row: dict[str, object]) -> None:
             report.write(json.dumps(row) + "\n")
 
 
-def _params() -> list[object]:
-    params = []
+def _params() -> list[Any]:
+    params: list[Any] = []
     for spec in SERVERS:
         gaps = dict(spec.gaps)
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -293,7 +293,7 @@ class SessionCounter:
             )
             self._sql = "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
         else:
-            import MySQLdb
+            import MySQLdb  # type: ignore[import-untyped,unused-ignore]  # no stubs installed
 
             self._conn = MySQLdb.connect(
                 host=os.environ.get("MYSQL_HOST", "127.0.0.1"),
