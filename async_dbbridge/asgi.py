@@ -128,10 +128,13 @@ class DBBridgeASGIApp:
     Startup installs the process-wide bridge as the loop's default executor
     and sets up the request threads; shutdown stops keeping threads, waits up
     to `SHUTDOWN_TIMEOUT` seconds for in-flight work without blocking the
-    loop, and closes the pools' connections. Without lifespan
-    (`--lifespan off`) the same setup happens on the first HTTP request of
-    each event loop; call [`aclose`][async_dbbridge.asgi.DBBridgeASGIApp.aclose]
-    yourself to shut down.
+    loop, and closes the pools' connections. Without lifespan (Daphne,
+    `--lifespan off`) the same setup happens on the first HTTP request of
+    each event loop, and an exit hook closes the pools when the process exits
+    normally; call [`aclose`][async_dbbridge.asgi.DBBridgeASGIApp.aclose]
+    yourself to shut down earlier. A request the server cancels (a graceful
+    timeout) ends as after a client's disconnect once its thread's call
+    returns, its late messages dropped.
 
     **Other scopes** (`websocket`...) go to the wrapped app untouched.
 
