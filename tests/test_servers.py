@@ -12,7 +12,8 @@ hook's where no lifespan shutdown ran), nothing was logged as an error, and on
 MariaDB no aborted connection was logged for the role (each connection was
 closed with COM_QUIT, not dropped).
 
-The default run has the fast subset (``servers(fast=True)``, on PostgreSQL);
+The default run has the fast subset (``servers(fast=True)``: uvicorn on SIGTERM, gunicorn
+``-k asgi`` on SIGINT, the graceful timeout; on PostgreSQL);
 ``DBBRIDGE_SERVERS=all`` runs every server on each server backend,
 ``DBBRIDGE_SERVERS=0`` none (tests/conftest.py).
 """
@@ -85,7 +86,7 @@ def _params() -> list[Any]:
     for spec in SERVERS:
         gaps = dict(spec.gaps)
         for signum in (signal.SIGTERM, signal.SIGINT):
-            marks = [pytest.mark.servers(fast=spec.fast)]
+            marks = [pytest.mark.servers(fast=signum.name in spec.fast)]
             if signum.name in gaps:
                 marks.append(pytest.mark.xfail(reason=gaps[signum.name], strict=True))
             params.append(pytest.param(spec, signum, marks=marks, id=f"{spec.name}-{signum.name}"))
