@@ -273,6 +273,13 @@ def close_pools(timeout: float | None = None) -> bool:
     return all_closed
 
 
+def drain_pools() -> int:
+    """Drain every pool (`ConnectionPool.drain`); how many idle connections were closed."""
+    with _pools_lock:
+        live = list(_pools.values())
+    return sum(pool.drain() for pool in live)
+
+
 class _RawHolder:
     """Lets `discard_inherited()` (which works on a wrapper) discard a bare connection."""
 

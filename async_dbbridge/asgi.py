@@ -33,7 +33,7 @@ from typing import Any, Final, Literal
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connections
 
-from . import _compat, _install, _startup
+from . import _compat, _install, _signals, _startup
 from ._affinity import pin_loop_thread
 from ._binding import RequestBinding, RequestState, current_request_state
 from ._completions import deliver
@@ -151,6 +151,8 @@ class DBBridgeASGIApp:
         self.app = app
         self._lock = threading.Lock()
         self._mode: Mode | None = None
+        # Whether a lifespan startup was ever received (then shutdown will come too).
+        self._lifespan_started = False
         self._threads: RequestThreads | None = None
         self._shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT
         self._retry_after = math.ceil(DEFAULT_POOL_TIMEOUT)
@@ -183,6 +185,10 @@ class DBBridgeASGIApp:
             if executor is None:
                 # No lifespan (or a loop it did not run on): set up now, once.
                 executor = self._start(loop, fresh=False)
+                if not self._lifespan_started:
+                    # Nothing will call aclose(): close the pools as the
+                    # server stops instead (see _signals).
+                    _signals.drain_pools_on_shutdown_signals(loop)
                 await _startup.wait_for(self._limits_checked)
             threads = self._threads
             if threads is None:
@@ -331,6 +337,7 @@ class DBBridgeASGIApp:
             message = await receive()
             kind = message["type"]
             if kind == "lifespan.startup":
+                self._lifespan_started = True
                 try:
                     self._start(loop, fresh=True)
                     await _startup.wait_for(self._limits_checked)

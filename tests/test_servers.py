@@ -35,6 +35,7 @@ from django.db import connections
 from tests.servers import harness
 from tests.servers.harness import (
     CLOSED_AT_EXIT,
+    DRAINED,
     POOL_SIZE,
     SERVERS,
     SESSIONS_TIMEOUT,
@@ -133,6 +134,7 @@ def test_server_serves_within_the_bound_and_closes_every_session_on_signal(
     started = count_lines(output, STARTED)
     stopped = count_lines(output, STOPPED)
     at_exit = count_lines(output, CLOSED_AT_EXIT)
+    drained = count_lines(output, DRAINED)
     lifespan = spec.lifespan[0 if signum == signal.SIGTERM else 1]
     aborted = error_log.aborted() if error_log is not None else []
     _report(
@@ -153,6 +155,7 @@ def test_server_serves_within_the_bound_and_closes_every_session_on_signal(
             "workers_started": started,
             "closed_by_lifespan": stopped,
             "closed_by_exit_hook": at_exit,
+            "closed_by_signal_drain": drained,
             "errors_logged": len(errors),
             "aborted_connections": len(aborted),
         }
@@ -164,7 +167,9 @@ def test_server_serves_within_the_bound_and_closes_every_session_on_signal(
     # Each worker that started the library closed its pools, on the path this
     # server takes for this signal.
     if lifespan:
-        assert (stopped, at_exit) == (started, 0), output
+        assert (stopped, at_exit, drained) == (started, 0, 0), output
+    elif spec.drains:
+        assert (stopped, drained) == (0, started), output
     else:
         assert (stopped, at_exit) == (0, started), output
 
