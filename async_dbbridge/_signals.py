@@ -26,6 +26,7 @@ import asyncio
 import logging
 import signal
 import threading
+import weakref
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, Final
@@ -63,14 +64,20 @@ def drain_pools_on_shutdown_signals(loop: asyncio.AbstractEventLoop) -> list[str
 
 
 def _chained(previous: Handler, loop: asyncio.AbstractEventLoop) -> Handler:
+    # Weak: a process-lifetime handler must not keep a finished loop alive.
+    loop_ref = weakref.ref(loop)
+
     def handler(signum: int, frame: FrameType | None) -> Any:
-        try:
-            # On the loop, not here: a signal handler runs between two
-            # bytecodes of the main thread, which may hold a pool's lock. The
-            # callback runs before the server's next look at its exit flag.
-            loop.call_soon_threadsafe(_drain, signum)
-        except RuntimeError:
-            pass  # the loop is closed: the exit hook is all that is left
+        serving = loop_ref()
+        if serving is not None:
+            try:
+                # On the loop, not here: a signal handler runs between two
+                # bytecodes of the main thread, which may hold a pool's lock.
+                # The callback runs before the server's next look at its
+                # exit flag.
+                serving.call_soon_threadsafe(_drain, signum)
+            except RuntimeError:
+                pass  # the loop is closed: the exit hook is all that is left
         return previous(signum, frame)
 
     handler._dbbridge_drains = True  # type: ignore[attr-defined]

@@ -130,9 +130,10 @@ class DBBridgeASGIApp:
     to `SHUTDOWN_TIMEOUT` seconds for in-flight work without blocking the
     loop, and closes the pools' connections. Without lifespan (Daphne,
     `--lifespan off`) the same setup happens on the first HTTP request of
-    each event loop, and an exit hook closes the pools when the process exits
-    normally; call [`aclose`][async_dbbridge.asgi.DBBridgeASGIApp.aclose]
-    yourself to shut down earlier. A request the server cancels (a graceful
+    each event loop, and the pools are closed when the server is signalled to
+    stop (its SIGTERM / SIGINT handlers are chained) or at process exit;
+    call [`aclose`][async_dbbridge.asgi.DBBridgeASGIApp.aclose] yourself to
+    shut down earlier. A request the server cancels (a graceful
     timeout) ends as after a client's disconnect once its thread's call
     returns, its late messages dropped.
 

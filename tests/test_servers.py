@@ -12,8 +12,9 @@ hook's where no lifespan shutdown ran), nothing was logged as an error, and on
 MariaDB no aborted connection was logged for the role (each connection was
 closed with COM_QUIT, not dropped).
 
-The default run has the fast subset (``servers(fast=True)``: uvicorn on SIGTERM, gunicorn
-``-k asgi`` on SIGINT, the graceful timeout; on PostgreSQL);
+The default run has the fast subset (``servers(fast=True)``, one run per way the pools get
+closed: uvicorn on SIGTERM, lifespan; uvicorn ``--lifespan off`` on SIGTERM, the drain on the
+signal; gunicorn ``-k asgi`` on SIGINT, the exit hook; and the graceful timeout; on PostgreSQL);
 ``DBBRIDGE_SERVERS=all`` runs every server on each server backend,
 ``DBBRIDGE_SERVERS=0`` none (tests/conftest.py).
 """

@@ -143,6 +143,7 @@ SERVERS: Final = (
         workers=2,
         lifespan=(False, False),
         drains=True,
+        fast=("SIGTERM",),
     ),
     ServerSpec(
         "gunicorn-uvicorn-worker",
