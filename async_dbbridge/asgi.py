@@ -388,7 +388,9 @@ class DBBridgeASGIApp:
             # response (streaming content included) and request_finished run
             # inside it.
             async with ThreadSensitiveContext(executor=binding):
-                await _call_app_until_it_returns(self.app, scope, receive, send_503_aware)
+                await _call_app_until_it_returns(
+                    self.app, scope, receive, send_503_aware, self._shutdown_timeout
+                )
         except BaseException as exc:
             error = exc
             raise
@@ -433,7 +435,11 @@ class DBBridgeASGIApp:
 
 
 async def _call_app_until_it_returns(
-    app: ASGIApp, scope: Scope, receive: Receive, send: _Send503OnPoolTimeout
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: _Send503OnPoolTimeout,
+    finish_within: float | None,
 ) -> None:
     """`app(scope, receive, send)`, which a cancellation of this request ends cleanly.
 
@@ -448,8 +454,10 @@ async def _call_app_until_it_returns(
     retrieve their errors. So the app runs as a task of its own: on
     cancellation its later messages are dropped, it finishes as after a
     client's disconnect (the server sends ``http.disconnect``), still inside
-    the request's context, and then the cancellation goes on. A second
-    cancellation (the loop ending) cancels the app's task too.
+    the request's context, and then the cancellation goes on. It gets up to
+    `finish_within` seconds (`SHUTDOWN_TIMEOUT`) for that: an app that still runs then (a
+    stream waiting for a disconnect that never comes) is cancelled, as is
+    one whose wait a second cancellation (the loop ending) interrupts.
     """
     call = asyncio.ensure_future(app(scope, receive, send))
     try:
@@ -459,7 +467,8 @@ async def _call_app_until_it_returns(
             raise
         send.abandon()
         try:
-            await call
+            # wait_for cancels the app's task past the timeout, or with this one.
+            await asyncio.wait_for(call, finish_within)
         except BaseException:
             # What the abandoned request raised has no one to go to: the
             # server already answered, and the cancellation is what goes on.
