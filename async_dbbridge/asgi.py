@@ -42,7 +42,7 @@ from ._executor import DBExecutor
 from ._install import install_default_executor
 from ._lending import PoolTimeout, close_pools, pools
 from ._middleware import Verdict, fuse, unfuse_middleware
-from ._one_hop import install_one_hop, uninstall_one_hop
+from ._one_hop import OneHop, install_one_hop, uninstall_one_hop
 from ._pool import ConnectionPool
 from ._request_threads import RequestThreads
 from ._startup import announce
@@ -154,6 +154,8 @@ class DBBridgeASGIApp:
         self._mode: Mode | None = None
         # Whether a lifespan startup was ever received (then shutdown will come too).
         self._lifespan_started = False
+        # The one hop serving sync views, when installed (it ends cancelled requests itself).
+        self._one_hop: OneHop | None = None
         self._threads: RequestThreads | None = None
         self._shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT
         self._retry_after = math.ceil(DEFAULT_POOL_TIMEOUT)
@@ -317,6 +319,8 @@ class DBBridgeASGIApp:
                 one_hop = Verdict(False, "request threads need asgiref >= 3.13")
             else:
                 one_hop = install_one_hop(self.app)
+            installed = _compat.instance_handle(self.app) if one_hop.applied else None
+            self._one_hop = installed if isinstance(installed, OneHop) else None
             # Before the loop starts any thread (request threads, the bridge's
             # workers): they inherit the loop thread's CPU (see _affinity).
             cpu = pin_loop_thread(settings.cpu_affinity)
@@ -388,9 +392,15 @@ class DBBridgeASGIApp:
             # response (streaming content included) and request_finished run
             # inside it.
             async with ThreadSensitiveContext(executor=binding):
-                await _call_app_until_it_returns(
-                    self.app, scope, receive, send_503_aware, self._shutdown_timeout
-                )
+                one_hop = self._one_hop
+                if one_hop is not None and one_hop.serves(scope):
+                    # The one hop ends a cancelled request cleanly itself: no
+                    # task of its own needed (see _call_app_until_it_returns).
+                    await self.app(scope, receive, send_503_aware)
+                else:
+                    await _call_app_until_it_returns(
+                        self.app, scope, receive, send_503_aware, self._shutdown_timeout
+                    )
         except BaseException as exc:
             error = exc
             raise
