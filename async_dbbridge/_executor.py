@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextvars
 import functools
 import logging
@@ -23,7 +22,7 @@ from django.conf import settings as django_settings
 from django.db import connections
 from django.db.backends.signals import connection_created
 
-from . import _fork
+from . import _exit, _fork
 from ._completions import completions_for
 from ._connections import (
     Policy,
@@ -861,4 +860,4 @@ def _shutdown_all_at_exit() -> None:
 # In a child, _fork discards the inherited connections of every thread, then
 # calls the registered hooks in their order.
 _fork.on_child(_reinit_after_fork, order=_fork.ORDER_EXECUTORS)
-atexit.register(_shutdown_all_at_exit)
+_exit.on_exit(_shutdown_all_at_exit, order=_exit.ORDER_EXECUTORS)

@@ -48,7 +48,7 @@ from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.utils import OperationalError
 
-from . import _compat, _fork
+from . import _compat, _exit, _fork
 from . import _pool as pool_module
 from ._binding import current_request_state
 from ._connections import (
@@ -273,6 +273,13 @@ def close_pools(timeout: float | None = None) -> bool:
     return all_closed
 
 
+def drain_pools() -> int:
+    """Drain every pool (`ConnectionPool.drain`); how many idle connections were closed."""
+    with _pools_lock:
+        live = list(_pools.values())
+    return sum(pool.drain() for pool in live)
+
+
 class _RawHolder:
     """Lets `discard_inherited()` (which works on a wrapper) discard a bare connection."""
 
@@ -305,6 +312,44 @@ def _reset_after_fork() -> None:
 
 # After the wrappers and the executors' workers (see _fork's order).
 _fork.on_child(_reset_after_fork, order=_fork.ORDER_POOLS)
+
+#: How long, at interpreter exit, the pools wait for connections still in use
+#: (by work that outlived the request threads' and workers' own exit waits).
+_EXIT_TIMEOUT: Final = 5.0
+
+
+def _close_pools_at_exit() -> None:
+    """Close the pools lifespan shutdown did not (no lifespan, or a server that skipped it).
+
+    Closed, not dropped: each connection gets the driver's goodbye, so the
+    server ends the session at once and MariaDB logs no aborted connection.
+    """
+    with _pools_lock:
+        live = list(_pools.values())
+    if not live:
+        return  # lifespan shutdown closed them (or none was ever built)
+    before = sum(pool.stats().closed for pool in live)
+    all_closed = close_pools(_EXIT_TIMEOUT)
+    closed = sum(pool.stats().closed for pool in live) - before
+    if all_closed:
+        logger.info(
+            "async_dbbridge closed %d pooled connection(s) at process exit "
+            "(no lifespan shutdown closed them)",
+            closed,
+        )
+    else:
+        in_use = sum(pool.stats().in_use for pool in live)
+        logger.warning(
+            "async_dbbridge closed %d pooled connection(s) at process exit; %d still in use "
+            "after %gs are dropped with the process",
+            closed,
+            in_use,
+            _EXIT_TIMEOUT,
+        )
+
+
+# After the request threads and the bridge's workers have given theirs back.
+_exit.on_exit(_close_pools_at_exit, order=_exit.ORDER_POOLS)
 
 
 # -- pooled wrappers ------------------------------------------------------------------------

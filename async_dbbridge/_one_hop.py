@@ -50,6 +50,7 @@ startup and Django's own path serves every request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -122,6 +123,10 @@ class OneHop:
         self._respond = sync_to_async(self._respond_on_thread, thread_sensitive=True)
         self._close = sync_to_async(_close_after_send, thread_sensitive=True)
 
+    def serves(self, scope: dict[str, Any]) -> bool:
+        """Whether this request goes through the one hop (a sync view), not Django's handle()."""
+        return self._is_for_a_sync_view(scope)
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if not self._is_for_a_sync_view(scope):
             await self.general(scope, receive, send)
@@ -131,6 +136,9 @@ class OneHop:
             body_file = await handler.read_body(receive)
         except RequestAborted:
             return
+        # Set when the server cancels the request (its graceful timeout): it has
+        # answered the client itself, so the response must not be sent.
+        abandoned = False
 
         async def process() -> HttpResponseBase:
             try:
@@ -140,6 +148,8 @@ class OneHop:
                 # request_started receiver): nothing will close the body but us.
                 body_file.close()
                 raise
+            if abandoned:
+                return response
             try:
                 await handler.send_response(response, send)
             except asyncio.CancelledError:
@@ -151,7 +161,16 @@ class OneHop:
         # call regardless) when the client goes away first.
         listen = asyncio.create_task(handler.listen_for_disconnect(receive))
         work = asyncio.create_task(process())
-        await asyncio.wait((listen, work), return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait((listen, work), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The server cancelled the request. Unlike Django's handle(), leave
+            # no task behind: the thread's call cannot be interrupted, and a
+            # leftover would send after the server's answer ("Unexpected ASGI
+            # message") and call into the request's context once it exited.
+            abandoned = True
+            await self._end_abandoned(listen, work, body_file)
+            raise
         for task in (listen, work):
             if task.done():
                 try:
@@ -176,6 +195,27 @@ class OneHop:
             # After the body was sent: request_finished and the response's
             # resource closers, on the request's thread.
             await self._close(response, body_file)
+
+    async def _end_abandoned(
+        self, listen: asyncio.Task[None], work: asyncio.Task[HttpResponseBase], body_file: Any
+    ) -> None:
+        """A cancelled request: its call ends, then request_finished; every error swallowed.
+
+        Nobody is left to hear of an error: the server answered the client and
+        the cancellation goes on. A second cancellation (the loop ending)
+        cancels `work` too, which still waits for the thread's call.
+        """
+        listen.cancel()
+        try:
+            response = await work
+        except BaseException:
+            body_file.close()
+        else:
+            with contextlib.suppress(Exception):
+                # On the request's thread, like a served request's end.
+                await self._close(response, body_file)
+        with contextlib.suppress(asyncio.CancelledError, RequestAborted):
+            await listen
 
     def _is_for_a_sync_view(self, scope: dict[str, Any]) -> bool:
         urlconf = getattr(settings, "ROOT_URLCONF", None)

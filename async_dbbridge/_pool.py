@@ -277,6 +277,8 @@ class ConnectionPool:
         self._waiters: deque[_Waiter] = deque()
         self._in_use = 0
         self._closing = False
+        # drain(): connections given back are closed instead of kept (checkouts go on).
+        self._draining = False
         self._opened = 0
         self._closed = 0
         self._checkouts = 0
@@ -537,7 +539,12 @@ class ConnectionPool:
         close = False
         with self._lock:
             self._check_out_locked(entry, "put()")
-            if self._closing or (entry.deadline is not None and now >= entry.deadline):
+            if (
+                self._closing
+                or (entry.deadline is not None and now >= entry.deadline)
+                # Draining: kept only for a thread already waiting for it.
+                or (self._draining and not self._waiters)
+            ):
                 close = True
                 self._closed += 1
                 self._release_slot_locked()
@@ -607,6 +614,23 @@ class ConnectionPool:
         waiter.ready.notify()
 
     # -- shutdown, stats -------------------------------------------------------------------
+
+    def drain(self) -> int:
+        """Stop keeping connections: close the idle ones now, and each one when given back.
+
+        Unlike `close`, checkouts go on (a drained pool opens a connection
+        when it has no idle one): for a process that is stopping but still
+        finishing requests, with nothing after them to close the pool. A
+        connection given back while a thread waits still goes to that thread.
+        Returns how many idle connections were closed.
+        """
+        with self._lock:
+            self._draining = True
+            idle, self._idle = self._idle, []
+            self._closed += len(idle)
+        for entry in idle:
+            _close_raw(entry.raw)
+        return len(idle)
 
     def close(self, timeout: float | None = None) -> bool:
         """Close idle connections now and those in use when given back.

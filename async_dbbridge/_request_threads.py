@@ -24,7 +24,6 @@ the pool's business. This module only runs calls and keeps count.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import enum
 import functools
 import logging
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from django.db import connections
 
-from . import _fork
+from . import _exit, _fork
 from ._connections import discard_inherited
 from ._executor import _LoopItem, _WorkItem, run_plain
 from ._lending import end_request, give_back_idle, make_pooled
@@ -453,4 +452,4 @@ def _close_all_at_exit() -> None:
             logger.warning("%r: request threads still busy at exit", threads)
 
 
-atexit.register(_close_all_at_exit)
+_exit.on_exit(_close_all_at_exit, order=_exit.ORDER_REQUEST_THREADS)

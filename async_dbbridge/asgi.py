@@ -33,7 +33,7 @@ from typing import Any, Final, Literal
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connections
 
-from . import _compat, _install, _startup
+from . import _compat, _install, _signals, _startup
 from ._affinity import pin_loop_thread
 from ._binding import RequestBinding, RequestState, current_request_state
 from ._completions import deliver
@@ -42,7 +42,7 @@ from ._executor import DBExecutor
 from ._install import install_default_executor
 from ._lending import PoolTimeout, close_pools, pools
 from ._middleware import Verdict, fuse, unfuse_middleware
-from ._one_hop import install_one_hop, uninstall_one_hop
+from ._one_hop import OneHop, install_one_hop, uninstall_one_hop
 from ._pool import ConnectionPool
 from ._request_threads import RequestThreads
 from ._startup import announce
@@ -128,10 +128,14 @@ class DBBridgeASGIApp:
     Startup installs the process-wide bridge as the loop's default executor
     and sets up the request threads; shutdown stops keeping threads, waits up
     to `SHUTDOWN_TIMEOUT` seconds for in-flight work without blocking the
-    loop, and closes the pools' connections. Without lifespan
-    (`--lifespan off`) the same setup happens on the first HTTP request of
-    each event loop; call [`aclose`][async_dbbridge.asgi.DBBridgeASGIApp.aclose]
-    yourself to shut down.
+    loop, and closes the pools' connections. Without lifespan (Daphne,
+    `--lifespan off`) the same setup happens on the first HTTP request of
+    each event loop, and the pools are closed when the server is signalled to
+    stop (its SIGTERM / SIGINT handlers are chained) or at process exit;
+    call [`aclose`][async_dbbridge.asgi.DBBridgeASGIApp.aclose] yourself to
+    shut down earlier. A request the server cancels (a graceful
+    timeout) ends as after a client's disconnect once its thread's call
+    returns, its late messages dropped.
 
     **Other scopes** (`websocket`...) go to the wrapped app untouched.
 
@@ -148,6 +152,10 @@ class DBBridgeASGIApp:
         self.app = app
         self._lock = threading.Lock()
         self._mode: Mode | None = None
+        # Whether a lifespan startup was ever received (then shutdown will come too).
+        self._lifespan_started = False
+        # The one hop serving sync views, when installed (it ends cancelled requests itself).
+        self._one_hop: OneHop | None = None
         self._threads: RequestThreads | None = None
         self._shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT
         self._retry_after = math.ceil(DEFAULT_POOL_TIMEOUT)
@@ -180,6 +188,10 @@ class DBBridgeASGIApp:
             if executor is None:
                 # No lifespan (or a loop it did not run on): set up now, once.
                 executor = self._start(loop, fresh=False)
+                if not self._lifespan_started:
+                    # Nothing will call aclose(): close the pools as the
+                    # server stops instead (see _signals).
+                    _signals.drain_pools_on_shutdown_signals(loop)
                 await _startup.wait_for(self._limits_checked)
             threads = self._threads
             if threads is None:
@@ -307,6 +319,8 @@ class DBBridgeASGIApp:
                 one_hop = Verdict(False, "request threads need asgiref >= 3.13")
             else:
                 one_hop = install_one_hop(self.app)
+            installed = _compat.instance_handle(self.app) if one_hop.applied else None
+            self._one_hop = installed if isinstance(installed, OneHop) else None
             # Before the loop starts any thread (request threads, the bridge's
             # workers): they inherit the loop thread's CPU (see _affinity).
             cpu = pin_loop_thread(settings.cpu_affinity)
@@ -328,6 +342,7 @@ class DBBridgeASGIApp:
             message = await receive()
             kind = message["type"]
             if kind == "lifespan.startup":
+                self._lifespan_started = True
                 try:
                     self._start(loop, fresh=True)
                     await _startup.wait_for(self._limits_checked)
@@ -377,7 +392,15 @@ class DBBridgeASGIApp:
             # response (streaming content included) and request_finished run
             # inside it.
             async with ThreadSensitiveContext(executor=binding):
-                await self.app(scope, receive, send_503_aware)
+                one_hop = self._one_hop
+                if one_hop is not None and one_hop.serves(scope):
+                    # The one hop ends a cancelled request cleanly itself: no
+                    # task of its own needed (see _call_app_until_it_returns).
+                    await self.app(scope, receive, send_503_aware)
+                else:
+                    await _call_app_until_it_returns(
+                        self.app, scope, receive, send_503_aware, self._shutdown_timeout
+                    )
         except BaseException as exc:
             error = exc
             raise
@@ -421,6 +444,48 @@ class DBBridgeASGIApp:
         return f"<{type(self).__name__} mode={self._mode} app={self.app!r}>"
 
 
+async def _call_app_until_it_returns(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: _Send503OnPoolTimeout,
+    finish_within: float | None,
+) -> None:
+    """`app(scope, receive, send)`, which a cancellation of this request ends cleanly.
+
+    A server cancels a request still running when its graceful timeout
+    expires (uvicorn's ``--timeout-graceful-shutdown``) and answers the client
+    itself. Cancelled directly, Django's handler would leave its own tasks
+    behind: ``handle()`` does not cancel the ones it started, and a sync call
+    cannot be interrupted anyway (asgiref waits for the thread's call to
+    end, then carries on). Those leftovers would send their response after
+    the server's ("Unexpected ASGI message"), call into the request's
+    `ThreadSensitiveContext` after it exited, and fail with nobody to
+    retrieve their errors. So the app runs as a task of its own: on
+    cancellation its later messages are dropped, it finishes as after a
+    client's disconnect (the server sends ``http.disconnect``), still inside
+    the request's context, and then the cancellation goes on. It gets up to
+    `finish_within` seconds (`SHUTDOWN_TIMEOUT`) for that: an app that still runs then (a
+    stream waiting for a disconnect that never comes) is cancelled, as is
+    one whose wait a second cancellation (the loop ending) interrupts.
+    """
+    call = asyncio.ensure_future(app(scope, receive, send))
+    try:
+        await asyncio.shield(call)
+    except asyncio.CancelledError:
+        if call.done():
+            raise
+        send.abandon()
+        try:
+            # wait_for cancels the app's task past the timeout, or with this one.
+            await asyncio.wait_for(call, finish_within)
+        except BaseException:
+            # What the abandoned request raised has no one to go to: the
+            # server already answered, and the cancellation is what goes on.
+            pass
+        raise
+
+
 class _Send503OnPoolTimeout:
     """The request's `send`, turning a 500 caused by `PoolTimeout` into a 503.
 
@@ -431,7 +496,7 @@ class _Send503OnPoolTimeout:
     swallowed. Anything else passes through untouched.
     """
 
-    __slots__ = ("_log", "_replaced", "_retry_after", "_scope", "_send", "_state")
+    __slots__ = ("_abandoned", "_log", "_replaced", "_retry_after", "_scope", "_send", "_state")
 
     def __init__(
         self,
@@ -447,10 +512,17 @@ class _Send503OnPoolTimeout:
         self._scope = scope
         self._log = log
         self._replaced = False
+        self._abandoned = False
+
+    def abandon(self) -> None:
+        """The server cancelled the request and answered it: drop what the app sends from now."""
+        self._abandoned = True
 
     async def __call__(self, message: Message) -> None:
-        if self._replaced:
-            return  # the rest of Django's 500 (body, trailers)
+        if self._replaced or self._abandoned:
+            # The rest of Django's 500 (body, trailers), or a request the
+            # server cancelled: the client has its answer already.
+            return
         if (
             message["type"] == "http.response.start"
             and message.get("status") == 500

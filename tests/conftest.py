@@ -61,6 +61,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # The scale-out tests (a streaming replica, app hosts in network
     # namespaces) build clusters and namespaces: only when asked for.
     scale = os.environ.get("DBBRIDGE_SCALE", "0") == "1"
+    # The ASGI server matrix (tests/test_servers.py): "fast" (the default) runs the
+    # cases marked servers(fast=True) on PostgreSQL, "all" every server on each
+    # server backend, "0" none.
+    servers = os.environ.get("DBBRIDGE_SERVERS", "fast")
+    if servers not in ("0", "fast", "all"):
+        raise pytest.UsageError(f"DBBRIDGE_SERVERS must be '0', 'fast' or 'all', not {servers!r}")
 
     def applies(item: pytest.Item) -> bool:
         if vendor == "sqlite" and item.get_closest_marker("requires_server"):
@@ -71,6 +77,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return False
         if not scale and item.get_closest_marker("scale"):
             return False
+        server_marker = item.get_closest_marker("servers")
+        if server_marker is not None and servers != "all":
+            fast = server_marker.kwargs.get("fast", False) and vendor == "postgresql"
+            if servers == "0" or not fast:
+                return False
         marker = item.get_closest_marker("vendor")
         return marker is None or vendor in marker.args
 

@@ -411,3 +411,48 @@ def test_the_reaper_restarts_in_a_forked_child_state() -> None:
     reaper.reset_after_fork()
     assert reaper._thread is None
     pool.close(0)
+
+
+# -- drain -----------------------------------------------------------------------------
+
+
+def test_a_drained_pool_closes_idle_connections_and_each_given_back_but_still_lends(
+    pools: Callable[..., ConnectionPool],
+) -> None:
+    pool = pools(max_size=3)
+    kept = pool.take(Fake, max_age=None)
+    idle = pool.take(Fake, max_age=None)
+    assert pool.put(idle)
+    assert pool.drain() == 1
+    assert idle.raw.closed == 1
+    assert pool.stats().idle == 0
+    # Given back after the drain: closed, not kept.
+    assert not pool.put(kept)
+    assert kept.raw.closed == 1
+    # Checkouts go on: a new connection, closed in turn when given back.
+    fresh = pool.take(Fake, max_age=None)
+    assert fresh is not kept
+    assert fresh is not idle
+    assert not pool.put(fresh)
+    assert fresh.raw.closed == 1
+    assert pool.stats().idle == 0
+    assert_whole(pool)
+
+
+def test_a_drained_pool_still_hands_a_connection_given_back_to_a_waiting_thread(
+    pools: Callable[..., ConnectionPool],
+) -> None:
+    pool = pools(max_size=1)
+    held = pool.take(Fake, max_age=None)
+    pool.drain()
+    got: list[PooledConnection] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.take(Fake, max_age=None)))
+    waiter.start()
+    until(lambda: pool.has_waiters, "the thread waits")
+    assert pool.put(held)  # kept, for the waiter
+    waiter.join(DEADLINE)
+    assert got == [held]
+    assert held.raw.closed == 0
+    assert not pool.put(held)  # nobody waits now: closed
+    assert held.raw.closed == 1
+    assert_whole(pool)

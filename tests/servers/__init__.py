@@ -1,0 +1,1 @@
+"""The ASGI server matrix's harness (tests/test_servers.py)."""
