@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,15 +143,6 @@ class Hammer:
         with self.lock:
             return [reply for reply in self.replies if reply[0] >= moment]
 
-    def until(self, predicate: Callable[[list[tuple[float, int]]], bool], what: str) -> None:
-        """Bounded polling on the replies so far."""
-        deadline = time.monotonic() + DEADLINE
-        while not predicate(self.since(0.0)):
-            counts = Counter(status for _, status in self.since(0.0))
-            assert time.monotonic() < deadline, f"not within {DEADLINE}s: {what} ({counts})"
-            assert self.process.poll() is None, f"the clients exited ({self.process.returncode})"
-            time.sleep(0.01)
-
     def finish(self) -> None:
         assert self.process.stdin is not None
         self.process.stdin.close()
@@ -217,7 +208,7 @@ def test_a_stall_under_300_clients_keeps_threads_bounded_and_recovers_at_once(
             hammer = Hammer(server.url + "/count/", clients, client_timeout=1.0)
             try:
                 # Served before the stall: connections really opened.
-                hammer.until(lambda r: any(s == 200 for _, s in r), "a request was served")
+                answered.first(200, since=0.0)
                 assert server_session_count("default") >= 1
                 rss_before = rss_bytes()
 
@@ -240,10 +231,9 @@ def test_a_stall_under_300_clients_keeps_threads_bounded_and_recovers_at_once(
                     assert time.monotonic() < deadline, f"the stall did not take hold: {stats()}"
                     sample()
                     time.sleep(0.01)
-                hammer.until(
-                    lambda r: any(t >= stalled_at and s == 503 for t, s in r),
-                    "a client got a 503 during the stall",
-                )
+                # The server answers 503 (timed where it answers: on a busy machine
+                # a client may give up before the 503 reaches it).
+                answered.first(503, since=stalled_at)
                 while time.monotonic() - stalled_at < stall:
                     sample()
                     time.sleep(0.02)
