@@ -23,7 +23,7 @@ from django.conf import settings as django_settings
 from django.db import connections
 from django.db.backends.signals import connection_created
 
-from . import _fork
+from . import _fork, _observers
 from ._completions import completions_for
 from ._connections import (
     Policy,
@@ -637,6 +637,9 @@ class DBExecutor(ThreadPoolExecutor):
         """The per-call wrapper: prepare like ``request_started``, run, clean up."""
         aliases = self._databases
         worker.calls += 1
+        # One global read when no metrics exporter is installed (see _observers).
+        observers = _observers.active
+        started = time.perf_counter() if observers else 0.0
         # A pooled worker holds nothing between calls (except while it runs a
         # backlog, see _cleanup_pooled): nothing can expire.
         cleanup = after_call if self._pooled else cleanup_after_call
@@ -651,6 +654,8 @@ class DBExecutor(ThreadPoolExecutor):
             except Exception:
                 # Never let a cleanup problem replace the caller's exception.
                 logger.warning("connection cleanup after a failed call raised", exc_info=True)
+            if observers:
+                self._observe_call(observers, started, error=True)
             raise
         try:
             if self._pooled:
@@ -675,7 +680,17 @@ class DBExecutor(ThreadPoolExecutor):
             if isinstance(exc, Warning):
                 raise
             logger.warning("connection cleanup after %s raised", describe(fn), exc_info=True)
+        if observers:
+            self._observe_call(observers, started, error=False)
         return result
+
+    def _observe_call(
+        self, observers: tuple[_observers.Observer, ...], started: float, *, error: bool
+    ) -> None:
+        # Cleanup included: it is part of what the caller waited for.
+        seconds = time.perf_counter() - started
+        for observer in observers:
+            observer.call_finished(self._prefix, seconds, error=error)
 
     def _work(self, worker: _Worker) -> None:
         try:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Protocol
 
+from . import _observers
 from ._validation import is_number, is_positive_int
 
 __all__ = (
@@ -142,6 +143,7 @@ class PooledConnection:
     __slots__ = (
         "__weakref__",
         "checked_out",
+        "checked_out_at",
         "deadline",
         "idle_since",
         "initialized",
@@ -167,6 +169,9 @@ class PooledConnection:
         # Whether a holder has it now. Flipped only under the pool's lock: the
         # one fact that makes a double give-back detectable.
         self.checked_out = True
+        # perf_counter() at checkout, set only while an observer is registered
+        # (0.0: unknown), for the use-time histogram.
+        self.checked_out_at = 0.0
         # A sibling died of a disconnect while this one sat idle: check it
         # with a round trip before handing it out.
         self.suspect = False
@@ -327,6 +332,10 @@ class ConnectionPool:
                 pool is closed; whatever `connect()` raised, unchanged (the
                 slot is freed).
         """
+        # One global read when no metrics exporter is installed: no clock read,
+        # no call (see _observers).
+        observers = _observers.active
+        started = time.perf_counter() if observers else 0.0
         to_close: list[PooledConnection] = []
         entry: PooledConnection | None = None
         timed_out = closed = rejected = False
@@ -360,6 +369,9 @@ class ConnectionPool:
             _close_raw(stale.raw)
         if closed:
             raise self._closed_error(self.alias)
+        if observers and (rejected or timed_out):
+            for observer in observers:
+                observer.checkout_failed(self.alias, rejected=rejected)
         if rejected:
             raise self._timeout_error(
                 self.alias, self.max_size, self.timeout, max_waiting=self.max_waiting
@@ -378,13 +390,28 @@ class ConnectionPool:
                     self._replaced += 1
                 entry = None
             if entry is None:
+                connect_started = time.perf_counter() if observers else 0.0
                 entry = PooledConnection(self, connect(), max_age)
                 with self._lock:
                     self._opened += 1
+                if observers:
+                    connect_time = time.perf_counter() - connect_started
+                    for observer in observers:
+                        observer.connection_created(self.alias, connect_time)
         except BaseException:
             self._free_slot()
             raise
+        if observers:
+            entry.checked_out_at = now = time.perf_counter()
+            for observer in observers:
+                observer.checkout(self.alias, now - started)
         return entry
+
+    def _observe_return(self, checked_out_at: float) -> None:
+        """Report how long a connection was checked out, if it was timed at checkout."""
+        used = time.perf_counter() - checked_out_at
+        for observer in _observers.active:
+            observer.connection_returned(self.alias, used)
 
     def _healthy(
         self,
@@ -511,7 +538,13 @@ class ConnectionPool:
 
     # -- return ----------------------------------------------------------------------------
 
-    def _check_out_locked(self, entry: PooledConnection, action: str) -> None:
+    def _check_out_locked(self, entry: PooledConnection, action: str) -> float:
+        """Mark `entry` given back; return when it was checked out (0.0: not timed).
+
+        The checkout time is read and cleared here, under the lock: once the
+        lock is released the entry may be handed to a waiter, which times its
+        own checkout.
+        """
         if entry.pool is not self:
             raise PoolMisuseError(
                 f"{action}: this connection belongs to the pool of {entry.pool.alias!r}, "
@@ -523,6 +556,10 @@ class ConnectionPool:
                 "twice?); two holders would share one socket"
             )
         entry.checked_out = False
+        checked_out_at = entry.checked_out_at
+        if checked_out_at:
+            entry.checked_out_at = 0.0
+        return checked_out_at
 
     def put(self, entry: PooledConnection) -> bool:
         """Give a checked-out connection back, idle and open.
@@ -536,13 +573,15 @@ class ConnectionPool:
         now = time.monotonic()
         close = False
         with self._lock:
-            self._check_out_locked(entry, "put()")
+            checked_out_at = self._check_out_locked(entry, "put()")
             if self._closing or (entry.deadline is not None and now >= entry.deadline):
                 close = True
                 self._closed += 1
                 self._release_slot_locked()
             else:
                 self._idle_or_grant_locked(entry, now)
+        if checked_out_at and _observers.active:
+            self._observe_return(checked_out_at)
         if close:
             _close_raw(entry.raw)
         return not close
@@ -567,9 +606,11 @@ class ConnectionPool:
             PoolMisuseError: `entry` is not checked out from this pool.
         """
         with self._lock:
-            self._check_out_locked(entry, "release()")
+            checked_out_at = self._check_out_locked(entry, "release()")
             self._closed += 1
             self._release_slot_locked()
+        if checked_out_at and _observers.active:
+            self._observe_return(checked_out_at)
 
     def discard(self, entry: PooledConnection) -> None:
         """Close a checked-out connection that must not be reused, and free its slot."""
