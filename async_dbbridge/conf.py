@@ -52,6 +52,8 @@ _KEYS: Final = frozenset(
         "FUSE_MIDDLEWARE",
         "MAX_WAITING",
         "ONE_HOP",
+        "CLOSE_STRANDED",
+        "STRANDED_STACKS",
     }
 )
 
@@ -102,6 +104,11 @@ class BridgeSettings:
     # Whether the ASGI wrapper serves a request for a sync view in one call on
     # its thread (_one_hop.py).
     one_hop: bool = True
+    # Whether connections that Django opened on threads the library does not
+    # own are closed once their thread has ended (_stranded.py), and whether
+    # the stack that opened each is kept for the log line.
+    close_stranded: bool = True
+    stranded_stacks: bool = False
 
     @property
     def effective_pool_size(self) -> int:
@@ -322,6 +329,15 @@ def parse_settings(raw: object) -> BridgeSettings:
         check.add("ONE_HOP", one_hop, "True or False")
         one_hop = True
 
+    close_stranded = raw.get("CLOSE_STRANDED", True)
+    if not isinstance(close_stranded, bool):
+        check.add("CLOSE_STRANDED", close_stranded, "True or False")
+        close_stranded = True
+    stranded_stacks = raw.get("STRANDED_STACKS", False)
+    if not isinstance(stranded_stacks, bool):
+        check.add("STRANDED_STACKS", stranded_stacks, "True or False")
+        stranded_stacks = False
+
     if check.problems:
         raise SettingsError(check.problems)
     return BridgeSettings(
@@ -338,6 +354,8 @@ def parse_settings(raw: object) -> BridgeSettings:
         fuse_middleware=fuse_middleware,
         max_waiting=max_waiting,
         one_hop=one_hop,
+        close_stranded=close_stranded,
+        stranded_stacks=stranded_stacks,
     )
 
 

@@ -1,7 +1,7 @@
 """OpenTelemetry: the pools' `db.client.connection.*` metrics and the library's own.
 
 ```python
-# Not runnable here: a project's startup (settings.py, wsgi/asgi.py, AppConfig.ready()).
+# Not runnable: it runs once, at a project's startup (AppConfig.ready(), asgi.py).
 from async_dbbridge.integrations.opentelemetry import instrument
 
 instrument()  # the global MeterProvider; instrument(meter_provider=provider) for another

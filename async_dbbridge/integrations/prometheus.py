@@ -1,7 +1,7 @@
 """Prometheus: the pools' figures as `db_client_connection_*` metrics, per alias.
 
 ```python
-# Not runnable here: a project's startup (AppConfig.ready(), wsgi/asgi.py).
+# Not runnable: it runs once, at a project's startup (AppConfig.ready(), asgi.py).
 from prometheus_client import REGISTRY
 
 from async_dbbridge.integrations.prometheus import DBBridgeCollector
