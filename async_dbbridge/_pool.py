@@ -137,6 +137,26 @@ class PoolStats:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """One open pooled connection, as the status report shows it.
+
+    Attributes:
+        state: `"used"` (checked out) or `"idle"`.
+        owner_thread: The name of the thread holding it (`None` when idle).
+        age: Seconds since it was opened.
+        idle_for: Seconds since it was given back (`None` when used).
+        suspect: A sibling died of a disconnect while it sat idle: it is
+            pinged before its next use.
+    """
+
+    state: str
+    owner_thread: str | None
+    age: float
+    idle_for: float | None
+    suspect: bool
+
+
 class PooledConnection:
     """A raw connection and what the pool knows about it."""
 
@@ -148,6 +168,7 @@ class PooledConnection:
         "idle_since",
         "initialized",
         "opened_at",
+        "owner",
         "pool",
         "raw",
         "side_effects",
@@ -172,6 +193,9 @@ class PooledConnection:
         # perf_counter() at checkout, set only while an observer is registered
         # (0.0: unknown), for the use-time histogram.
         self.checked_out_at = 0.0
+        # threading.get_ident() of the thread that checked it out last (for
+        # the status report: who holds what); stale while idle.
+        self.owner = threading.get_ident()
         # A sibling died of a disconnect while this one sat idle: check it
         # with a round trip before handing it out.
         self.suspect = False
@@ -291,6 +315,12 @@ class ConnectionPool:
         self._replaced = 0
         self._wait_total = 0.0
         self._wait_max = 0.0
+        # Every open connection, for the status report (checked-out ones are
+        # otherwise only counted): added when opened, dropped when closed.
+        self._entries: weakref.WeakSet[PooledConnection] = weakref.WeakSet()
+        # (time.time(), "Type: message") of the last failed connect or dead
+        # connection found at checkout.
+        self._last_error: tuple[float, str] | None = None
         if max_idle is not None:
             _reaper.watch(self)
 
@@ -388,19 +418,24 @@ class ConnectionPool:
                 with self._lock:
                     self._closed += 1
                     self._replaced += 1
+                    self._entries.discard(entry)
+                    self._last_error = (time.time(), "a pooled connection was found dead")
                 entry = None
             if entry is None:
                 connect_started = time.perf_counter() if observers else 0.0
                 entry = PooledConnection(self, connect(), max_age)
                 with self._lock:
                     self._opened += 1
+                    self._entries.add(entry)
                 if observers:
                     connect_time = time.perf_counter() - connect_started
                     for observer in observers:
                         observer.connection_created(self.alias, connect_time)
-        except BaseException:
+        except BaseException as exc:
+            self._last_error = (time.time(), f"{type(exc).__name__}: {exc}")
             self._free_slot()
             raise
+        entry.owner = threading.get_ident()
         if observers:
             entry.checked_out_at = now = time.perf_counter()
             for observer in observers:
@@ -485,6 +520,7 @@ class ConnectionPool:
             if entry.deadline is not None and now >= entry.deadline:
                 to_close.append(entry)
                 self._closed += 1
+                self._entries.discard(entry)
                 continue
             return entry
         return None
@@ -506,6 +542,7 @@ class ConnectionPool:
             if expired or unused:
                 to_close.append(entry)
                 self._closed += 1
+                self._entries.discard(entry)
             else:
                 kept.append(entry)
                 due = min(due, self._due(entry))
@@ -577,6 +614,7 @@ class ConnectionPool:
             if self._closing or (entry.deadline is not None and now >= entry.deadline):
                 close = True
                 self._closed += 1
+                self._entries.discard(entry)
                 self._release_slot_locked()
             else:
                 self._idle_or_grant_locked(entry, now)
@@ -608,6 +646,7 @@ class ConnectionPool:
         with self._lock:
             checked_out_at = self._check_out_locked(entry, "release()")
             self._closed += 1
+            self._entries.discard(entry)
             self._release_slot_locked()
         if checked_out_at and _observers.active:
             self._observe_return(checked_out_at)
@@ -659,6 +698,8 @@ class ConnectionPool:
             self._closing = True
             idle, self._idle = self._idle, []
             self._closed += len(idle)
+            for entry in idle:
+                self._entries.discard(entry)
             while self._waiters:
                 waiter = self._waiters.popleft()
                 waiter.closed = waiter.granted = True
@@ -694,6 +735,32 @@ class ConnectionPool:
                 replaced=self._replaced,
                 max_waiting=self.max_waiting,
             )
+
+    def connections(self) -> list[ConnectionInfo]:
+        """Every open connection of the pool: who holds it, since when, how old (a snapshot)."""
+        now = time.monotonic()
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        with self._lock:
+            entries = list(self._entries)
+            return [
+                ConnectionInfo(
+                    state="used" if entry.checked_out else "idle",
+                    owner_thread=(
+                        names.get(entry.owner, f"ended thread {entry.owner}")
+                        if entry.checked_out
+                        else None
+                    ),
+                    age=now - entry.opened_at,
+                    idle_for=None if entry.checked_out else now - entry.idle_since,
+                    suspect=entry.suspect,
+                )
+                for entry in sorted(entries, key=lambda e: e.opened_at)
+            ]
+
+    @property
+    def last_error(self) -> tuple[float, str] | None:
+        """(`time.time()`, message) of the last failed connect or dead connection found."""
+        return self._last_error
 
     def forget_after_fork(self, discard: Callable[[Any], None]) -> None:
         """In a forked child: drop every inherited connection with `discard(raw)`.

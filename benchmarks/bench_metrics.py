@@ -57,6 +57,7 @@ BOUND: Final = 1.03
 def configure(backend: str) -> None:
     from tests.dbconfig import database
 
+    db: dict[str, Any]
     if backend == "sqlite":
         db = {
             "ENGINE": "django.db.backends.sqlite3",
@@ -201,7 +202,9 @@ async def run(rounds: int, calls: int) -> dict[str, dict[str, list[float]]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--backend", default="postgresql", choices=("postgresql", "mysql", "sqlite"))
+    parser.add_argument(
+        "--backend", default="postgresql", choices=("postgresql", "mysql", "sqlite")
+    )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=2000, help="per slice (requests: a quarter)")
     parser.add_argument("--quick", action="store_true", help="5 rounds of 500 calls")
