@@ -11,7 +11,7 @@ REGISTRY.register(DBBridgeCollector())
 
 The names are what OpenTelemetry's metric-name translation makes of the
 `db.client.connection.*` instruments of
-[`async_dbbridge.integrations.opentelemetry`](opentelemetry.md) (dots to
+`async_dbbridge.integrations.opentelemetry` (dots to
 underscores, the unit `s` as a `_seconds` suffix, `_total` on counters), and
 the labels are its attributes translated the same way:
 `db_client_connection_pool_name` (the Django alias) and, on
@@ -29,7 +29,7 @@ summed over the live processes) refreshed from
 thread. The scraping process serves them through
 `prometheus_client.multiprocess.MultiProcessCollector`; registering the
 collector itself there adds nothing (its `collect()` returns nothing in that
-mode). docs/metrics.md shows both set-ups.
+mode). The documentation's metrics page shows both set-ups.
 """
 
 from __future__ import annotations
