@@ -18,9 +18,13 @@ Nothing here knows Django (the pool imports it).
 
 from __future__ import annotations
 
+import logging
 import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
 
-__all__ = ("Observer", "active", "add", "remove")
+__all__ = ("Observer", "Samples", "active", "add", "remove")
 
 
 class Observer:
@@ -59,6 +63,7 @@ class Observer:
 active: tuple[Observer, ...] = ()
 
 _lock = threading.Lock()
+logger = logging.getLogger("async_dbbridge")
 
 
 def add(observer: Observer) -> None:
@@ -74,3 +79,75 @@ def remove(observer: Observer) -> None:
     global active
     with _lock:
         active = tuple(o for o in active if o is not observer)
+
+
+#: Seconds between two drains of every `Samples` by the flusher thread.
+FLUSH_INTERVAL = 1.0
+
+
+class Samples:
+    """Durations recorded on a hot path, handed to an exporter's instruments off it.
+
+    Recording into an SDK histogram costs microseconds (attribute hashing,
+    locks); a checkout must not pay that. `add()` is a deque append (atomic
+    in CPython, no lock). The samples are drained into the instruments by
+    the exporter when it collects (an observable instrument's callback, a
+    scrape, a refresh) and by one daemon thread every `FLUSH_INTERVAL`
+    seconds, or at once when `limit` samples are queued — never by the adding
+    thread. Should that thread fall behind by ten times `limit`, the oldest
+    samples are dropped (memory stays bounded). `drain()` may run on several
+    threads at once: each sample is recorded once.
+    """
+
+    def __init__(self, record: Callable[[str, float], None], *, limit: int = 10_000) -> None:
+        self._record = record
+        self._queue: deque[tuple[str, float]] = deque(maxlen=10 * limit)
+        self._limit = limit
+        _all_samples.add(self)
+        _wake_flusher(now=False)
+
+    def add(self, key: str, seconds: float) -> None:
+        self._queue.append((key, seconds))
+        if len(self._queue) > self._limit:
+            _wake_flusher(now=True)
+
+    def drain(self) -> None:
+        queue, record = self._queue, self._record
+        while True:
+            try:
+                key, seconds = queue.popleft()
+            except IndexError:
+                return
+            record(key, seconds)
+
+
+_all_samples: weakref.WeakSet[Samples] = weakref.WeakSet()
+_flusher: threading.Thread | None = None
+_wake = threading.Event()
+
+
+def _wake_flusher(*, now: bool) -> None:
+    """Start the flusher thread if it is not running (first use, or in a forked child)."""
+    global _flusher
+    if _flusher is None or not _flusher.is_alive():
+        with _lock:
+            if _flusher is None or not _flusher.is_alive():
+                _flusher = threading.Thread(
+                    target=_flush_forever, name="async_dbbridge-metrics", daemon=True
+                )
+                _flusher.start()
+    if now:
+        _wake.set()
+
+
+def _flush_forever() -> None:
+    while True:
+        # A timed wait is this thread's schedule (durations reach the
+        # instruments within FLUSH_INTERVAL), not a synchronisation.
+        _wake.wait(FLUSH_INTERVAL)
+        _wake.clear()
+        for samples in list(_all_samples):
+            try:
+                samples.drain()
+            except Exception:
+                logger.warning("recording queued durations into metrics failed", exc_info=True)

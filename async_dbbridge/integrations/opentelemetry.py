@@ -56,27 +56,40 @@ DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 
 
 class _Recorder(_observers.Observer):
-    """Records the events of the pools and the bridge into synchronous instruments."""
+    """Records the events of the pools and the bridge into synchronous instruments.
+
+    Durations go through `_observers.Samples`: the hot path only appends to a
+    queue, and the histograms are fed when the reader collects (`flush()`,
+    called from the observable instruments' callbacks, which the SDK runs
+    before it reads the synchronous instruments of the same collection).
+    """
 
     def __init__(self, meter: metrics.Meter) -> None:
         histogram = meter.create_histogram
         counter = meter.create_counter
-        self.create_time = histogram(
+        create_time = histogram(
             "db.client.connection.create_time",
             unit="s",
             description="The time it took to create a new connection.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        self.wait_time = histogram(
+        wait_time = histogram(
             "db.client.connection.wait_time",
             unit="s",
             description="The time it took to obtain an open connection from the pool.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        self.use_time = histogram(
+        use_time = histogram(
             "db.client.connection.use_time",
             unit="s",
             description="The time between borrowing a connection and returning it to the pool.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        call_duration = histogram(
+            "async_dbbridge.call.duration",
+            unit="s",
+            description="How long a DBExecutor call ran, connection cleanup included "
+            "(its count is the number of calls).",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
         self.timeouts = counter(
@@ -84,17 +97,6 @@ class _Recorder(_observers.Observer):
             unit="{timeout}",
             description="The number of connection timeouts that have occurred trying to "
             "obtain a connection from the pool.",
-        )
-        self.calls = counter(
-            "async_dbbridge.calls",
-            unit="{call}",
-            description="Calls run by a DBExecutor (db_call, db_sync_to_async, submit).",
-        )
-        self.call_duration = histogram(
-            "async_dbbridge.call.duration",
-            unit="s",
-            description="How long a DBExecutor call ran, connection cleanup included.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
         self.errors = counter(
             "async_dbbridge.call.errors",
@@ -113,39 +115,52 @@ class _Recorder(_observers.Observer):
             description="Connections opened on threads the library does not own, closed "
             "after their thread ended (CLOSE_STRANDED).",
         )
-        # Attribute dicts are made once per alias: recording is on the hot path.
-        self._attributes: dict[str, dict[str, str]] = {}
+        # Attribute dicts are made once per alias or executor, not per event.
+        self._attributes: dict[tuple[str, str], dict[str, str]] = {}
 
-    def _pool(self, alias: str) -> dict[str, str]:
-        attributes = self._attributes.get(alias)
+        def into(instrument: metrics.Histogram, key: str) -> Callable[[str, float], None]:
+            def record(name: str, seconds: float) -> None:
+                instrument.record(seconds, self._of(key, name))
+
+            return record
+
+        self._create_time = _observers.Samples(into(create_time, POOL_NAME))
+        self._wait_time = _observers.Samples(into(wait_time, POOL_NAME))
+        self._use_time = _observers.Samples(into(use_time, POOL_NAME))
+        self._call_duration = _observers.Samples(into(call_duration, EXECUTOR))
+
+    def _of(self, key: str, name: str) -> dict[str, str]:
+        attributes = self._attributes.get((key, name))
         if attributes is None:
-            attributes = self._attributes[alias] = {POOL_NAME: alias}
+            attributes = self._attributes[(key, name)] = {key: name}
         return attributes
 
+    def flush(self) -> None:
+        for samples in (self._create_time, self._wait_time, self._use_time, self._call_duration):
+            samples.drain()
+
     def connection_created(self, alias: str, seconds: float) -> None:
-        self.create_time.record(seconds, self._pool(alias))
+        self._create_time.add(alias, seconds)
 
     def checkout(self, alias: str, seconds: float) -> None:
-        self.wait_time.record(seconds, self._pool(alias))
+        self._wait_time.add(alias, seconds)
 
     def checkout_failed(self, alias: str, *, rejected: bool) -> None:
-        self.timeouts.add(1, self._pool(alias))
+        self.timeouts.add(1, self._of(POOL_NAME, alias))
 
     def connection_returned(self, alias: str, seconds: float) -> None:
-        self.use_time.record(seconds, self._pool(alias))
+        self._use_time.add(alias, seconds)
 
     def call_finished(self, executor: str, seconds: float, *, error: bool) -> None:
-        attributes = {EXECUTOR: executor}
-        self.calls.add(1, attributes)
-        self.call_duration.record(seconds, attributes)
+        self._call_duration.add(executor, seconds)
         if error:
-            self.errors.add(1, attributes)
+            self.errors.add(1, self._of(EXECUTOR, executor))
 
     def rolled_back(self, alias: str) -> None:
-        self.rollbacks.add(1, self._pool(alias))
+        self.rollbacks.add(1, self._of(POOL_NAME, alias))
 
     def stranded_closed(self, alias: str) -> None:
-        self.stranded.add(1, self._pool(alias))
+        self.stranded.add(1, self._of(POOL_NAME, alias))
 
 
 def _connection_count(options: CallbackOptions) -> Iterable[Observation]:
@@ -204,7 +219,13 @@ class Instrumentation:
             # The API cannot unregister an observable instrument: after
             # uninstrument() its callback reports nothing.
             def observe(options: CallbackOptions) -> Iterable[Observation]:
-                return callback(options) if self._active else ()
+                if not self._active:
+                    return ()
+                # Feed the histograms the durations queued since the last
+                # collection: the SDK runs these callbacks first, then reads the
+                # synchronous instruments, so they count in this collection.
+                self._recorder.flush()
+                return callback(options)
 
             return observe
 
@@ -247,6 +268,10 @@ class Instrumentation:
             description="The ASGI wrapper's request threads, by state (busy, idle).",
         )
         _observers.add(self._recorder)
+
+    def flush(self) -> None:
+        """Record the queued durations now (a collection does it first anyway)."""
+        self._recorder.flush()
 
     def uninstrument(self) -> None:
         """Stop recording and observing."""

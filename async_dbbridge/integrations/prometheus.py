@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -100,57 +100,74 @@ class _Recorder(_observers.Observer):
     Not registered with any registry: the collector yields their samples in a
     single process; in multiprocess mode `prometheus_client` writes every
     value to the process's files, where `MultiProcessCollector` finds them.
+    Durations go through `_observers.Samples` (the hot path appends to a
+    queue); `flush()` feeds the histograms at each scrape or refresh.
     """
 
     def __init__(self) -> None:
-        def histogram(name: str, documentation: str, labels: tuple[str, ...]) -> Histogram:
-            return Histogram(name, documentation, labels, registry=None, buckets=DURATION_BUCKETS)
+        def histogram(name: str, documentation: str, label: str) -> Histogram:
+            return Histogram(name, documentation, (label,), registry=None, buckets=DURATION_BUCKETS)
 
-        def counter(name: str, documentation: str, labels: tuple[str, ...]) -> Counter:
-            return Counter(name, documentation, labels, registry=None)
+        def counter(name: str, documentation: str, label: str) -> Counter:
+            return Counter(name, documentation, (label,), registry=None)
 
-        pool = (POOL,)
         self.create_time = histogram(
             "db_client_connection_create_time_seconds",
             "The time it took to create a new connection.",
-            pool,
+            POOL,
         )
         self.wait_time = histogram(
             "db_client_connection_wait_time_seconds",
             "The time it took to obtain an open connection from the pool.",
-            pool,
+            POOL,
         )
         self.use_time = histogram(
             "db_client_connection_use_time_seconds",
             "The time between borrowing a connection and returning it to the pool.",
-            pool,
+            POOL,
+        )
+        self.call_duration = histogram(
+            "async_dbbridge_call_duration_seconds",
+            "How long a DBExecutor call ran, connection cleanup included (its count is the "
+            "number of calls).",
+            EXECUTOR,
         )
         self.timeouts = counter(
             "db_client_connection_timeouts",
             "The number of connection timeouts that have occurred trying to obtain a "
             "connection from the pool.",
-            pool,
-        )
-        self.calls = counter("async_dbbridge_calls", "Calls run by a DBExecutor.", (EXECUTOR,))
-        self.call_duration = histogram(
-            "async_dbbridge_call_duration_seconds",
-            "How long a DBExecutor call ran, connection cleanup included.",
-            (EXECUTOR,),
+            POOL,
         )
         self.errors = counter(
-            "async_dbbridge_call_errors", "DBExecutor calls that raised.", (EXECUTOR,)
+            "async_dbbridge_call_errors", "DBExecutor calls that raised.", EXECUTOR
         )
         self.rollbacks = counter(
             "async_dbbridge_transactions_rolled_back",
             "Transactions left open, rolled back when the connection was released.",
-            pool,
+            POOL,
         )
         self.stranded = counter(
             "async_dbbridge_connections_stranded_closed",
             "Connections opened on threads the library does not own, closed after their "
             "thread ended (CLOSE_STRANDED).",
-            pool,
+            POOL,
         )
+
+        def into(metric: Histogram) -> Callable[[str, float], None]:
+            def record(label: str, seconds: float) -> None:
+                metric.labels(label).observe(seconds)
+
+            return record
+
+        self._samples = [
+            _observers.Samples(into(metric))
+            for metric in (self.create_time, self.wait_time, self.use_time, self.call_duration)
+        ]
+        self._create, self._wait, self._use, self._call = self._samples
+
+    def flush(self) -> None:
+        for samples in self._samples:
+            samples.drain()
 
     def metrics(self) -> tuple[Histogram | Counter, ...]:
         return (
@@ -158,7 +175,6 @@ class _Recorder(_observers.Observer):
             self.wait_time,
             self.use_time,
             self.timeouts,
-            self.calls,
             self.call_duration,
             self.errors,
             self.rollbacks,
@@ -166,20 +182,19 @@ class _Recorder(_observers.Observer):
         )
 
     def connection_created(self, alias: str, seconds: float) -> None:
-        self.create_time.labels(alias).observe(seconds)
+        self._create.add(alias, seconds)
 
     def checkout(self, alias: str, seconds: float) -> None:
-        self.wait_time.labels(alias).observe(seconds)
+        self._wait.add(alias, seconds)
 
     def checkout_failed(self, alias: str, *, rejected: bool) -> None:
         self.timeouts.labels(alias).inc()
 
     def connection_returned(self, alias: str, seconds: float) -> None:
-        self.use_time.labels(alias).observe(seconds)
+        self._use.add(alias, seconds)
 
     def call_finished(self, executor: str, seconds: float, *, error: bool) -> None:
-        self.calls.labels(executor).inc()
-        self.call_duration.labels(executor).observe(seconds)
+        self._call.add(executor, seconds)
         if error:
             self.errors.labels(executor).inc()
 
@@ -272,7 +287,12 @@ class DBBridgeCollector(Collector):
             self.refresh()
 
     def refresh(self) -> None:
-        """Multiprocess mode: write the gauges' current values now (else: nothing to do)."""
+        """Multiprocess mode: write the queued durations and the gauges' values now.
+
+        (The refreshing thread does it every `interval` seconds; in a single
+        process each scrape does it.)
+        """
+        self._recorder.flush()
         if self._live is not None:
             self._live.refresh()
 
@@ -302,6 +322,7 @@ class DBBridgeCollector(Collector):
         family.add_metric(("busy",), threads.busy if threads else 0)
         family.add_metric(("idle",), threads.idle if threads else 0)
         yield family
+        self._recorder.flush()
         for metric in self._recorder.metrics():
             yield from metric.collect()
 
