@@ -48,9 +48,6 @@ class Observer:
     def connection_returned(self, alias: str, seconds: float) -> None:
         """A checked-out connection was given back or closed after `seconds` in use."""
 
-    def call_finished(self, executor: str, seconds: float, *, error: bool) -> None:
-        """A call on a `DBExecutor` named `executor` ran `seconds`; `error`: it raised."""
-
     def rolled_back(self, alias: str) -> None:
         """A transaction left open was rolled back when its connection was released."""
 

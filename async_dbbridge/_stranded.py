@@ -109,10 +109,11 @@ class _Sentinel:
 class _ThreadState:
     """A foreign thread's wrappers, by alias; referenced by the finalizer, never by the sentinel."""
 
-    __slots__ = ("name", "stacks", "wrappers")
+    __slots__ = ("name", "pid", "stacks", "wrappers")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.pid = os.getpid()
         self.wrappers: dict[str, BaseDatabaseWrapper] = {}
         self.stacks: dict[str, list[_Frame]] = {}
 
@@ -166,6 +167,9 @@ def _start_tracking() -> _ThreadState | object:
     sentinel = _Sentinel()
     _local.state = state
     _local.sentinel = sentinel
+    # The closer is started here, on a live thread, so that the finalizer
+    # (which runs as the thread is torn down) only has to queue.
+    _ensure_closer()
     finalizer = weakref.finalize(sentinel, _thread_ended, state)
     # Never at interpreter exit: the process's end closes the sockets anyway,
     # and the closer thread may be gone by then.
@@ -188,9 +192,16 @@ def _thread_ended(state: _ThreadState) -> None:
     Only a queue put: the thread is in its last moments (no Python code of
     its own will run again), so the closing is done elsewhere.
     """
+    if state.pid != os.getpid():
+        # A forked child clears the parent's other threads' states (and so
+        # runs this): their connections are the parent's sessions, which
+        # _fork discards without a word to the server. Never close them here.
+        return
     if any(conn.connection is not None for conn in state.wrappers.values()):
         _queue.put(state)
-        _ensure_closer()
+        if _closer is None:
+            # Only in a forked child whose closer thread was the parent's.
+            _ensure_closer()
 
 
 def _ensure_closer() -> None:

@@ -21,6 +21,7 @@ from async_dbbridge.integrations.prometheus import DBBridgeCollector
 from async_dbbridge.testing import server_session_count, wait_for_server_sessions
 from tests.metrics_workload import ALIAS, HeldPool
 from tests.settings import BACKEND
+from tests.testapp.models import Item
 
 pytestmark = [
     pytest.mark.django_db(transaction=True, databases=["default", "other"]),
@@ -84,9 +85,27 @@ def test_collector_after_a_known_workload(registry: CollectorRegistry) -> None:
     assert value(samples, "db_client_connection_wait_time_seconds_bucket", le="+Inf") == 8
     assert value(samples, "db_client_connection_wait_time_seconds_bucket", le="0.001") <= 8
     text = generate_latest(registry).decode()
+    assert "# TYPE async_dbbridge_calls_total counter" in text
     assert "# TYPE db_client_connection_wait_time_seconds histogram" in text
     assert "# TYPE db_client_connection_count gauge" in text
     assert "# TYPE db_client_connection_timeouts_total counter" in text
+
+
+def test_executor_calls_are_read_from_the_executors(registry: CollectorRegistry) -> None:
+    from async_dbbridge import DBExecutor
+
+    def fails() -> None:
+        raise ValueError("boom")
+
+    with DBExecutor(2, thread_name_prefix="scraped") as executor:
+        executor.submit(Item.objects.count).result()
+        with pytest.raises(ValueError, match="boom"):
+            executor.submit(fails).result()
+        samples = scrape(registry)
+    by_executor = (("async_dbbridge_executor", "scraped"),)
+    assert samples[("async_dbbridge_calls_total", by_executor)] == 2
+    assert samples[("async_dbbridge_call_errors_total", by_executor)] == 1
+    assert samples[("async_dbbridge_call_time_seconds_total", by_executor)] > 0
 
 
 def _worker(used: int, directory: Path) -> subprocess.Popen[str]:

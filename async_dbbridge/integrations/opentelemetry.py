@@ -36,6 +36,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
 from .. import __version__, _observers
+from .._executor import call_counts
 from .._lending import pool_stats
 from .._request_threads import combined_stats
 
@@ -85,23 +86,11 @@ class _Recorder(_observers.Observer):
             description="The time between borrowing a connection and returning it to the pool.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        call_duration = histogram(
-            "async_dbbridge.call.duration",
-            unit="s",
-            description="How long a DBExecutor call ran, connection cleanup included "
-            "(its count is the number of calls).",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
         self.timeouts = counter(
             "db.client.connection.timeouts",
             unit="{timeout}",
             description="The number of connection timeouts that have occurred trying to "
             "obtain a connection from the pool.",
-        )
-        self.errors = counter(
-            "async_dbbridge.call.errors",
-            unit="{call}",
-            description="DBExecutor calls that raised.",
         )
         self.rollbacks = counter(
             "async_dbbridge.transactions.rolled_back",
@@ -127,7 +116,6 @@ class _Recorder(_observers.Observer):
         self._create_time = _observers.Samples(into(create_time, POOL_NAME))
         self._wait_time = _observers.Samples(into(wait_time, POOL_NAME))
         self._use_time = _observers.Samples(into(use_time, POOL_NAME))
-        self._call_duration = _observers.Samples(into(call_duration, EXECUTOR))
 
     def _of(self, key: str, name: str) -> dict[str, str]:
         attributes = self._attributes.get((key, name))
@@ -136,7 +124,7 @@ class _Recorder(_observers.Observer):
         return attributes
 
     def flush(self) -> None:
-        for samples in (self._create_time, self._wait_time, self._use_time, self._call_duration):
+        for samples in (self._create_time, self._wait_time, self._use_time):
             samples.drain()
 
     def connection_created(self, alias: str, seconds: float) -> None:
@@ -150,11 +138,6 @@ class _Recorder(_observers.Observer):
 
     def connection_returned(self, alias: str, seconds: float) -> None:
         self._use_time.add(alias, seconds)
-
-    def call_finished(self, executor: str, seconds: float, *, error: bool) -> None:
-        self._call_duration.add(executor, seconds)
-        if error:
-            self.errors.add(1, self._of(EXECUTOR, executor))
 
     def rolled_back(self, alias: str) -> None:
         self.rollbacks.add(1, self._of(POOL_NAME, alias))
@@ -189,6 +172,21 @@ def _max(options: CallbackOptions) -> Iterable[Observation]:
 def _pending(options: CallbackOptions) -> Iterable[Observation]:
     for alias, stats in pool_stats().items():
         yield Observation(stats.waiting, {POOL_NAME: alias})
+
+
+def _calls(options: CallbackOptions) -> Iterable[Observation]:
+    for executor, (calls, _errors, _seconds) in call_counts().items():
+        yield Observation(calls, {EXECUTOR: executor})
+
+
+def _call_errors(options: CallbackOptions) -> Iterable[Observation]:
+    for executor, (_calls, errors, _seconds) in call_counts().items():
+        yield Observation(errors, {EXECUTOR: executor})
+
+
+def _call_time(options: CallbackOptions) -> Iterable[Observation]:
+    for executor, (_calls, _errors, seconds) in call_counts().items():
+        yield Observation(seconds, {EXECUTOR: executor})
 
 
 def _request_threads(options: CallbackOptions) -> Iterable[Observation]:
@@ -266,6 +264,28 @@ class Instrumentation:
             callbacks=[live(_request_threads)],
             unit="{thread}",
             description="The ASGI wrapper's request threads, by state (busy, idle).",
+        )
+        # Read from the executors' own counts at collection: a call records
+        # nothing for metrics (ExecutorStats.call_time).
+        observable_counter = meter.create_observable_counter
+        observable_counter(
+            "async_dbbridge.calls",
+            callbacks=[live(_calls)],
+            unit="{call}",
+            description="Calls run by DBExecutors (db_call, db_sync_to_async, submit).",
+        )
+        observable_counter(
+            "async_dbbridge.call.errors",
+            callbacks=[live(_call_errors)],
+            unit="{call}",
+            description="DBExecutor calls that raised.",
+        )
+        observable_counter(
+            "async_dbbridge.call.time",
+            callbacks=[live(_call_time)],
+            unit="s",
+            description="Seconds spent running DBExecutor calls, connection cleanup included "
+            "(over calls: the mean call duration).",
         )
         _observers.add(self._recorder)
 

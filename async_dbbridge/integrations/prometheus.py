@@ -41,10 +41,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .. import _fork, _observers
+from .._executor import call_counts
 from .._lending import pool_stats
 from .._pool import PoolStats
 from .._request_threads import combined_stats
@@ -126,20 +127,11 @@ class _Recorder(_observers.Observer):
             "The time between borrowing a connection and returning it to the pool.",
             POOL,
         )
-        self.call_duration = histogram(
-            "async_dbbridge_call_duration_seconds",
-            "How long a DBExecutor call ran, connection cleanup included (its count is the "
-            "number of calls).",
-            EXECUTOR,
-        )
         self.timeouts = counter(
             "db_client_connection_timeouts",
             "The number of connection timeouts that have occurred trying to obtain a "
             "connection from the pool.",
             POOL,
-        )
-        self.errors = counter(
-            "async_dbbridge_call_errors", "DBExecutor calls that raised.", EXECUTOR
         )
         self.rollbacks = counter(
             "async_dbbridge_transactions_rolled_back",
@@ -161,9 +153,9 @@ class _Recorder(_observers.Observer):
 
         self._samples = [
             _observers.Samples(into(metric))
-            for metric in (self.create_time, self.wait_time, self.use_time, self.call_duration)
+            for metric in (self.create_time, self.wait_time, self.use_time)
         ]
-        self._create, self._wait, self._use, self._call = self._samples
+        self._create, self._wait, self._use = self._samples
 
     def flush(self) -> None:
         for samples in self._samples:
@@ -175,8 +167,6 @@ class _Recorder(_observers.Observer):
             self.wait_time,
             self.use_time,
             self.timeouts,
-            self.call_duration,
-            self.errors,
             self.rollbacks,
             self.stranded,
         )
@@ -192,11 +182,6 @@ class _Recorder(_observers.Observer):
 
     def connection_returned(self, alias: str, seconds: float) -> None:
         self._use.add(alias, seconds)
-
-    def call_finished(self, executor: str, seconds: float, *, error: bool) -> None:
-        self._call.add(executor, seconds)
-        if error:
-            self.errors.labels(executor).inc()
 
     def rolled_back(self, alias: str) -> None:
         self.rollbacks.labels(alias).inc()
@@ -218,6 +203,7 @@ class _LiveGauges:
             for name, documentation, value in _POOL_GAUGES
         ]
         self.threads = gauge(_THREADS, _THREADS_HELP, (THREAD_STATE,))
+        self.calls = _CallCounters()
         self._aliases: set[str] = set()
         self._lock = threading.Lock()
 
@@ -233,6 +219,7 @@ class _LiveGauges:
             threads = combined_stats()
             self.threads.labels("busy").set(threads.busy if threads else 0)
             self.threads.labels("idle").set(threads.idle if threads else 0)
+            self.calls.refresh()
 
     def _set(self, alias: str, stats: PoolStats | None) -> None:
         self.count.labels(alias, "idle").set(stats.idle if stats else 0)
@@ -325,12 +312,55 @@ class DBBridgeCollector(Collector):
         self._recorder.flush()
         for metric in self._recorder.metrics():
             yield from metric.collect()
+        yield from _call_families(call_counts())
 
     def describe(self) -> Iterable[Metric]:
         # Registering must not collect (that would create no pool, but reads
         # every lock); an empty description makes the registry call collect()
         # at scrape time only.
         return ()
+
+
+_CALLS: Final = (
+    ("async_dbbridge_calls", "Calls run by DBExecutors (db_call, db_sync_to_async, submit)."),
+    ("async_dbbridge_call_errors", "DBExecutor calls that raised."),
+    (
+        "async_dbbridge_call_time_seconds",
+        "Seconds spent running DBExecutor calls, connection cleanup included (over calls: "
+        "the mean call duration).",
+    ),
+)
+
+
+def _call_families(counts: dict[str, tuple[int, int, float]]) -> Iterator[Metric]:
+    """The executors' own counts (read at scrape time: a call records nothing for metrics)."""
+    for index, (name, documentation) in enumerate(_CALLS):
+        family = CounterMetricFamily(name, documentation, labels=(EXECUTOR,))
+        for executor, values in counts.items():
+            family.add_metric((executor,), values[index])
+        yield family
+
+
+class _CallCounters:
+    """Multiprocess mode: the executors' counts written as counters, by increments.
+
+    A counter's file value can only grow: each refresh adds what grew since
+    the last one (an executor gone, its count shrinking, starts a new baseline).
+    """
+
+    def __init__(self) -> None:
+        self.counters = [
+            Counter(name, documentation, (EXECUTOR,), registry=None)
+            for name, documentation in _CALLS
+        ]
+        self._last: dict[str, tuple[int, int, float]] = {}
+
+    def refresh(self) -> None:
+        for executor, values in call_counts().items():
+            last = self._last.get(executor, (0, 0, 0.0))
+            for counter, now, before in zip(self.counters, values, last, strict=True):
+                counter.labels(executor).inc(now - before if now >= before else now)
+            self._last[executor] = values
 
 
 def _restart(ref: weakref.ref[DBBridgeCollector]) -> None:
