@@ -20,6 +20,7 @@ from django.db import connections
 from async_dbbridge import _stranded
 from async_dbbridge._lending import begin_job, get_pool
 from async_dbbridge.testing import server_session_count, wait_for_server_sessions
+from tests.metrics_workload import wait_until
 from tests.testapp.models import Item
 
 pytestmark = [
@@ -62,13 +63,15 @@ def test_thread_pool_executor_rounds_leave_no_session(close_stranded: None) -> N
             assert [f.result() for f in futures] == [0] * THREADS * TASKS_PER_THREAD
         # shutdown(wait=True) joined the threads: they have ended.
         wait_for_server_sessions("default", 0)
-    assert _stranded.closed_count() - closed_before == ROUNDS * THREADS
+    # Counted just after the closes the server already saw.
+    wait_until(lambda: _stranded.closed_count() - closed_before == ROUNDS * THREADS, "counted")
 
 
 def test_a_plain_thread_that_queries_once_and_exits(
     close_stranded: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     queried, finish = threading.Event(), threading.Event()
+    closed_before = _stranded.closed_count()
 
     def legacy() -> None:
         Item.objects.exists()
@@ -90,6 +93,7 @@ def test_a_plain_thread_that_queries_once_and_exits(
         again.start()
         again.join(30)
         wait_for_server_sessions("default", 0)
+        wait_until(lambda: _stranded.closed_count() == closed_before + 2, "both closed")
     messages = [r.getMessage() for r in caplog.records if "stranded" in r.getMessage()]
     assert len(messages) == 1
     assert "'legacy-report-1'" in messages[0]
@@ -109,6 +113,8 @@ def test_stranded_stacks_name_the_code_that_opened(
         thread.start()
         thread.join(30)
         wait_for_server_sessions("default", 0)
+        # The closer logs just after it closed: wait for the line too.
+        wait_until(lambda: any("stacks-shown" in r.getMessage() for r in caplog.records), "log")
     (message,) = [r.getMessage() for r in caplog.records if "stacks-shown" in r.getMessage()]
     assert "'default' was opened at" in message
     assert "test_stranded.py" in message
