@@ -164,3 +164,36 @@ def test_library_threads_are_left_to_the_library(close_stranded: None) -> None:
         assert executor.submit(Item.objects.count).result() == 0
     wait_for_server_sessions("default", 0)
     assert _stranded.closed_count() == closed_before
+
+
+def test_closes_are_counted_in_the_metrics(close_stranded: None) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from async_dbbridge.integrations.opentelemetry import instrument
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    instrumentation = instrument(meter_provider=provider)
+    try:
+        closed_before = _stranded.closed_count()
+        thread = threading.Thread(target=lambda: Item.objects.exists(), name="counted")
+        thread.start()
+        thread.join(30)
+        wait_until(lambda: _stranded.closed_count() == closed_before + 1, "closed")
+        data = reader.get_metrics_data()
+        assert data is not None
+        (metric,) = [
+            m
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+            if m.name == "async_dbbridge.connections.stranded_closed"
+        ]
+        point: Any
+        (point,) = metric.data.data_points
+        assert point.value == 1
+        assert dict(point.attributes or {}) == {"db.client.connection.pool.name": "default"}
+    finally:
+        instrumentation.uninstrument()
+        provider.shutdown()
