@@ -49,7 +49,7 @@ from . import _compat, _fork, _observers
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
-__all__ = ("closed_count", "configure", "mark_owned")
+__all__ = ("closed_count", "configure")
 
 logger = logging.getLogger("async_dbbridge")
 
@@ -119,13 +119,9 @@ class _ThreadState:
 
 
 #: What `_local.state` holds on a thread the library owns (request threads,
-#: executor workers, DBThread): their connections are the library's business.
+#: executor workers, DBThread: their classes say `_dbbridge_owned`) and on the
+#: main thread: their connections are the library's business, or the process's.
 _OWNED: Final = object()
-
-
-def mark_owned() -> None:
-    """Called on a thread the library owns: its connections are never stranded here."""
-    _local.state = _OWNED
 
 
 def _is_owned(thread: threading.Thread) -> bool:
