@@ -146,8 +146,14 @@ class _Recorder(_observers.Observer):
         )
 
         def into(metric: Histogram) -> Callable[[str, float], None]:
+            # One child per alias, looked up once: labels() takes a lock.
+            children: dict[str, Histogram] = {}
+
             def record(label: str, seconds: float) -> None:
-                metric.labels(label).observe(seconds)
+                child = children.get(label)
+                if child is None:
+                    child = children[label] = metric.labels(label)
+                child.observe(seconds)
 
             return record
 
