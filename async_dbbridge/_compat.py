@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import select
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 __all__ = ()
+
+logger = logging.getLogger("async_dbbridge")
 
 CHECKED_DJANGO: Final = ("5.2.19", "6.1.3")
 CHECKED_ASGIREF: Final = ("3.13.0",)
@@ -547,3 +550,27 @@ def loop_default_executor(loop: Any) -> Executor | None:
     """The executor set with `loop.set_default_executor()`, where the loop lets Python see it."""
     default = getattr(loop, "_default_executor", None)
     return default if isinstance(default, Executor) else None
+
+
+def close_dead_threads_connection(wrapper: BaseDatabaseWrapper) -> bool:
+    """Close the raw connection of a wrapper whose thread has ended; return whether it had one.
+
+    Django's `close()` calls `validate_thread_sharing()`, which refuses every
+    thread but the one that made the wrapper (`DatabaseError`), and that
+    thread is gone. What `close()` itself does underneath (Django 5.2.19 and
+    6.1.3: `_close()` closes `self.connection`, then `self.connection = None`
+    marks the wrapper unconnected) is done here instead, from the closing
+    thread. Safe only because the owner has ended: no code can be using the
+    connection. SQLite's connections are opened with `check_same_thread=False`
+    by Django, so they may be closed from here too. Never raises: a connection
+    that fails to close is gone either way.
+    """
+    raw = wrapper.connection
+    if raw is None:
+        return False
+    wrapper.connection = None
+    try:
+        raw.close()
+    except Exception:
+        logger.debug("closing a stranded connection of %r failed", wrapper.alias, exc_info=True)
+    return True

@@ -22,6 +22,7 @@ from django.db import Error as DjangoDatabaseError
 from django.db import connections
 from django.db.backends.signals import connection_created
 
+from . import _observers
 from ._validation import is_number
 
 if TYPE_CHECKING:
@@ -306,6 +307,8 @@ def cleanup_after_call(
         # rollback. An atomic block still open is the caller's doing either way.
         if conn.in_atomic_block or not database_error:
             leftovers.append(conn.alias)
+        for observer in _observers.active:
+            observer.rolled_back(conn.alias)
         discard_transaction(conn)
     cleanup_error: BaseException | None = None
     now = time.monotonic()

@@ -90,6 +90,9 @@ class ExecutorStats(ConnectionCounts):
         queued: Calls waiting for a worker because all are busy.
         calls: Calls run since the pool started.
         errors: Calls that raised.
+        call_time: Seconds spent running calls (cleanup included), summed over
+            all calls: with `calls`, the mean duration of a call over any
+            interval.
         connections_open: Connections held open now, per alias.
         connections_opened: Connections opened since the pool started, per alias.
         connections_closed: Connections closed since the pool started, per alias.
@@ -116,6 +119,7 @@ class ExecutorStats(ConnectionCounts):
     policy: str = "request"
     shutdown: bool = False
     pooled: bool = False
+    call_time: float = 0.0
 
 
 class OwnerThread(CachedThread):
@@ -185,6 +189,7 @@ class _Worker(OwnerThread):
         self.current: _Item | None = None
         self.calls = 0
         self.errors = 0
+        self.call_time = 0.0
 
     def main(self) -> None:
         executor = self.executor_ref()
@@ -458,6 +463,7 @@ class DBExecutor(ThreadPoolExecutor):
         self._broken_reason: str | None = None
         self._retired_calls = 0
         self._retired_errors = 0
+        self._retired_call_time = 0.0
         self._retired_opened: Counter[str] = Counter()
 
     # -- public API ---------------------------------------------------------
@@ -548,12 +554,14 @@ class DBExecutor(ThreadPoolExecutor):
             workers = list(self._cache.alive)
             retired_opened = Counter(self._retired_opened)
             calls, errors = self._retired_calls, self._retired_errors
+            call_time = self._retired_call_time
             closing = self._closing
         busy = 0
         for worker in workers:
             busy += worker.busy
             calls += worker.calls
             errors += worker.errors
+            call_time += worker.call_time
         if self._pooled:
             opened, open_now, closed = _pooled_counts()
         else:
@@ -574,6 +582,7 @@ class DBExecutor(ThreadPoolExecutor):
             policy=self._policy.kind,
             shutdown=closing,
             pooled=self._pooled,
+            call_time=call_time,
         )
 
     # -- used by db_call ----------------------------------------------------
@@ -636,6 +645,10 @@ class DBExecutor(ThreadPoolExecutor):
         """The per-call wrapper: prepare like ``request_started``, run, clean up."""
         aliases = self._databases
         worker.calls += 1
+        # Two clock reads per call, metrics or not: exporters read the sum
+        # (ExecutorStats.call_time) when they collect, so a call records
+        # nothing else for them.
+        started = time.perf_counter()
         # A pooled worker holds nothing between calls (except while it runs a
         # backlog, see _cleanup_pooled): nothing can expire.
         cleanup = after_call if self._pooled else cleanup_after_call
@@ -650,6 +663,7 @@ class DBExecutor(ThreadPoolExecutor):
             except Exception:
                 # Never let a cleanup problem replace the caller's exception.
                 logger.warning("connection cleanup after a failed call raised", exc_info=True)
+            worker.call_time += time.perf_counter() - started
             raise
         try:
             if self._pooled:
@@ -674,7 +688,13 @@ class DBExecutor(ThreadPoolExecutor):
             if isinstance(exc, Warning):
                 raise
             logger.warning("connection cleanup after %s raised", describe(fn), exc_info=True)
+        worker.call_time += time.perf_counter() - started
         return result
+
+    @property
+    def name(self) -> str:
+        """The executor's thread name prefix: what metrics call it."""
+        return self._prefix
 
     def _work(self, worker: _Worker) -> None:
         try:
@@ -703,8 +723,10 @@ class DBExecutor(ThreadPoolExecutor):
             with self._state_lock:
                 self._retired_calls += worker.calls
                 self._retired_errors += worker.errors
+                self._retired_call_time += worker.call_time
                 self._retired_opened.update(worker.opened)
                 worker.calls = worker.errors = 0
+                worker.call_time = 0.0
                 worker.opened.clear()
             self._cache.exited(worker)
 
@@ -861,3 +883,21 @@ def _shutdown_all_at_exit() -> None:
 # calls the registered hooks in their order.
 _fork.on_child(_reinit_after_fork, order=_fork.ORDER_EXECUTORS)
 _exit.on_exit(_shutdown_all_at_exit, order=_exit.ORDER_EXECUTORS)
+
+
+def call_counts() -> dict[str, tuple[int, int, float]]:
+    """(calls, errors, call time) per executor name, over the live `DBExecutor`s.
+
+    What the metrics integrations report: executors sharing a thread name
+    prefix are summed under it.
+    """
+    totals: dict[str, tuple[int, int, float]] = {}
+    for executor in list(_executors):
+        snapshot = executor.stats()
+        calls, errors, seconds = totals.get(executor.name, (0, 0, 0.0))
+        totals[executor.name] = (
+            calls + snapshot.calls,
+            errors + snapshot.errors,
+            seconds + snapshot.call_time,
+        )
+    return totals

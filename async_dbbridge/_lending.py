@@ -48,7 +48,7 @@ from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.utils import OperationalError
 
-from . import _compat, _exit, _fork
+from . import _compat, _exit, _fork, _observers
 from . import _pool as pool_module
 from ._binding import current_request_state
 from ._connections import (
@@ -619,6 +619,7 @@ def end_of_request(wrapper: BaseDatabaseWrapper) -> str | None:
     rolled_back = None
     if in_transaction(wrapper):
         rolled_back = wrapper.alias
+        _observe_rollback(wrapper.alias)
         if not _roll_back_leftover(wrapper):
             return rolled_back
     if getattr(wrapper, "_dbbridge_entry", None) is None:
@@ -632,6 +633,11 @@ def end_of_request(wrapper: BaseDatabaseWrapper) -> str | None:
         _abandon(wrapper)
         logger.debug("closing %r at the end of a request failed", wrapper.alias, exc_info=True)
     return rolled_back
+
+
+def _observe_rollback(alias: str) -> None:
+    for observer in _observers.active:
+        observer.rolled_back(alias)
 
 
 def _roll_back_leftover(wrapper: BaseDatabaseWrapper) -> bool:
@@ -712,6 +718,7 @@ def after_call(
                 if conn.in_atomic_block or not database_error:
                     leftovers.append(conn.alias)
                 if close:
+                    _observe_rollback(conn.alias)
                     _abandon(conn)  # roll back, really close, free the slot
                 else:
                     end_of_request(conn)  # roll back, give back clean

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Protocol
 
+from . import _observers
 from ._validation import is_number, is_positive_int
 
 __all__ = (
@@ -136,16 +137,38 @@ class PoolStats:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """One open pooled connection, as the status report shows it.
+
+    Attributes:
+        state: `"used"` (checked out) or `"idle"`.
+        owner_thread: The name of the thread holding it (`None` when idle).
+        age: Seconds since it was opened.
+        idle_for: Seconds since it was given back (`None` when used).
+        suspect: A sibling died of a disconnect while it sat idle: it is
+            pinged before its next use.
+    """
+
+    state: str
+    owner_thread: str | None
+    age: float
+    idle_for: float | None
+    suspect: bool
+
+
 class PooledConnection:
     """A raw connection and what the pool knows about it."""
 
     __slots__ = (
         "__weakref__",
         "checked_out",
+        "checked_out_at",
         "deadline",
         "idle_since",
         "initialized",
         "opened_at",
+        "owner",
         "pool",
         "raw",
         "side_effects",
@@ -167,6 +190,12 @@ class PooledConnection:
         # Whether a holder has it now. Flipped only under the pool's lock: the
         # one fact that makes a double give-back detectable.
         self.checked_out = True
+        # perf_counter() at checkout, set only while an observer is registered
+        # (0.0: unknown), for the use-time histogram.
+        self.checked_out_at = 0.0
+        # threading.get_ident() of the thread that checked it out last (for
+        # the status report: who holds what); stale while idle.
+        self.owner = threading.get_ident()
         # A sibling died of a disconnect while this one sat idle: check it
         # with a round trip before handing it out.
         self.suspect = False
@@ -288,6 +317,12 @@ class ConnectionPool:
         self._replaced = 0
         self._wait_total = 0.0
         self._wait_max = 0.0
+        # Every open connection, for the status report (checked-out ones are
+        # otherwise only counted): added when opened, dropped when closed.
+        self._entries: weakref.WeakSet[PooledConnection] = weakref.WeakSet()
+        # (time.time(), "Type: message") of the last failed connect or dead
+        # connection found at checkout.
+        self._last_error: tuple[float, str] | None = None
         if max_idle is not None:
             _reaper.watch(self)
 
@@ -329,6 +364,10 @@ class ConnectionPool:
                 pool is closed; whatever `connect()` raised, unchanged (the
                 slot is freed).
         """
+        # One global read when no metrics exporter is installed: no clock read,
+        # no call (see _observers).
+        observers = _observers.active
+        started = time.perf_counter() if observers else 0.0
         to_close: list[PooledConnection] = []
         entry: PooledConnection | None = None
         timed_out = closed = rejected = False
@@ -362,6 +401,9 @@ class ConnectionPool:
             _close_raw(stale.raw)
         if closed:
             raise self._closed_error(self.alias)
+        if observers and (rejected or timed_out):
+            for observer in observers:
+                observer.checkout_failed(self.alias, rejected=rejected)
         if rejected:
             raise self._timeout_error(
                 self.alias, self.max_size, self.timeout, max_waiting=self.max_waiting
@@ -378,15 +420,35 @@ class ConnectionPool:
                 with self._lock:
                     self._closed += 1
                     self._replaced += 1
+                    self._entries.discard(entry)
+                    self._last_error = (time.time(), "a pooled connection was found dead")
                 entry = None
             if entry is None:
+                connect_started = time.perf_counter() if observers else 0.0
                 entry = PooledConnection(self, connect(), max_age)
                 with self._lock:
                     self._opened += 1
-        except BaseException:
+                    self._entries.add(entry)
+                if observers:
+                    connect_time = time.perf_counter() - connect_started
+                    for observer in observers:
+                        observer.connection_created(self.alias, connect_time)
+        except BaseException as exc:
+            self._last_error = (time.time(), f"{type(exc).__name__}: {exc}")
             self._free_slot()
             raise
+        entry.owner = threading.get_ident()
+        if observers:
+            entry.checked_out_at = now = time.perf_counter()
+            for observer in observers:
+                observer.checkout(self.alias, now - started)
         return entry
+
+    def _observe_return(self, checked_out_at: float) -> None:
+        """Report how long a connection was checked out, if it was timed at checkout."""
+        used = time.perf_counter() - checked_out_at
+        for observer in _observers.active:
+            observer.connection_returned(self.alias, used)
 
     def _healthy(
         self,
@@ -460,6 +522,7 @@ class ConnectionPool:
             if entry.deadline is not None and now >= entry.deadline:
                 to_close.append(entry)
                 self._closed += 1
+                self._entries.discard(entry)
                 continue
             return entry
         return None
@@ -481,6 +544,7 @@ class ConnectionPool:
             if expired or unused:
                 to_close.append(entry)
                 self._closed += 1
+                self._entries.discard(entry)
             else:
                 kept.append(entry)
                 due = min(due, self._due(entry))
@@ -513,7 +577,13 @@ class ConnectionPool:
 
     # -- return ----------------------------------------------------------------------------
 
-    def _check_out_locked(self, entry: PooledConnection, action: str) -> None:
+    def _check_out_locked(self, entry: PooledConnection, action: str) -> float:
+        """Mark `entry` given back; return when it was checked out (0.0: not timed).
+
+        The checkout time is read and cleared here, under the lock: once the
+        lock is released the entry may be handed to a waiter, which times its
+        own checkout.
+        """
         if entry.pool is not self:
             raise PoolMisuseError(
                 f"{action}: this connection belongs to the pool of {entry.pool.alias!r}, "
@@ -525,6 +595,10 @@ class ConnectionPool:
                 "twice?); two holders would share one socket"
             )
         entry.checked_out = False
+        checked_out_at = entry.checked_out_at
+        if checked_out_at:
+            entry.checked_out_at = 0.0
+        return checked_out_at
 
     def put(self, entry: PooledConnection) -> bool:
         """Give a checked-out connection back, idle and open.
@@ -538,7 +612,7 @@ class ConnectionPool:
         now = time.monotonic()
         close = False
         with self._lock:
-            self._check_out_locked(entry, "put()")
+            checked_out_at = self._check_out_locked(entry, "put()")
             if (
                 self._closing
                 or (entry.deadline is not None and now >= entry.deadline)
@@ -547,9 +621,12 @@ class ConnectionPool:
             ):
                 close = True
                 self._closed += 1
+                self._entries.discard(entry)
                 self._release_slot_locked()
             else:
                 self._idle_or_grant_locked(entry, now)
+        if checked_out_at and _observers.active:
+            self._observe_return(checked_out_at)
         if close:
             _close_raw(entry.raw)
         return not close
@@ -574,9 +651,12 @@ class ConnectionPool:
             PoolMisuseError: `entry` is not checked out from this pool.
         """
         with self._lock:
-            self._check_out_locked(entry, "release()")
+            checked_out_at = self._check_out_locked(entry, "release()")
             self._closed += 1
+            self._entries.discard(entry)
             self._release_slot_locked()
+        if checked_out_at and _observers.active:
+            self._observe_return(checked_out_at)
 
     def discard(self, entry: PooledConnection) -> None:
         """Close a checked-out connection that must not be reused, and free its slot."""
@@ -628,6 +708,8 @@ class ConnectionPool:
             self._draining = True
             idle, self._idle = self._idle, []
             self._closed += len(idle)
+            for entry in idle:
+                self._entries.discard(entry)
         for entry in idle:
             _close_raw(entry.raw)
         return len(idle)
@@ -642,6 +724,8 @@ class ConnectionPool:
             self._closing = True
             idle, self._idle = self._idle, []
             self._closed += len(idle)
+            for entry in idle:
+                self._entries.discard(entry)
             while self._waiters:
                 waiter = self._waiters.popleft()
                 waiter.closed = waiter.granted = True
@@ -677,6 +761,32 @@ class ConnectionPool:
                 replaced=self._replaced,
                 max_waiting=self.max_waiting,
             )
+
+    def connections(self) -> list[ConnectionInfo]:
+        """Every open connection of the pool: who holds it, since when, how old (a snapshot)."""
+        now = time.monotonic()
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        with self._lock:
+            entries = list(self._entries)
+            return [
+                ConnectionInfo(
+                    state="used" if entry.checked_out else "idle",
+                    owner_thread=(
+                        names.get(entry.owner, f"ended thread {entry.owner}")
+                        if entry.checked_out
+                        else None
+                    ),
+                    age=now - entry.opened_at,
+                    idle_for=None if entry.checked_out else now - entry.idle_since,
+                    suspect=entry.suspect,
+                )
+                for entry in sorted(entries, key=lambda e: e.opened_at)
+            ]
+
+    @property
+    def last_error(self) -> tuple[float, str] | None:
+        """(`time.time()`, message) of the last failed connect or dead connection found."""
+        return self._last_error
 
     def forget_after_fork(self, discard: Callable[[Any], None]) -> None:
         """In a forked child: drop every inherited connection with `discard(raw)`.

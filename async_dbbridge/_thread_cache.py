@@ -51,6 +51,9 @@ class CachedThread(threading.Thread):
     Subclasses implement `main()`.
     """
 
+    # The library cleans up after its own threads: CLOSE_STRANDED leaves them be.
+    _dbbridge_owned = True
+
     def __init__(self, name: str) -> None:
         # Daemon: an idle thread blocks on its inbox, and a non-daemon thread
         # would hang interpreter exit (the owners' atexit hooks stop them).

@@ -11,4 +11,7 @@ class AsyncDBBridgeConfig(AppConfig):
     default = True
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers the checks)
+        from . import _stranded, checks  # noqa: F401  (checks: registers the checks)
+
+        # CLOSE_STRANDED: the receiver is connected at import; this reads the setting.
+        _stranded.configure()

@@ -55,6 +55,8 @@ _KEYS: Final = frozenset(
         "PROCESSES",
         "WORKER_PROCESSES",
         "POOLERS",
+        "CLOSE_STRANDED",
+        "STRANDED_STACKS",
     }
 )
 
@@ -116,6 +118,11 @@ class BridgeSettings:
     processes: int | None = None
     worker_processes: int = 0
     poolers: Mapping[str, Pooler] = field(default_factory=dict)
+    # Whether connections that Django opened on threads the library does not
+    # own are closed once their thread has ended (_stranded.py), and whether
+    # the stack that opened each is kept for the log line.
+    close_stranded: bool = True
+    stranded_stacks: bool = False
 
     @property
     def effective_pool_size(self) -> int:
@@ -357,6 +364,14 @@ def parse_settings(raw: object) -> BridgeSettings:
         )
         worker_processes = 0
     poolers = _poolers(check, raw.get("POOLERS", {}))
+    close_stranded = raw.get("CLOSE_STRANDED", True)
+    if not isinstance(close_stranded, bool):
+        check.add("CLOSE_STRANDED", close_stranded, "True or False")
+        close_stranded = True
+    stranded_stacks = raw.get("STRANDED_STACKS", False)
+    if not isinstance(stranded_stacks, bool):
+        check.add("STRANDED_STACKS", stranded_stacks, "True or False")
+        stranded_stacks = False
 
     if check.problems:
         raise SettingsError(check.problems)
@@ -377,6 +392,8 @@ def parse_settings(raw: object) -> BridgeSettings:
         processes=processes,
         worker_processes=worker_processes,
         poolers=poolers,
+        close_stranded=close_stranded,
+        stranded_stacks=stranded_stacks,
     )
 
 

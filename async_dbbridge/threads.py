@@ -127,6 +127,9 @@ class DBThread(threading.Thread):
     that the process went away and ends its sessions.
     """
 
+    # It closes its own connections when it ends: CLOSE_STRANDED leaves it be.
+    _dbbridge_owned = True
+
     run = _closing_run(threading.Thread.run)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -16,6 +16,8 @@ user row through the middleware before running their own queries. Variants:
   passed to the server as JSON; uvicorn with its standard extras (uvloop and
   httptools, which ``uvicorn[standard]`` installs and ``auto`` picks);
 * ``wrapper-asyncio`` — the same under ``--loop asyncio --http h11``;
+* ``wrapper-metrics`` (only with ``--variants``) — ``wrapper`` with the OpenTelemetry
+  and Prometheus integrations recording (``BENCH_METRICS=1``, benchmarks/project/asgi.py);
 * ``wsgi`` — the same project as WSGI (Django's ``get_wsgi_application``) under
   gunicorn: 1 worker, ``gthread``, ``--threads`` = ``--pool-size``,
   ``CONN_MAX_AGE=60``;
@@ -61,7 +63,7 @@ Run from the repository root (docs/bench-project.md says more):
 ```console
 .venv/bin/python benchmarks/bench_project.py [--backend postgresql|mysql|sqlite]
     [--quick] [--rounds N] [--duration S]
-    [--variants stock,djpool,wrapper,wrapper-asyncio,wsgi,a2wsgi]
+    [--variants stock,djpool,wrapper,wrapper-asyncio,wsgi,a2wsgi,wrapper-metrics]
     [--stack startproject|real] [--only a,b,c,d] [--pool-size N] [--wrapper-settings JSON]
     [--wrapper-src DIR] [--json FILE] [--chart PNG | --no-chart]
 .venv/bin/python benchmarks/bench_project.py --replot FILE.json [--chart PNG]
@@ -123,11 +125,22 @@ APPLICATION: Final = "benchmarks.project.asgi:application"
 WSGI_APPLICATION: Final = "benchmarks.project.wsgi:application"
 WRK_SCRIPT: Final = ROOT / "benchmarks" / "project" / "wrk_statuses.lua"
 
-VARIANTS: Final = ("stock", "djpool", "wrapper", "wrapper-asyncio", "wsgi", "a2wsgi")
+VARIANTS: Final = (
+    "stock",
+    "djpool",
+    "wrapper",
+    "wrapper-asyncio",
+    "wsgi",
+    "a2wsgi",
+    "wrapper-metrics",
+)
+#: Only when asked for (``--variants``): the wrapper with both metrics integrations
+#: recording (``BENCH_METRICS=1``), against ``wrapper`` in the same rounds.
+OPT_IN_VARIANTS: Final = ("wrapper-metrics",)
 #: With ``--baseline-src``: the wrapper served from another checkout, in the same rounds.
 BASELINE: Final = "baseline"
 #: The variants that serve the wrapper (``BENCH_VARIANT=wrapper`` in the settings).
-WRAPPERS: Final = ("wrapper", "wrapper-asyncio", BASELINE)
+WRAPPERS: Final = ("wrapper", "wrapper-asyncio", "wrapper-metrics", BASELINE)
 BACKENDS: Final = ("postgresql", "mysql", "sqlite")
 STACKS: Final = ("startproject", "real")
 #: The ``Origin`` of the requests on ``--stack real`` (the settings' CORS_ALLOWED_ORIGINS).
@@ -341,6 +354,8 @@ def start_server(variant: str, config: Config, database: Database, log: IO[bytes
     wrapper = variant in WRAPPERS
     if wrapper:
         env["BENCH_VARIANT"] = "wrapper"  # the settings know the library, not its source
+    if variant == "wrapper-metrics":
+        env["BENCH_METRICS"] = "1"
     # Only the harness's settings leave Sentry out.
     unset = ("BENCH_ROLE",)
     if variant == "wsgi":
@@ -937,6 +952,7 @@ _COLORS: Final = {
     "djpool": "#5b8fd9",
     "wrapper": "#3aa675",
     "wrapper-asyncio": "#7cc8a0",
+    "wrapper-metrics": "#1b5e20",
     "wsgi": "#e08a3c",
     "a2wsgi": "#c9a227",
     BASELINE: "#a5d6a7",
@@ -1118,7 +1134,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     backend = args.backend
     try:
         if args.variants is None:
-            variants = tuple(v for v in VARIANTS if v != "djpool" or backend == "postgresql")
+            variants = tuple(
+                v
+                for v in VARIANTS
+                if (v != "djpool" or backend == "postgresql") and v not in OPT_IN_VARIANTS
+            )
         else:
             variants = split_option(args.variants, VARIANTS, "--variants")
         groups = split_option(args.only or ",".join(GROUPS), GROUPS, "--only")

@@ -23,11 +23,11 @@ VENV_DIR="${VENV_DIR:-.venv}"
 VENV_DJ61_DIR="${VENV_DJ61_DIR:-.venv-dj61}"
 PIP_FLAGS=(-q --disable-pip-version-check)
 
-DEV_SPECS=(-e ".[postgresql,mysql,test,lint,docs,demo,browser,bench,servers,celery,channels,dramatiq,huey,rq]" "Django>=5.2,<5.3" "asgiref>=3.13" matplotlib)
+DEV_SPECS=(-e ".[postgresql,mysql,test,lint,docs,demo,browser,bench,servers,celery,channels,dramatiq,huey,rq,opentelemetry,prometheus]" "Django>=5.2,<5.3" "asgiref>=3.13" matplotlib)
 # The integrations' extras in both series: tests/test_docs.py imports every public module and
 # runs the integration pages' samples, their test modules import them (even where the matrix
 # deselects the real-worker tests), and make peers runs Channels' suite, under each Django.
-DJ61_SPECS=(-e ".[postgresql,mysql,test,servers,celery,channels,dramatiq,huey,rq]" "Django>=6.1,<6.2")
+DJ61_SPECS=(-e ".[postgresql,mysql,test,servers,celery,channels,dramatiq,huey,rq,opentelemetry,prometheus]" "Django>=6.1,<6.2")
 # The benchmarks' servers and real-stack middleware are in DEV_SPECS too (mypy checks
 # benchmarks/); --bench makes sure of them and of wrk.
 BENCH_SPECS=(-e ".[bench]" "Django>=5.2,<5.3")

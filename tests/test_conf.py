@@ -44,6 +44,8 @@ def test_max_age_policy() -> None:
         ({"DATABASES": "default"}, r"\['DATABASES'\]"),
         ({"DATABASES": ["nope"]}, r"\['DATABASES'\] is \['nope'\].*\(default, other\)"),
         ({"THREAD_NAME_PREFIX": ""}, r"\['THREAD_NAME_PREFIX'\]"),
+        ({"CLOSE_STRANDED": 1}, r"\['CLOSE_STRANDED'\] is 1; expected True or False"),
+        ({"STRANDED_STACKS": "yes"}, r"\['STRANDED_STACKS'\] is 'yes'; expected True or False"),
     ],
 )
 def test_invalid_settings_name_the_key_and_the_accepted_values(raw: Any, match: str) -> None:

@@ -169,6 +169,15 @@ def test_the_dashboard_runs_the_burst_and_charts_both_servers(
         }
         assert set(lines) == {"async_dbbridge", "stock Django"}, (chart, lines)
         assert min(lines.values()) >= 4, (chart, lines)
+    # The pool's own figures over time (what the metrics integrations export): stock
+    # Django has no pool, so only the bridge draws a line.
+    for chart in ("chart-pool-used", "chart-pool-waiting"):
+        lines = {
+            path.get_attribute("data-series"): int(path.get_attribute("data-points") or 0)
+            for path in browser.find_elements(By.CSS_SELECTOR, f"#{chart} path")
+        }
+        assert set(lines) == {"async_dbbridge"}, (chart, lines)
+        assert lines["async_dbbridge"] >= 4, (chart, lines)
 
     summary = {
         row.get_attribute("data-server"): [td.text for td in row.find_elements(By.TAG_NAME, "td")]

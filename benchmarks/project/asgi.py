@@ -16,6 +16,24 @@ from typing import Any
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.project.settings")
 
 
+def _record_metrics() -> None:
+    """bench_project's ``wrapper-metrics``: both integrations recording, as a project would.
+
+    The OpenTelemetry SDK with a reader nobody reads (durations are still fed to
+    its histograms every second by the library's flusher thread), and the
+    Prometheus collector on the default registry.
+    """
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from prometheus_client import REGISTRY
+
+    from async_dbbridge.integrations.opentelemetry import instrument
+    from async_dbbridge.integrations.prometheus import DBBridgeCollector
+
+    instrument(meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    REGISTRY.register(DBBridgeCollector())
+
+
 def _application() -> Any:
     if os.environ.get("BENCH_VARIANT", "wrapper") == "wrapper":
         from benchmarks._common import library_first
@@ -23,6 +41,8 @@ def _application() -> Any:
         library_first()  # --wrapper-src / --baseline-src: that checkout's library
         from async_dbbridge.asgi import get_asgi_application
 
+        if os.environ.get("BENCH_METRICS") == "1":
+            _record_metrics()
         return get_asgi_application()
     if os.environ.get("BENCH_VARIANT") == "a2wsgi":
         from a2wsgi import WSGIMiddleware

@@ -68,6 +68,7 @@ class Target:
                 "errors_per_s": rates["errors"],
                 "in_flight": self.in_flight,
                 "waiting": self.waiting,
+                "in_use": self.in_use,
                 "sessions": self.sessions,
             }
         )
