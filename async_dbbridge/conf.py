@@ -188,6 +188,14 @@ class _Checker:
     def add(self, key: str, value: object, expected: str) -> None:
         self.problems.append(_problem(key, value, expected))
 
+    def flag(self, raw: Mapping[str, Any], key: str, default: bool) -> bool:
+        """A switch: `True` or `False` (not 0/1 or "yes": a typo must not pass as a value)."""
+        value = raw.get(key, default)
+        if isinstance(value, bool):
+            return value
+        self.add(key, value, "True or False")
+        return default
+
     def seconds(
         self, key: str, value: object, default: float | None, *, allow_none: bool, positive: bool
     ) -> float | None:
@@ -334,14 +342,8 @@ def parse_settings(raw: object) -> BridgeSettings:
         cpu_affinity = validate_affinity(raw.get("CPU_AFFINITY"), SETTING_NAME)
     except ImproperlyConfigured as exc:
         check.problems.append(str(exc))
-    fuse_middleware = raw.get("FUSE_MIDDLEWARE", True)
-    if not isinstance(fuse_middleware, bool):
-        check.add("FUSE_MIDDLEWARE", fuse_middleware, "True or False")
-        fuse_middleware = True
-    one_hop = raw.get("ONE_HOP", True)
-    if not isinstance(one_hop, bool):
-        check.add("ONE_HOP", one_hop, "True or False")
-        one_hop = True
+    fuse_middleware = check.flag(raw, "FUSE_MIDDLEWARE", True)
+    one_hop = check.flag(raw, "ONE_HOP", True)
 
     processes = raw.get("PROCESSES")
     if processes is not None and not is_positive_int(processes):
@@ -364,14 +366,8 @@ def parse_settings(raw: object) -> BridgeSettings:
         )
         worker_processes = 0
     poolers = _poolers(check, raw.get("POOLERS", {}))
-    close_stranded = raw.get("CLOSE_STRANDED", True)
-    if not isinstance(close_stranded, bool):
-        check.add("CLOSE_STRANDED", close_stranded, "True or False")
-        close_stranded = True
-    stranded_stacks = raw.get("STRANDED_STACKS", False)
-    if not isinstance(stranded_stacks, bool):
-        check.add("STRANDED_STACKS", stranded_stacks, "True or False")
-        stranded_stacks = False
+    close_stranded = check.flag(raw, "CLOSE_STRANDED", True)
+    stranded_stacks = check.flag(raw, "STRANDED_STACKS", False)
 
     if check.problems:
         raise SettingsError(check.problems)
