@@ -8,6 +8,7 @@
 #   VENV_DIR / VENV_DJ61_DIR             venv locations (default .venv / .venv-dj61)
 #   PYTEST_RUN_TIMEOUT=900               seconds before one pytest run is killed
 #   MATRIX_SUMMARY=FILE                  also write the summary table to FILE
+#   MATRIX_JOBS=2                        the Django series at the same time (1: in turn)
 #   DBBRIDGE_SERVERS=all                 the whole ASGI server matrix (default: a fast subset,
 #                                        PostgreSQL, Django 5.2; 0: none)
 #
@@ -160,7 +161,10 @@ run_one() {
         "$c_passed" "$c_failed" "$c_skipped" "$c_errors" "$(($(date +%s) - t0))")")
 }
 
-for series in $DJANGO_SERIES; do
+# run_series SERIES [PYTEST_ARGS...]: every backend of one Django series, in order.
+run_series() {
+    local series="$1"
+    shift
     if [ "$series" = 52 ]; then
         venv="$VENV_DIR" label_dj="Django 5.2"
         pytest_args=(-p no:randomly -q)
@@ -199,7 +203,55 @@ for series in $DJANGO_SERIES; do
             run_one "$versions / $backend / uvloop" "$backend" uvloop "${UVLOOP_TESTS[@]}" "$@"
         fi
     done
+}
+
+# The two series run at the same time, each its backends in order (MATRIX_JOBS=1:
+# one after the other). They share nothing a test could trip over: each pytest
+# process has test databases of its own (tests/settings.py names them by pid), and
+# the tests that make databases, roles, servers or PgBouncers of their own name
+# them by pid too. Each series' output is kept and printed whole when it ends, so
+# the log reads as if they had run in turn; CI's time budget is why.
+MATRIX_JOBS="${MATRIX_JOBS:-2}"
+check_choices test_matrix "number of jobs" MATRIX_JOBS 1 2
+# save_state FILE: this shell's rows and counters, for the parent to add up.
+save_state() {
+    declare -p rows failed tot_passed tot_failed tot_skipped tot_errors >"$1"
+}
+declare -a series_pids=()
+for series in $DJANGO_SERIES; do
+    if [ "$MATRIX_JOBS" -eq 1 ]; then
+        run_series "$series" "$@"
+        continue
+    fi
+    (
+        rows=() failed=0 tot_passed=0 tot_failed=0 tot_skipped=0 tot_errors=0
+        run_series "$series" "$@" >"$logdir/series-$series.out" 2>&1
+        save_state "$logdir/series-$series.state"
+    ) &
+    series_pids+=("$!")
 done
+if [ "$MATRIX_JOBS" -ne 1 ]; then
+    for pid in "${series_pids[@]}"; do
+        wait "$pid" || true
+    done
+    for series in $DJANGO_SERIES; do
+        cat "$logdir/series-$series.out" 2>/dev/null
+        if [ ! -f "$logdir/series-$series.state" ]; then
+            loud "the Django $series series ended without a result"
+            failed=1
+            continue
+        fi
+        all_rows=("${rows[@]}") all_failed=$failed
+        all_p=$tot_passed all_f=$tot_failed all_s=$tot_skipped all_e=$tot_errors
+        # shellcheck disable=SC1090 # written by save_state above
+        . "$logdir/series-$series.state"
+        rows=("${all_rows[@]}" "${rows[@]}")
+        [ "$failed" -eq 0 ] || all_failed=1
+        failed=$all_failed
+        tot_passed=$((all_p + tot_passed)) tot_failed=$((all_f + tot_failed))
+        tot_skipped=$((all_s + tot_skipped)) tot_errors=$((all_e + tot_errors))
+    done
+fi
 
 summary() {
     echo
