@@ -331,16 +331,23 @@ class Burst:
 
 
 def run_burst(
-    worker: Worker, journal: Journal, send: Send, *, kill: bool = True, tasks: int = TASKS
+    worker: Worker,
+    journal: Journal,
+    send: Send,
+    *,
+    kill: bool = True,
+    tasks: int = TASKS,
+    task: str = "record",
 ) -> Burst:
-    """``tasks`` short ORM tasks; then (``kill``) every session they used ended from
+    """``tasks`` short ORM tasks (``task``: ``record``, or ``record_slowly`` where every
+    worker thread must take part); then (``kill``) every session they used ended from
     the server while the workers idle, and 50 more tasks.
 
     Runs inside the worker's ``with`` block; the caller stops the worker.
     """
     with SessionSampler() as sampler:
         for n in range(tasks):
-            send("record", n)
+            send(task, n)
         journal.wait(tasks, worker)
         used = {row.backend for row in wait_for_rows(tasks, worker)}
     total = tasks

@@ -103,11 +103,11 @@ def redis_framework() -> Iterator[Dramatiq]:
 
 
 def run_burst(
-    fw: Dramatiq, variant: str, *, tasks: int = TASKS, kill: bool = True
+    fw: Dramatiq, variant: str, *, tasks: int = TASKS, kill: bool = True, task: str = "record"
 ) -> tuple[Burst, int]:
     """2 processes x 4 threads: the burst, the kill, then SIGTERM; and the sessions left."""
     with fw.worker(variant, processes=2, threads=4) as worker:
-        burst = harness.run_burst(worker, fw.journal, fw.send, tasks=tasks, kill=kill)
+        burst = harness.run_burst(worker, fw.journal, fw.send, tasks=tasks, kill=kill, task=task)
         worker.stop()
     return burst, settled_sessions(0)
 
@@ -129,7 +129,9 @@ def test_bridge_bounds_the_sessions_survives_killed_sessions_and_closes_on_sigte
 def test_own_middleware_holds_a_session_per_thread(redis_framework: Dramatiq) -> None:
     # django_dramatiq's DbConnectionsMiddleware: each of the 8 threads keeps
     # its own connection (CONN_MAX_AGE=60); health checks replace killed ones.
-    burst, left = run_burst(redis_framework, "own", tasks=200)
+    # Slow tasks: on a busy machine a few threads could otherwise drain the
+    # queue alone, and the test would not see the sessions of the others.
+    burst, left = run_burst(redis_framework, "own", tasks=200, task="record_slowly")
     assert len(burst.used) > 2 * POOL_SIZE
     assert burst.peak > 2 * POOL_SIZE
     assert burst.ok == burst.committed == 200 + 50

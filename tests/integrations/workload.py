@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable
 from typing import ParamSpec
 
@@ -61,6 +62,14 @@ def backend_id() -> int:
 def record(n: int, kind: str = "task") -> None:
     """A short ORM task."""
     Item.objects.create(name=f"{kind}:{os.getpid()}:{backend_id()}", value=n)
+
+
+def record_slowly(n: int) -> None:
+    """`record` after 20 ms of sleep: while a thread sleeps the next message goes
+    to another, so every worker thread runs tasks (and, under a framework's own
+    handling, holds a session) however busy the machine is."""
+    time.sleep(0.02)
+    record(n)
 
 
 def fail_with_database_error(n: int) -> None:

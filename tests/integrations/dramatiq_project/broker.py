@@ -61,5 +61,10 @@ broker = make_broker(
 )
 dramatiq.set_broker(broker)
 
-for fn in (workload.record, workload.fail_with_database_error, workload.leave_transaction_open):
+for fn in (
+    workload.record,
+    workload.record_slowly,
+    workload.fail_with_database_error,
+    workload.leave_transaction_open,
+):
     dramatiq.actor(actor_name=fn.__name__, queue_name=QUEUE, max_retries=0)(workload.journaled(fn))
