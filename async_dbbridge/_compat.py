@@ -343,6 +343,76 @@ def _converted_inner_code() -> Any:
     return convert_exception_to_response(probe).__code__
 
 
+@functools.cache
+def _converted_sync_inner_code() -> Any:
+    """The code object of `convert_exception_to_response`'s sync wrapper."""
+    from django.core.handlers.exception import convert_exception_to_response
+
+    def probe(request: Any) -> Any:
+        return None
+
+    return convert_exception_to_response(probe).__code__
+
+
+# A chain that holds a sync-only middleware (WhiteNoise, say) is sync from its
+# top down to that layer: `adapt_method_mode` puts a `SyncToAsync` on top,
+# and an `AsyncToSync` between the sync layer and the async-capable layers
+# inside it. asgiref 3.13.0: `SyncToAsync` keeps its callable in `func`;
+# `AsyncToSync` keeps its coroutine function in `awaitable` and reads it on
+# every call (`__call__`), so replacing it changes what that adapter runs.
+
+
+def sync_adapter_target(node: Any) -> Any | None:
+    """What a `SyncToAsync` adapter runs; None if `node` is not one."""
+    from asgiref.sync import SyncToAsync
+
+    return node.func if isinstance(node, SyncToAsync) else None
+
+
+def async_adapter_target(node: Any) -> Any | None:
+    """What an `AsyncToSync` adapter runs; None if `node` is not one."""
+    from asgiref.sync import AsyncToSync
+
+    return node.awaitable if isinstance(node, AsyncToSync) else None
+
+
+#: sha256 (first 16 hex digits) of `AsyncToSync.__call__`'s source as checked
+#: (asgiref 3.13.0): it must still read `self.awaitable` on every call.
+ASGIREF_FINGERPRINTS: Final = {"asgiref.sync.AsyncToSync.__call__": "811b9e33968648b2"}
+
+
+@functools.cache
+def async_adapter_mismatch() -> str | None:
+    """Why an `AsyncToSync`'s target must not be replaced on this asgiref, or None."""
+    import asgiref
+
+    changed = [
+        dotted.rsplit(".", 2)[1] + "." + dotted.rsplit(".", 1)[1]
+        for dotted, expected in ASGIREF_FINGERPRINTS.items()
+        if fingerprint(dotted) != expected
+    ]
+    if changed:
+        return (
+            f"asgiref {asgiref.__version__}'s {', '.join(changed)} differs from the code it "
+            "was checked against (asgiref 3.13.0)"
+        )
+    return None
+
+
+def set_async_adapter_target(adapter: Any, target: Callable[[Any], Any]) -> None:
+    """Make the `AsyncToSync` `adapter` run `target` from its next call on."""
+    if async_adapter_target(adapter) is None:
+        raise _fail("AsyncToSync.awaitable", f"{type(adapter).__qualname__} is not an AsyncToSync")
+    adapter.awaitable = target
+
+
+def unwrap_converted_sync(layer: Any) -> Any | None:
+    """What Django's sync `convert_exception_to_response` wrapper wrapped into `layer`."""
+    if getattr(layer, "__code__", None) is not _converted_sync_inner_code():
+        return None
+    return getattr(layer, "__wrapped__", None)
+
+
 def middleware_chain(handler: Any) -> Callable[[Any], Any] | None:
     """`handler`'s built middleware chain, or None before `load_middleware()` ran."""
     chain: Callable[[Any], Any] | None = getattr(handler, "_middleware_chain", None)
@@ -487,6 +557,82 @@ def middleware_machinery_mismatch() -> str | None:
 def request_machinery_mismatch() -> str | None:
     """Why the one-hop path must not run on this Django, or None."""
     return _machinery_mismatch(REQUEST_FUNCTIONS)
+
+
+# -- Sentry's DjangoIntegration: its middleware wrapper ------------------------------------------
+#
+# sentry-sdk patches `BaseHandler.load_middleware` so that every middleware class
+# Django loads is replaced by a `SentryWrappingMiddleware` made for it by
+# `sentry_sdk.integrations.django.middleware._wrap_middleware` (checked on
+# sentry-sdk 3.0.1). An instance keeps the real middleware in its private
+# `_inner`, built with the same `get_response`; its `__call__`, its `__acall__`
+# (`_asgi_middleware_mixin_factory`) and every hook it exposes (`__getattr__`)
+# call the inner's own — inside a span only when the integration's
+# `middleware_spans` is on (off by default since sentry-sdk 3.0). With it off a
+# wrapped layer does exactly what its inner does, so the fused middleware may
+# treat the inner as the layer; with it on, or on a Sentry whose wrapper is not
+# the code below, it must not (fusing would drop the spans, or worse).
+
+#: The Sentry functions whose code the see-through relies on, and the sha256
+#: (first 16 hex digits) of their source as checked: sentry-sdk 3.0.1.
+SENTRY_FINGERPRINTS: Final = {
+    "sentry_sdk.integrations.django.middleware._wrap_middleware": "d17db77c07b41199",
+    "sentry_sdk.integrations.django.asgi._asgi_middleware_mixin_factory": "cbe60d7c26ec0257",
+}
+_SENTRY_CALL: Final = "_wrap_middleware.<locals>.SentryWrappingMiddleware.__call__"
+
+
+def is_sentry_wrapper(layer: object) -> bool:
+    """Is `layer` an instance of a class Sentry's `_wrap_middleware` made?
+
+    By the qualified name of the class's `__call__`: Sentry gives the class the
+    wrapped middleware's name, module and qualified name, not its methods.
+    """
+    call = vars(type(layer)).get("__call__")
+    return (
+        getattr(call, "__qualname__", None) == _SENTRY_CALL
+        and getattr(call, "__module__", None) == "sentry_sdk.integrations.django.middleware"
+    )
+
+
+@functools.cache
+def sentry_wrapper_mismatch() -> str | None:
+    """Why Sentry's middleware wrapper must not be seen through on this sentry-sdk, or None."""
+    try:
+        import sentry_sdk
+    except ImportError:
+        return "sentry-sdk is not installed"
+    changed = [
+        dotted.rsplit(".", 1)[1]
+        for dotted, expected in SENTRY_FINGERPRINTS.items()
+        if fingerprint(dotted) != expected
+    ]
+    if changed:
+        return (
+            f"sentry-sdk {sentry_sdk.VERSION}'s {', '.join(changed)} differ from the code it "
+            "was checked against (sentry-sdk 3.0.1)"
+        )
+    return None
+
+
+def sentry_middleware_spans_off() -> bool:
+    """Sentry's own test before every wrapped middleware call: no span will be made.
+
+    The same lookup `_check_middleware_span` makes (public API), so the answer
+    follows a `sentry_sdk.init()` made after startup.
+    """
+    import sentry_sdk
+    from sentry_sdk.integrations.django import DjangoIntegration
+
+    integration = sentry_sdk.get_client().get_integration(DjangoIntegration)
+    return integration is None or not integration.middleware_spans
+
+
+def sentry_inner(layer: object) -> Any | None:
+    """The middleware a Sentry wrapper holds; None if `layer` is not one."""
+    if not is_sentry_wrapper(layer):
+        return None
+    return vars(layer).get("_inner")
 
 
 # -- Django's ASGI handler: the one-hop path's entry point ---------------------------------------

@@ -42,6 +42,7 @@ The walk over Django's chain touches private structure; it lives in
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -84,16 +85,60 @@ def _is_plain_mixin(layer: object) -> bool:
     )
 
 
-def plain_run(chain: AsyncHandler) -> tuple[list[MiddlewareMixin], AsyncHandler]:
-    """The outermost run of plain `MiddlewareMixin` layers of `chain`, and what they wrap."""
+@dataclass(frozen=True)
+class PlainRun:
+    """The outermost run of plain `MiddlewareMixin` layers of a chain, and what ends it."""
+
+    layers: list[MiddlewareMixin]
+    inner: AsyncHandler
+    #: How many of the layers were reached through Sentry's wrapper (seen through).
+    through_sentry: int = 0
+    #: Why the run ended at `inner`, when `inner` is a layer that was not taken.
+    stopped_at: str | None = None
+
+
+def plain_run(chain: AsyncHandler) -> PlainRun:
+    """The outermost run of plain `MiddlewareMixin` layers of `chain`, and what they wrap.
+
+    A layer Sentry's DjangoIntegration wrapped counts as the middleware it
+    holds when the wrapper adds nothing to it (`middleware_spans` off, and a
+    sentry-sdk whose wrapper is the code `_compat` checked): every one of its
+    calls is then its inner's. `FusedMiddleware` asks again on every request.
+    """
     layers: list[MiddlewareMixin] = []
     handler = chain
+    through_sentry = 0
     while True:
         layer = _compat.unwrap_converted(handler)
-        if layer is None or not _is_plain_mixin(layer):
-            return layers, handler
-        layers.append(layer)
-        handler = layer.get_response
+        if layer is None:
+            return PlainRun(layers, handler, through_sentry)
+        candidate = layer
+        inner = _compat.sentry_inner(layer)
+        if inner is not None:
+            why_not = _compat.sentry_wrapper_mismatch()
+            if why_not is None and not _compat.sentry_middleware_spans_off():
+                why_not = (
+                    "Sentry's DjangoIntegration has middleware_spans on (fusing would drop them)"
+                )
+            if why_not is not None:
+                return PlainRun(layers, handler, through_sentry, f"{_name(inner)}: {why_not}")
+            candidate = inner
+            through_sentry += 1
+        if not _is_plain_mixin(candidate):
+            # Django's view handler (a bound method) ends every chain: no news.
+            stopped_at = (
+                None
+                if inspect.ismethod(candidate)
+                else f"{_name(candidate)}, not a plain MiddlewareMixin"
+            )
+            return PlainRun(layers, handler, through_sentry, stopped_at)
+        layers.append(candidate)
+        handler = candidate.get_response
+
+
+def _name(layer: object) -> str:
+    name = getattr(layer, "__qualname__", None)
+    return name if isinstance(name, str) else type(layer).__qualname__
 
 
 def _response_for_exception(request: HttpRequest, exc: Exception) -> HttpResponseBase:
@@ -124,18 +169,31 @@ class FusedMiddleware:
         inner: AsyncHandler,
         *,
         unfused: AsyncHandler,
+        guard: Callable[[], bool] | None = None,
+        adapter: Any | None = None,
+        above: Sequence[str] = (),
     ) -> None:
         if not layers:
             raise ValueError("FusedMiddleware needs at least one layer")
         self.layers: tuple[MiddlewareMixin, ...] = tuple(layers)
         self.inner = inner
         self.unfused = unfused
+        # Asked before every request when some layer was seen through Sentry's
+        # wrapper: False (middleware spans turned on since) sends the request
+        # down the chain Django built, wrappers and spans included.
+        self.guard = guard
+        # Django's AsyncToSync adapter whose target this replaced (None: the
+        # handler's chain itself), and the sync-only layers above it, by name.
+        self.adapter = adapter
+        self.above = tuple(above)
         # One SyncToAsync each, reused: it keeps no per-call state (asgiref
         # 3.13 copies the caller's context per call).
         self._request_phase = sync_to_async(self._process_requests, thread_sensitive=True)
         self._response_phase = sync_to_async(self._process_responses, thread_sensitive=True)
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        if self.guard is not None and not self.guard():
+            return await self.unfused(request)
         try:
             entered, response = await self._request_phase(request)
             if response is None:
@@ -202,37 +260,99 @@ def fuse_middleware(handler: Any) -> FusedMiddleware | None:
     return fuse(handler)[0]
 
 
+#: How deep `_async_part` looks for the async part of a chain (layers are few).
+_MAX_DEPTH = 200
+
+
+def _async_part(chain: Any) -> tuple[Any | None, Any, list[str]] | None:
+    """Where the async-mode part of `chain` starts: (its adapter, the part, the sync layers above).
+
+    A chain whose outermost layer runs in async mode is async from the top:
+    (None, chain, []). A chain with a sync-only middleware in it (WhiteNoise)
+    is sync from the top down to that layer, then goes back to async mode
+    through Django's `AsyncToSync` adapter: (that adapter, what it runs, the
+    names of the sync layers above it). None when neither shape is found.
+    Nothing is changed; the sync layers are only looked through, by the
+    `get_response` they keep (Django's convention for the next layer).
+    """
+    if _compat.unwrap_converted(chain) is not None or isinstance(chain, FusedMiddleware):
+        return None, chain, []
+    node = _compat.sync_adapter_target(chain)
+    above: list[str] = []
+    for _ in range(_MAX_DEPTH):
+        if node is None:
+            return None
+        target = _compat.async_adapter_target(node)
+        if target is not None:
+            return node, target, above
+        layer = _compat.unwrap_converted_sync(node)
+        if layer is None:
+            return None
+        inner = _compat.sentry_inner(layer)
+        above.append(_name(inner if inner is not None else layer))
+        node = getattr(layer, "get_response", None)
+    return None
+
+
 def fuse(handler: Any) -> tuple[FusedMiddleware | None, Verdict]:
     """`fuse_middleware()`, and a verdict for the startup line: what was fused, or why not."""
     chain = _compat.middleware_chain(handler)
     if chain is None:
         return None, Verdict(False, f"{type(handler).__qualname__} has no async middleware chain")
-    if isinstance(chain, FusedMiddleware):
-        return chain, _fused_verdict(chain)
+    part = _async_part(chain)
+    if part is None:
+        return None, Verdict(
+            False, f"nothing to fuse: no async-mode middleware in the chain ({_name(chain)} on top)"
+        )
+    adapter, start, above = part
+    if isinstance(start, FusedMiddleware):
+        return start, _fused_verdict(start)
     mismatch = _compat.middleware_machinery_mismatch()
+    if mismatch is None and adapter is not None:
+        mismatch = _compat.async_adapter_mismatch()
     if mismatch is not None:
         return None, Verdict(False, mismatch)
-    layers, inner = plain_run(chain)
-    if not layers:
-        first = getattr(chain, "__wrapped__", chain)  # past Django's exception wrapper
-        what = getattr(first, "__qualname__", None) or type(first).__qualname__
+    run = plain_run(start)
+    if not run.layers:
         return None, Verdict(
-            False, f"the outermost middleware, {what}, is not a plain MiddlewareMixin"
+            False, f"nothing to fuse: the outermost middleware is {run.stopped_at or _name(start)}"
         )
-    fused = FusedMiddleware(layers, inner, unfused=chain)
-    _compat.set_middleware_chain(handler, fused)
-    return fused, _fused_verdict(fused)
-
-
-def _fused_verdict(fused: FusedMiddleware) -> Verdict:
-    names = ", ".join(type(layer).__qualname__ for layer in fused.layers)
-    return Verdict(
-        True, f"{len(fused.layers)} MiddlewareMixin layer(s) in two thread hops ({names})"
+    guard = _compat.sentry_middleware_spans_off if run.through_sentry else None
+    fused = FusedMiddleware(
+        run.layers, run.inner, unfused=start, guard=guard, adapter=adapter, above=above
     )
+    if adapter is None:
+        _compat.set_middleware_chain(handler, fused)
+    else:
+        _compat.set_async_adapter_target(adapter, fused)
+    return fused, _fused_verdict(fused, run)
+
+
+def _fused_verdict(fused: FusedMiddleware, run: PlainRun | None = None) -> Verdict:
+    names = ", ".join(type(layer).__qualname__ for layer in fused.layers)
+    reason = f"{len(fused.layers)} MiddlewareMixin layer(s) in two thread hops ({names})"
+    if fused.adapter is not None:
+        reason += (
+            f", inside {len(fused.above)} layer(s) in sync mode, run as Django runs them "
+            f"({', '.join(fused.above)})"
+        )
+    if run is not None and run.through_sentry:
+        reason += f"; {run.through_sentry} of them through Sentry's wrapper (middleware_spans off)"
+    if run is not None and run.stopped_at is not None:
+        reason += f"; the run stops at {run.stopped_at}"
+    return Verdict(True, reason)
 
 
 def unfuse_middleware(handler: Any) -> None:
-    """Give `handler` back the chain Django built, if `fuse_middleware` replaced it."""
+    """Give `handler` back the chain Django built, if `fuse_middleware` replaced part of it."""
     chain = _compat.middleware_chain(handler)
-    if isinstance(chain, FusedMiddleware):
-        _compat.set_middleware_chain(handler, chain.unfused)
+    if chain is None:
+        return
+    part = _async_part(chain)
+    if part is None or not isinstance(part[1], FusedMiddleware):
+        return
+    fused = part[1]
+    if fused.adapter is None:
+        _compat.set_middleware_chain(handler, fused.unfused)
+    else:
+        _compat.set_async_adapter_target(fused.adapter, fused.unfused)

@@ -256,3 +256,23 @@ def test_a_patched_function_is_a_mismatch(monkeypatch: pytest.MonkeyPatch) -> No
     assert reason is not None
     assert "MiddlewareMixin.__call__ differ" in reason
     assert _compat.fingerprint("no.such.module.function") is None
+
+
+def test_asgirefs_async_to_sync_is_the_code_the_fusion_was_checked_against() -> None:
+    """The fused middleware below a sync-only layer replaces what Django's AsyncToSync runs."""
+    actual = {name: _compat.fingerprint(name) for name in _compat.ASGIREF_FINGERPRINTS}
+    assert actual == _compat.ASGIREF_FINGERPRINTS
+    assert _compat.async_adapter_mismatch() is None
+
+
+def test_a_changed_async_to_sync_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    _compat.async_adapter_mismatch.cache_clear()
+    monkeypatch.setitem(_compat.ASGIREF_FINGERPRINTS, "asgiref.sync.AsyncToSync.__call__", "0")
+    try:
+        reason = _compat.async_adapter_mismatch()
+        assert reason is not None
+        assert "AsyncToSync.__call__ differs" in reason
+    finally:
+        monkeypatch.undo()
+        _compat.async_adapter_mismatch.cache_clear()
+    assert _compat.async_adapter_mismatch() is None

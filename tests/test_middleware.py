@@ -94,6 +94,14 @@ class D(_Logged):
     name = "D"
 
 
+class W(_Logged):
+    """Sync-only, as WhiteNoise is: every layer above it runs in sync mode, and Django
+    adapts the async layers inside it with AsyncToSync."""
+
+    name = "W"
+    async_capable = False
+
+
 class RequestOnly(MiddlewareMixin):
     def process_request(self, request: HttpRequest) -> None:
         _log("R", "request", None)
@@ -170,6 +178,15 @@ urlpatterns = [
 HERE = __name__
 PLAIN = [f"{HERE}.A", f"{HERE}.B", f"{HERE}.C", f"{HERE}.D"]
 MIXED = [f"{HERE}.A", f"{HERE}.B", f"{HERE}.hybrid", f"{HERE}.C", f"{HERE}.D"]
+#: A sync-only layer under the outermost one: A and W run in sync mode, B, C and D
+#: below Django's AsyncToSync adapter are fused.
+SYNC_ON_TOP = [f"{HERE}.A", f"{HERE}.W", f"{HERE}.B", f"{HERE}.C", f"{HERE}.D"]
+FUSED_LAYERS = {
+    "plain": ["A", "B", "C", "D"],
+    "mixed": ["A", "B"],
+    "sync on top": ["B", "C", "D"],
+}
+CHAINS = {"plain": PLAIN, "mixed": MIXED, "sync on top": SYNC_ON_TOP}
 
 
 @pytest.fixture
@@ -220,20 +237,20 @@ SCENARIOS: dict[str, tuple[str, dict[tuple[str, str], str]]] = {
 }
 
 
-@pytest.mark.parametrize("chain", [PLAIN, MIXED], ids=["plain", "mixed"])
+@pytest.mark.parametrize("chain", CHAINS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 async def test_fused_chain_behaves_as_djangos(
-    chain_settings: SettingsWrapper, chain: list[str], scenario: str
+    chain_settings: SettingsWrapper, chain: str, scenario: str
 ) -> None:
-    chain_settings.MIDDLEWARE = chain
+    chain_settings.MIDDLEWARE = CHAINS[chain]
     url, script = SCENARIOS[scenario]
     SCRIPT.update(script)
     django_built, fused_handler, fused = handler_pair()
     assert fused is not None
-    # The fused run stops at the first layer that is not a plain mixin.
-    assert [type(layer).__name__ for layer in fused.layers] == (
-        ["A", "B", "C", "D"] if chain is PLAIN else ["A", "B"]
-    )
+    # The fused run stops at the first layer that is not a plain mixin, and starts
+    # below the layers a sync-only one puts in sync mode.
+    assert [type(layer).__name__ for layer in fused.layers] == FUSED_LAYERS[chain]
+    assert (fused.adapter is not None) == (chain == "sync on top")
     expected = await run(django_built, url)
     got = await run(fused_handler, url)
     assert got == expected
@@ -294,6 +311,58 @@ def test_only_plain_mixins_in_async_mode_are_fused(chain_settings: SettingsWrapp
     from django.core.handlers.wsgi import WSGIHandler
 
     assert fuse_middleware(WSGIHandler()) is None
+
+
+async def test_below_a_sync_only_layer_the_fused_run_is_two_calls_in_djangos_adapter(
+    chain_settings: SettingsWrapper,
+) -> None:
+    """The chain stays Django's down to its AsyncToSync adapter; only what that adapter
+    runs is replaced, and restored by unfusing."""
+    chain_settings.MIDDLEWARE = SYNC_ON_TOP
+    handler = ASGIHandler()
+    top = _compat.middleware_chain(handler)
+    fused = fuse_middleware(handler)
+    assert fused is not None
+    assert fused.above == ("A", "W")
+    assert _compat.middleware_chain(handler) is top  # the sync part is Django's own
+    assert _compat.async_adapter_target(fused.adapter) is fused
+    again = fuse_middleware(handler)
+    assert again is fused  # idempotent
+    assert fused is not None
+    phases: list[str] = []
+    request_phase, response_phase = fused._request_phase, fused._response_phase
+
+    async def request_counted(*args: Any) -> Any:
+        phases.append("request")
+        return await request_phase(*args)
+
+    async def response_counted(*args: Any) -> Any:
+        phases.append("response")
+        return await response_phase(*args)
+
+    fused._request_phase = request_counted  # type: ignore[assignment]
+    fused._response_phase = response_counted  # type: ignore[assignment]
+    status, _, calls = await run(handler, "/async/")
+    assert status == 200
+    assert phases == ["request", "response"]
+    assert [c[:2] for c in calls if c[1] in ("request", "response")] == [
+        ("A", "request"), ("W", "request"), ("B", "request"), ("C", "request"),
+        ("D", "request"), ("D", "response"), ("C", "response"), ("B", "response"),
+        ("W", "response"), ("A", "response"),
+    ]  # fmt: skip
+    unfuse_middleware(handler)
+    assert _compat.async_adapter_target(fused.adapter) is fused.unfused
+    assert _compat.middleware_chain(handler) is top
+
+
+def test_a_chain_with_no_async_mode_layer_is_left_alone(
+    chain_settings: SettingsWrapper,
+) -> None:
+    chain_settings.MIDDLEWARE = [f"{HERE}.A", f"{HERE}.W"]
+    handler = ASGIHandler()
+    top = _compat.middleware_chain(handler)
+    assert fuse_middleware(handler) is None
+    assert _compat.middleware_chain(handler) is top
 
 
 def test_fusing_is_idempotent_and_reversible(chain_settings: SettingsWrapper) -> None:
