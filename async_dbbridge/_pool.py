@@ -430,9 +430,9 @@ class ConnectionPool:
                     self._opened += 1
                     self._entries.add(entry)
                 if observers:
-                    connect_time = time.perf_counter() - connect_started
-                    for observer in observers:
-                        observer.connection_created(self.alias, connect_time)
+                    _observers.duration(
+                        _observers.CREATED, self.alias, time.perf_counter() - connect_started
+                    )
         except BaseException as exc:
             self._last_error = (time.time(), f"{type(exc).__name__}: {exc}")
             self._free_slot()
@@ -440,15 +440,12 @@ class ConnectionPool:
         entry.owner = threading.get_ident()
         if observers:
             entry.checked_out_at = now = time.perf_counter()
-            for observer in observers:
-                observer.checkout(self.alias, now - started)
+            _observers.duration(_observers.WAITED, self.alias, now - started)
         return entry
 
     def _observe_return(self, checked_out_at: float) -> None:
         """Report how long a connection was checked out, if it was timed at checkout."""
-        used = time.perf_counter() - checked_out_at
-        for observer in _observers.active:
-            observer.connection_returned(self.alias, used)
+        _observers.duration(_observers.USED, self.alias, time.perf_counter() - checked_out_at)
 
     def _healthy(
         self,

@@ -32,6 +32,13 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/bench_executor.py [--backend postgresql|mysql|sqlite]
                                                   [--quick] [--rounds N] [--json out.json]
+                                                  [--metrics]
+
+``--metrics``: each round also measures the pooled ``db_call`` path twice more,
+back to back (the order alternating), with both metrics integrations recording
+(OpenTelemetry on a real SDK provider, and the Prometheus collector) and
+without; the durations queued during a slice are recorded in it (drained
+before its CPU clock stops). Printed as ratios, metrics on to off.
 
 It creates (and drops) its own database, ``dbbridge_bench``; on SQLite a
 temporary file. The exit status is 1 if an acceptance target fails.
@@ -105,6 +112,8 @@ class Config:
     settle_timeout: float = 5.0
     #: A session count unchanged this long is what the path left behind.
     settle_stable: float = 0.5
+    #: Also measure the pooled db_call path with both metrics integrations on and off.
+    metrics: bool = False
 
 
 PRESETS: Final[dict[str, dict[str, Any]]] = {
@@ -440,6 +449,42 @@ class SpeedPhase:
     connections_opened: dict[str, int]
     calls: dict[str, int]
     seconds: float
+    #: --metrics: the pooled db_call path with metrics "on" and "off", per round.
+    metrics: list[SpeedSample] = field(default_factory=list)
+
+
+class _MetricsSwitch:
+    """Both integrations, set up once; their observers registered only while switched on."""
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from prometheus_client import CollectorRegistry
+
+        from async_dbbridge import _observers
+        from async_dbbridge.integrations.opentelemetry import instrument
+        from async_dbbridge.integrations.prometheus import DBBridgeCollector
+
+        self.provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        instrument(meter_provider=self.provider)
+        CollectorRegistry().register(DBBridgeCollector())
+        self.observers = _observers.active
+        self.set(on=False)
+
+    def set(self, *, on: bool) -> None:
+        from async_dbbridge import _observers
+
+        for observer in self.observers:
+            (_observers.add if on else _observers.remove)(observer)
+
+    @staticmethod
+    def drain() -> float:
+        """Record what the slice queued, on this thread: the CPU seconds it took."""
+        from async_dbbridge import _observers
+
+        cpu = time.process_time()
+        _observers.drain()
+        return time.process_time() - cpu
 
 
 def speed_phase(config: Config) -> SpeedPhase:
@@ -456,6 +501,7 @@ def speed_phase(config: Config) -> SpeedPhase:
         bound = {
             key: (runner.bind(_noop), runner.bind(_one_query)) for key, runner in runners.items()
         }
+        bound_calls.update(bound)
         for path in PATHS:
             # Start every thread and give it its connection, then the no-op path.
             noop, orm = bound[path.key]
@@ -500,7 +546,39 @@ def speed_phase(config: Config) -> SpeedPhase:
                 row[path.key].orm_calls = n
                 calls[path.key] += n
             samples.extend(row.values())
+            if switch is not None:
+                await measure_metrics(switch, round_no)
 
+    async def measure_metrics(switch: _MetricsSwitch, round_no: int) -> None:
+        from async_dbbridge import _observers
+
+        loop = asyncio.get_running_loop()
+        runner = runners["db_call_pooled"]
+        noop, orm = bound_calls["db_call_pooled"]
+        for state in ("off", "on") if round_no % 2 == 0 else ("on", "off"):
+            runner.activate(loop)
+            switch.set(on=state == "on")
+            sample = SpeedSample(state, round_no)
+            _observers.drain()
+            n, elapsed = await _sequential(noop, config.seq_seconds / len(PATHS))
+            sample.noop_seq_us = sample.noop_seq_mean_us = elapsed / n * 1e6
+            _observers.drain()
+            n, elapsed, cpu = await _concurrent(noop, config.c32_seconds, CONCURRENCY)
+            cpu += switch.drain()
+            sample.noop_c32_us, sample.noop_c32_cpu_us = elapsed / n * 1e6, cpu / n * 1e6
+            n, elapsed, cpu = await _concurrent(orm, config.orm_seconds, CONCURRENCY)
+            cpu += switch.drain()
+            sample.orm_calls_per_s, sample.orm_cpu_us, sample.orm_calls = (
+                n / elapsed,
+                cpu / n * 1e6,
+                n,
+            )
+            metrics.append(sample)
+        switch.set(on=False)
+
+    metrics: list[SpeedSample] = []
+    bound_calls: dict[str, tuple[_Call, _Call]] = {}
+    switch = _MetricsSwitch() if config.metrics else None
     _counter.start()
     started = time.monotonic()
     try:
@@ -516,6 +594,7 @@ def speed_phase(config: Config) -> SpeedPhase:
         connections_opened={p.key: opened[p.key] for p in PATHS},
         calls=dict(calls),
         seconds=time.monotonic() - started,
+        metrics=metrics,
     )
 
 
@@ -850,6 +929,30 @@ def print_report(report: Report) -> None:
         print(f"{check.status} {check.text}")
 
 
+def metrics_report(samples: Sequence[SpeedSample]) -> str:
+    """--metrics: the pooled db_call path, both integrations recording vs none, per round."""
+    by_round: dict[int, dict[str, SpeedSample]] = {}
+    for sample in samples:
+        by_round.setdefault(sample.round, {})[sample.key] = sample
+    pairs = [(row["on"], row["off"]) for row in by_round.values() if len(row) == 2]
+    lines = [
+        "metrics (`db_call` pooled; on: OpenTelemetry SDK + Prometheus collector recording), "
+        "medians, on/off ratio = median of per-round ratios:"
+    ]
+    for label, metric in (
+        ("no-op seq us", _noop_seq),
+        ("no-op c32 us", _noop_c32),
+        ("no-op c32 CPU us/call", _noop_c32_cpu),
+        ("ORM c32 CPU us/call", lambda s: s.orm_cpu_us),
+        ("ORM c32 calls/s", _orm_rate),
+    ):
+        on = statistics.median(metric(a) for a, _ in pairs)
+        off = statistics.median(metric(b) for _, b in pairs)
+        ratio = statistics.median(metric(a) / metric(b) for a, b in pairs if metric(b) > 0)
+        lines.append(f"  {label:24} off {off:10.1f}   on {on:10.1f}   on/off {ratio:.3f}")
+    return "\n".join(lines)
+
+
 # -- main -----------------------------------------------------------------------------
 
 
@@ -867,13 +970,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, str | None]:
     parser.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
     parser.add_argument("--rounds", type=int, help="speed-phase rounds (default 20, quick 8)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also measure pooled db_call with both metrics integrations on and off",
+    )
     args = parser.parse_args(argv)
     preset = dict(PRESETS["quick" if args.quick else "full"])
     if args.rounds is not None:
         if args.rounds < 1:
             parser.error("--rounds must be at least 1")
         preset["rounds"] = args.rounds
-    return Config(backend=args.backend, **preset), args.json
+    return Config(backend=args.backend, metrics=args.metrics, **preset), args.json
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -914,6 +1022,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.checks = check_targets(report.summary, speed.seconds, config.lifecycle_rounds)
     report.environment["seconds"] = round(time.monotonic() - started, 1)
     print_report(report)
+    if speed.metrics:
+        print()
+        print(metrics_report(speed.metrics))
     print(f"\n({report.environment['seconds']} s)")
     if json_path:
         Path(json_path).write_text(json.dumps(asdict(report), indent=2) + "\n")

@@ -29,7 +29,7 @@ was never called.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from opentelemetry import metrics
@@ -59,10 +59,13 @@ DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 class _Recorder(_observers.Observer):
     """Records the events of the pools and the bridge into synchronous instruments.
 
-    Durations go through `_observers.Samples`: the hot path only appends to a
-    queue, and the histograms are fed when the reader collects (`flush()`,
-    called from the observable instruments' callbacks, which the SDK runs
-    before it reads the synchronous instruments of the same collection).
+    Durations reach `record_durations()` in batches from `_observers`' queue:
+    the hot path only appends to it (once for every exporter), and the
+    histograms are fed by the flusher thread and when the reader collects
+    (`flush()`, called from the observable instruments' callbacks, which the
+    SDK runs before it reads the synchronous instruments of the same
+    collection). Each duration is one `Histogram.record()`: the SDK's own cost,
+    which nothing here can lower without changing what the histograms hold.
     """
 
     def __init__(self, meter: metrics.Meter) -> None:
@@ -104,46 +107,36 @@ class _Recorder(_observers.Observer):
             description="Connections opened on threads the library does not own, closed "
             "after their thread ended (CLOSE_STRANDED).",
         )
-        # Attribute dicts are made once per alias or executor, not per event.
-        self._attributes: dict[tuple[str, str], dict[str, str]] = {}
+        # Indexed by the duration's kind (_observers.CREATED, WAITED, USED).
+        self._record = (create_time.record, wait_time.record, use_time.record)
+        # Attribute dicts are made once per alias, not per event (the SDK copies them).
+        self._pools: dict[str, dict[str, str]] = {}
 
-        def into(instrument: metrics.Histogram, key: str) -> Callable[[str, float], None]:
-            def record(name: str, seconds: float) -> None:
-                instrument.record(seconds, self._of(key, name))
-
-            return record
-
-        self._create_time = _observers.Samples(into(create_time, POOL_NAME))
-        self._wait_time = _observers.Samples(into(wait_time, POOL_NAME))
-        self._use_time = _observers.Samples(into(use_time, POOL_NAME))
-
-    def _of(self, key: str, name: str) -> dict[str, str]:
-        attributes = self._attributes.get((key, name))
+    def _pool(self, alias: str) -> dict[str, str]:
+        attributes = self._pools.get(alias)
         if attributes is None:
-            attributes = self._attributes[(key, name)] = {key: name}
+            attributes = self._pools[alias] = {POOL_NAME: alias}
         return attributes
 
     def flush(self) -> None:
-        for samples in (self._create_time, self._wait_time, self._use_time):
-            samples.drain()
+        _observers.drain()
 
-    def connection_created(self, alias: str, seconds: float) -> None:
-        self._create_time.add(alias, seconds)
-
-    def checkout(self, alias: str, seconds: float) -> None:
-        self._wait_time.add(alias, seconds)
+    def record_durations(self, durations: Sequence[_observers.Duration]) -> None:
+        record, pools = self._record, self._pools
+        for kind, alias, seconds in durations:
+            attributes = pools.get(alias)
+            if attributes is None:
+                attributes = self._pool(alias)
+            record[kind](seconds, attributes)
 
     def checkout_failed(self, alias: str, *, rejected: bool) -> None:
-        self.timeouts.add(1, self._of(POOL_NAME, alias))
-
-    def connection_returned(self, alias: str, seconds: float) -> None:
-        self._use_time.add(alias, seconds)
+        self.timeouts.add(1, self._pool(alias))
 
     def rolled_back(self, alias: str) -> None:
-        self.rollbacks.add(1, self._of(POOL_NAME, alias))
+        self.rollbacks.add(1, self._pool(alias))
 
     def stranded_closed(self, alias: str) -> None:
-        self.stranded.add(1, self._of(POOL_NAME, alias))
+        self.stranded.add(1, self._pool(alias))
 
 
 def _connection_count(options: CallbackOptions) -> Iterable[Observation]:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -101,8 +101,9 @@ class _Recorder(_observers.Observer):
     Not registered with any registry: the collector yields their samples in a
     single process; in multiprocess mode `prometheus_client` writes every
     value to the process's files, where `MultiProcessCollector` finds them.
-    Durations go through `_observers.Samples` (the hot path appends to a
-    queue); `flush()` feeds the histograms at each scrape or refresh.
+    Durations reach `record_durations()` in batches from `_observers`' queue
+    (the hot path appends to it once, for every exporter): by the flusher
+    thread, and at each scrape or refresh (`flush()`).
     """
 
     def __init__(self) -> None:
@@ -145,27 +146,22 @@ class _Recorder(_observers.Observer):
             POOL,
         )
 
-        def into(metric: Histogram) -> Callable[[str, float], None]:
-            # One child per alias, looked up once: labels() takes a lock.
-            children: dict[str, Histogram] = {}
-
-            def record(label: str, seconds: float) -> None:
-                child = children.get(label)
-                if child is None:
-                    child = children[label] = metric.labels(label)
-                child.observe(seconds)
-
-            return record
-
-        self._samples = [
-            _observers.Samples(into(metric))
-            for metric in (self.create_time, self.wait_time, self.use_time)
-        ]
-        self._create, self._wait, self._use = self._samples
+        # Indexed by the duration's kind (_observers.CREATED, WAITED, USED):
+        # each histogram's observe() per alias, its child looked up once
+        # (labels() takes a lock).
+        self._histograms = (self.create_time, self.wait_time, self.use_time)
+        self._observe: tuple[dict[str, Callable[[float], None]], ...] = ({}, {}, {})
 
     def flush(self) -> None:
-        for samples in self._samples:
-            samples.drain()
+        _observers.drain()
+
+    def record_durations(self, durations: Sequence[_observers.Duration]) -> None:
+        by_kind = self._observe
+        for kind, alias, seconds in durations:
+            observe = by_kind[kind].get(alias)
+            if observe is None:
+                observe = by_kind[kind][alias] = self._histograms[kind].labels(alias).observe
+            observe(seconds)
 
     def metrics(self) -> tuple[Histogram | Counter, ...]:
         return (
@@ -177,17 +173,8 @@ class _Recorder(_observers.Observer):
             self.stranded,
         )
 
-    def connection_created(self, alias: str, seconds: float) -> None:
-        self._create.add(alias, seconds)
-
-    def checkout(self, alias: str, seconds: float) -> None:
-        self._wait.add(alias, seconds)
-
     def checkout_failed(self, alias: str, *, rejected: bool) -> None:
         self.timeouts.labels(alias).inc()
-
-    def connection_returned(self, alias: str, seconds: float) -> None:
-        self._use.add(alias, seconds)
 
     def rolled_back(self, alias: str) -> None:
         self.rollbacks.labels(alias).inc()
