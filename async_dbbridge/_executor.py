@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
 from django.conf import settings as django_settings
 from django.db import connections
-from django.db.backends.signals import connection_created
 
 from . import _exit, _fork
 from ._completions import completions_for
@@ -31,6 +30,7 @@ from ._connections import (
     describe,
     discard_inherited,
     expire_connections,
+    on_connect,
 )
 from ._lending import after_call, give_back_all, make_pooled, pool_stats
 from ._thread_cache import RETIRE, CachedThread, ThreadCache
@@ -205,10 +205,7 @@ class _Worker(OwnerThread):
             connection.close_at = self.policy.connection_deadline(time.monotonic())
 
 
-def _on_connection_created(
-    sender: object, connection: BaseDatabaseWrapper, **kwargs: object
-) -> None:
-    thread = threading.current_thread()
+def _on_connect(connection: BaseDatabaseWrapper, thread: threading.Thread) -> None:
     # Only the thread's own wrappers: code running on it may connect a private
     # wrapper of its own (a monitoring connection, a raw second connection),
     # which is not the thread's to count, expire or clean up.
@@ -216,7 +213,7 @@ def _on_connection_created(
         thread.connected(connection)
 
 
-connection_created.connect(_on_connection_created, dispatch_uid="async_dbbridge.owner")
+on_connect(_on_connect)
 
 
 # Runs one call: the executor's per-call wrapper, or a plain call on a request thread.

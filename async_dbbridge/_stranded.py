@@ -42,9 +42,9 @@ import asgiref
 import django
 from django.core.signals import setting_changed
 from django.db import connections
-from django.db.backends.signals import connection_created
 
 from . import _compat, _fork, _observers
+from ._connections import on_connect
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -128,16 +128,14 @@ def _is_owned(thread: threading.Thread) -> bool:
     return bool(getattr(thread, "_dbbridge_owned", False))
 
 
-def _on_connection_created(
-    sender: object, connection: BaseDatabaseWrapper, **kwargs: object
-) -> None:
+def _on_connect(connection: BaseDatabaseWrapper, thread: threading.Thread) -> None:
     if not _enabled:
         return
     state = getattr(_local, "state", None)
     if state is _OWNED:
         return
     if state is None:
-        state = _start_tracking()
+        state = _start_tracking(thread)
         if state is _OWNED:
             return
     assert isinstance(state, _ThreadState)
@@ -153,8 +151,7 @@ def _on_connection_created(
         state.stacks[alias] = _capture_stack()
 
 
-def _start_tracking() -> _ThreadState | object:
-    thread = threading.current_thread()
+def _start_tracking(thread: threading.Thread) -> _ThreadState | object:
     if _is_owned(thread) or thread is threading.main_thread():
         # The main thread ends with the process (which closes every socket).
         _local.state = _OWNED
@@ -307,6 +304,6 @@ def _reset_after_fork() -> None:
     _closer_lock = threading.Lock()
 
 
-connection_created.connect(_on_connection_created, dispatch_uid="async_dbbridge.stranded")
+on_connect(_on_connect)
 setting_changed.connect(_on_setting_changed, dispatch_uid="async_dbbridge.stranded")
 _fork.on_child(_reset_after_fork, order=_fork.ORDER_POOLS)

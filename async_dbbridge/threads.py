@@ -24,14 +24,13 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from django.db.backends.signals import connection_created
-
 from ._connections import (
     Policy,
     cleanup_after_call,
     close_all_for_exit,
     describe,
     initialized_connections,
+    on_connect,
     prepare_connections,
 )
 from ._executor import _validate_aliases
@@ -177,9 +176,7 @@ def _caller_of_with(depth: int) -> Callable[..., object]:
     return owner
 
 
-def _on_connection_created(
-    sender: object, connection: BaseDatabaseWrapper, **kwargs: object
-) -> None:
+def _on_connect(connection: BaseDatabaseWrapper, thread: threading.Thread) -> None:
     entry = _state.active
     if entry is not None and entry.policy.kind == "max_age":
         # As for DBExecutor workers: Django's own close_if_unusable_or_obsolete()
@@ -187,7 +184,7 @@ def _on_connection_created(
         connection.close_at = entry.policy.connection_deadline(time.monotonic())
 
 
-connection_created.connect(_on_connection_created, dispatch_uid="async_dbbridge.threads.scope")
+on_connect(_on_connect)
 
 
 class ConnectionScope:

@@ -48,6 +48,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -292,13 +293,14 @@ def receiver_cost(loops: int = 200_000) -> dict[str, float]:
 
     def measure() -> dict[str, float]:
         connection = connections["default"]
+        thread = threading.current_thread()
         results: dict[str, list[float]] = {"off": [], "on": []}
         for _ in range(5):
             for state in ("off", "on"):
                 _stranded._enabled = state == "on"
                 start = time.perf_counter()
                 for _ in range(loops):
-                    _stranded._on_connection_created(None, connection)
+                    _stranded._on_connect(connection, thread)
                 results[state].append((time.perf_counter() - start) / loops * 1e9)
         _stranded._enabled = False
         return {state: min(values) for state, values in results.items()}
