@@ -313,6 +313,82 @@ def thread_sensitive_call_would_use_the_process_thread(loop: Any) -> bool:
     return loop not in loop_threads
 
 
+# -- asgiref: sync calls nested in an AsyncToSync -------------------------------------------------
+#
+# A thread-sensitive `sync_to_async` call made while the request's thread is
+# itself blocked in `async_to_sync` — Django does that for the whole async part
+# of a chain below a sync-only middleware (WhiteNoise's), async view included —
+# runs on that thread through the `CurrentThreadExecutor` which
+# `AsyncToSync.__call__` makes for each call, by the module-level name
+# `asgiref.sync.CurrentThreadExecutor`, and whose `submit(fn, *args, **kwargs)`
+# queues work for its `_work_thread` (asgiref 3.13.0). Such calls never reach
+# the request thread's own queue, so what the thread does after each of its
+# calls (give an idle pooled connection back) would wait for the outer call
+# to end: a connection held across every await of the async view. The
+# subclass below, put under that name, runs a hook the thread's owner asks for
+# after each such call; for any other thread it is asgiref's own class.
+
+#: sha256 (first 16 hex digits) of what the subclass relies on (asgiref 3.13.0).
+NESTED_CALL_FINGERPRINTS: Final = {
+    "asgiref.sync.AsyncToSync.__call__": "811b9e33968648b2",
+    "asgiref.current_thread_executor.CurrentThreadExecutor.__init__": "9a0691132d4b4685",
+    "asgiref.current_thread_executor.CurrentThreadExecutor.submit": "1afa2734dd024d4b",
+}
+
+#: For a thread, the hook to run after each nested call it runs, or None.
+AfterNestedCall = Callable[[Any], "Callable[[], object] | None"]
+
+
+def hook_nested_calls(after: AfterNestedCall) -> str | None:
+    """Run `after(thread)()` after each sync call nested in an `AsyncToSync` on that thread.
+
+    Returns None once installed (idempotent), or why it cannot be on this
+    asgiref (the calls then run exactly as asgiref runs them).
+    """
+    import asgiref
+    import asgiref.sync as sync_module
+
+    current: Any = sync_module.CurrentThreadExecutor  # type: ignore[attr-defined]
+    if getattr(current, "_dbbridge_after", None) is not None:
+        current._dbbridge_after = after
+        return None
+    changed = [
+        dotted.rsplit(".", 2)[1] + "." + dotted.rsplit(".", 1)[1]
+        for dotted, expected in NESTED_CALL_FINGERPRINTS.items()
+        if fingerprint(dotted) != expected
+    ]
+    if changed:
+        return (
+            f"asgiref {asgiref.__version__}'s {', '.join(changed)} differ from the code it "
+            "was checked against (asgiref 3.13.0)"
+        )
+
+    class HookedCurrentThreadExecutor(current):  # type: ignore[misc]
+        _dbbridge_after: AfterNestedCall | None = after
+
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            hook = type(self)._dbbridge_after
+            then = None if hook is None else hook(self._work_thread)
+            if then is not None:
+                fn = functools.partial(_call_then, fn, then)
+            return super().submit(fn, *args, **kwargs)
+
+    HookedCurrentThreadExecutor.__qualname__ = current.__qualname__
+    sync_module.CurrentThreadExecutor = HookedCurrentThreadExecutor  # type: ignore[attr-defined]
+    return None
+
+
+def _call_then(
+    fn: Callable[..., Any], then: Callable[[], object], *args: Any, **kwargs: Any
+) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        # Before asgiref sets the call's result: by the time the awaiting
+        # coroutine goes on, the hook has run (as after the thread's own calls).
+        then()
+
+
 # -- Django's middleware chain ------------------------------------------------------------------
 #
 # `BaseHandler.load_middleware(is_async=True)` (ASGIHandler.__init__) stores the

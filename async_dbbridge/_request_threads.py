@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from django.db import connections
 
-from . import _exit, _fork
+from . import _compat, _exit, _fork
 from ._connections import discard_inherited
 from ._executor import _LoopItem, _WorkItem, run_plain
 from ._lending import end_request, give_back_idle, make_pooled
@@ -442,6 +442,27 @@ def _reset_after_fork() -> None:
                 discard_inherited(conn)
         threads._reset_state()
 
+
+def _after_nested_call(thread: object) -> Callable[[], object] | None:
+    """What a request thread does after a sync call nested in an `AsyncToSync` on it.
+
+    Django runs the async part of a chain below a sync-only middleware
+    (WhiteNoise) through `async_to_sync` from the request's thread, and that
+    part's sync calls (an async view's ORM queries) run on the blocked thread
+    itself (`_compat.hook_nested_calls`). With `HOLD="transaction"` each of them
+    gives an idle connection back, as the thread's own calls do: otherwise the
+    connection stays held across every await of the view.
+    """
+    if isinstance(thread, RequestThread) and thread._threads.hold == "transaction":
+        return thread._give_back_idle
+    return None
+
+
+_nested_calls_unhooked = _compat.hook_nested_calls(_after_nested_call)
+if _nested_calls_unhooked is not None:
+    logger.debug(
+        "sync calls nested in async_to_sync keep their connection: %s", _nested_calls_unhooked
+    )
 
 _fork.on_child(_reset_after_fork, order=_fork.ORDER_REQUEST_THREADS)
 

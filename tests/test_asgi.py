@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import re
 import threading
@@ -444,17 +445,34 @@ async def test_no_deadlock_with_more_requests_than_pooled_connections(
 async def test_a_sync_middleware_holding_the_last_connection_across_db_call_ends_in_503(
     make_app: MakeApp, db_settings: SetSetting, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The project's sync middleware queries, then runs the view inside the
-    # same sync call, so the request thread holds its connection while the
-    # view awaits db_call, which needs a second one. With a single pooled
-    # connection that is a wait nobody can end: it must end after
+    # The project's sync middleware queries inside a transaction that spans
+    # the rest of the request, so the request thread holds its connection
+    # while the view awaits db_call, which needs a second one. With a single
+    # pooled connection that is a wait nobody can end: it must end after
     # POOL_TIMEOUT as a 503, never hang.
     db_settings(CONN_MAX_AGE=60)
     app = make_app(POOL_SIZE=1, POOL_TIMEOUT=0.3)
     with caplog.at_level(logging.ERROR, logger="django.request"):
-        response = await asyncio.wait_for(call_http(app, "/combo/"), timeout=30)
+        response = await asyncio.wait_for(call_http(app, "/in-transaction/combo/"), timeout=30)
     assert response.status == 503
     assert pool().timeouts == 1
+    assert pool().in_use == 0
+
+
+@requires_request_threads
+async def test_a_sync_middlewares_idle_connection_is_free_while_the_view_awaits_db_call(
+    make_app: MakeApp, db_settings: SetSetting
+) -> None:
+    # The same middleware outside a transaction: its connection is idle once
+    # the view's first query (a sync call nested in Django's async_to_sync,
+    # on the request thread) is done, and goes back to the pool then, so
+    # db_call gets the one pooled connection.
+    db_settings(CONN_MAX_AGE=60)
+    app = make_app(POOL_SIZE=1, POOL_TIMEOUT=5)
+    response = await asyncio.wait_for(call_http(app, "/combo/"), timeout=30)
+    assert response.status == 200, response.body
+    assert json.loads(response.body)["counts"] == [0, 0]
+    assert pool().timeouts == 0
     assert pool().in_use == 0
 
 

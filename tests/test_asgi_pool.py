@@ -39,7 +39,7 @@ from async_dbbridge.testing import server_session_count, wait_for_server_session
 from tests.conftest import SetSetting, backend_id, kill_backend
 from tests.e2e_project.driver import call_http
 from tests.pool_project.settings import OVERRIDES, REQUEST_LOCAL_MIDDLEWARE
-from tests.pool_project.views import probe
+from tests.pool_project.views import GATE_TIMEOUT, probe
 from tests.test_e2e import ServerThread as E2EServerThread
 from tests.test_fork import run_forked
 from tests.testapp.models import Item
@@ -317,6 +317,35 @@ def test_transaction_across_sync_to_async_calls_keeps_its_connection(
         # Both rows, committed: never the first one alone, uncommitted.
         assert reply.json() == {"values": [1, 2], "backend": first}
     assert sorted(Item.objects.filter(name="span-c").values_list("value", flat=True)) == [1, 2]
+
+
+def test_below_a_sync_only_middleware_an_async_view_gives_its_connection_back_between_queries(
+    project: Settings,
+) -> None:
+    """Django runs the view through async_to_sync from the request's thread (the middleware
+    is sync-only, as WhiteNoise's is); its queries run on that blocked thread, and each
+    gives its idle connection back as the thread's own calls do (HOLD="transaction")."""
+    configure(project, POOL_SIZE=1, POOL_TIMEOUT=DEADLINE)
+    project.MIDDLEWARE = [REQUEST_LOCAL_MIDDLEWARE]
+    with ServerThread(app()) as server:
+        parked = InFlight(server.url, ["/aquery-twice/q/"])
+        probe.wait_arrived("q", 1)
+        # The first query really connected; its connection is back while the view awaits.
+        assert server_session_count() == 1
+        # Well within the view's gate timeout (after which it would end and give it back).
+        until(
+            lambda: stats().in_use == 0,
+            "the awaiting request's connection given back",
+            timeout=GATE_TIMEOUT / 4,
+        )
+        # So the pool's one connection serves another request meanwhile.
+        other = InFlight(server.url, ["/count/"]).result()[0]
+        assert other.status == 200, other.body
+        assert stats().in_use == 0
+        probe.gate("q").open()
+        reply = parked.result()[0]
+    assert reply.status == 200, reply.body
+    assert reply.json() == {"counts": [3, 3]}
 
 
 # -- d. thread-locals stay request-scoped -----------------------------------------------

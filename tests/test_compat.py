@@ -276,3 +276,17 @@ def test_a_changed_async_to_sync_is_named(monkeypatch: pytest.MonkeyPatch) -> No
         monkeypatch.undo()
         _compat.async_adapter_mismatch.cache_clear()
     assert _compat.async_adapter_mismatch() is None
+
+
+def test_asgirefs_nested_call_machinery_is_the_code_the_hook_was_checked_against() -> None:
+    """Request threads give connections back after sync calls nested in AsyncToSync."""
+    import asgiref.sync
+
+    actual = {name: _compat.fingerprint(name) for name in _compat.NESTED_CALL_FINGERPRINTS}
+    assert actual == _compat.NESTED_CALL_FINGERPRINTS
+    import async_dbbridge._request_threads  # noqa: F401  (installs the hook)
+
+    hooked: Any = asgiref.sync.CurrentThreadExecutor  # type: ignore[attr-defined]
+    assert hooked._dbbridge_after is not None
+    assert _compat.hook_nested_calls(hooked._dbbridge_after) is None  # idempotent
+    assert asgiref.sync.CurrentThreadExecutor is hooked  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ urlpatterns = [
     path("db-call/", views.db_call_view),
     path("atomic-write/", views.atomic_write),
     path("combo/", views.combo),
+    path("in-transaction/combo/", views.combo),
     path("threads/", views.threads),
     path("nested/", views.nested),
     path("pure-async/", views.pure_async),

@@ -11,6 +11,7 @@ urlpatterns = [
     path("catch/", views.catch),
     path("span/<str:name>/", views.span),
     path("peek/", views.peek),
+    path("aquery-twice/<str:name>/", views.aquery_twice),
     path("whoami/<str:name>/", views.whoami),
     path("backend/", views.backend),
     path("state/<int:value>/", views.state),

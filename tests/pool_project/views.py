@@ -173,6 +173,20 @@ async def span(request: HttpRequest, name: str) -> JsonResponse:
     return JsonResponse({"backends": [first, second]})
 
 
+async def aquery_twice(request: HttpRequest, name: str) -> JsonResponse:
+    """Two async-ORM queries with the event loop in between.
+
+    Below a sync-only middleware Django runs this view through `async_to_sync`
+    from the request's thread, and its queries run on that blocked thread.
+    """
+    first = await Item.objects.acount()
+    probe.arrive(name)
+    if not await probe.gate(name).wait_async():
+        return _gate_closed(name)
+    second = await Item.objects.acount()
+    return JsonResponse({"counts": [first, second]})
+
+
 def peek(request: HttpRequest) -> JsonResponse:
     """What another request sees of the span rows, and on which session."""
     probe.arrive("peek")
