@@ -352,16 +352,11 @@ def hook_nested_calls(after: AfterNestedCall) -> str | None:
     if getattr(current, "_dbbridge_after", None) is not None:
         current._dbbridge_after = after
         return None
-    changed = [
-        dotted.rsplit(".", 2)[1] + "." + dotted.rsplit(".", 1)[1]
-        for dotted, expected in NESTED_CALL_FINGERPRINTS.items()
-        if fingerprint(dotted) != expected
-    ]
-    if changed:
-        return (
-            f"asgiref {asgiref.__version__}'s {', '.join(changed)} differ from the code it "
-            "was checked against (asgiref 3.13.0)"
-        )
+    why_not = code_mismatch(
+        "asgiref", asgiref.__version__, "asgiref 3.13.0", NESTED_CALL_FINGERPRINTS
+    )
+    if why_not is not None:
+        return why_not
 
     class HookedCurrentThreadExecutor(current):  # type: ignore[misc]
         _dbbridge_after: AfterNestedCall | None = after
@@ -462,17 +457,7 @@ def async_adapter_mismatch() -> str | None:
     """Why an `AsyncToSync`'s target must not be replaced on this asgiref, or None."""
     import asgiref
 
-    changed = [
-        dotted.rsplit(".", 2)[1] + "." + dotted.rsplit(".", 1)[1]
-        for dotted, expected in ASGIREF_FINGERPRINTS.items()
-        if fingerprint(dotted) != expected
-    ]
-    if changed:
-        return (
-            f"asgiref {asgiref.__version__}'s {', '.join(changed)} differs from the code it "
-            "was checked against (asgiref 3.13.0)"
-        )
-    return None
+    return code_mismatch("asgiref", asgiref.__version__, "asgiref 3.13.0", ASGIREF_FINGERPRINTS)
 
 
 def set_async_adapter_target(adapter: Any, target: Callable[[Any], Any]) -> None:
@@ -606,6 +591,27 @@ def fingerprint(dotted: str) -> str | None:
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
+def code_mismatch(
+    library: str, version: str, checked_on: str, fingerprints: dict[str, str]
+) -> str | None:
+    """None when every named function is the code it was checked against; else why not.
+
+    The sentence names each changed function by its last two dotted parts.
+    """
+    changed = [
+        ".".join(dotted.split(".")[-2:])
+        for dotted, expected in fingerprints.items()
+        if fingerprint(dotted) != expected
+    ]
+    if not changed:
+        return None
+    verb = "differs" if len(changed) == 1 else "differ"
+    return (
+        f"{library} {version}'s {', '.join(changed)} {verb} from the code it was checked "
+        f"against ({checked_on})"
+    )
+
+
 def _machinery_mismatch(functions: tuple[str, ...]) -> str | None:
     import django
 
@@ -678,17 +684,7 @@ def sentry_wrapper_mismatch() -> str | None:
         import sentry_sdk
     except ImportError:
         return "sentry-sdk is not installed"
-    changed = [
-        dotted.rsplit(".", 1)[1]
-        for dotted, expected in SENTRY_FINGERPRINTS.items()
-        if fingerprint(dotted) != expected
-    ]
-    if changed:
-        return (
-            f"sentry-sdk {sentry_sdk.VERSION}'s {', '.join(changed)} differ from the code it "
-            "was checked against (sentry-sdk 3.0.1)"
-        )
-    return None
+    return code_mismatch("sentry-sdk", sentry_sdk.VERSION, "sentry-sdk 3.0.1", SENTRY_FINGERPRINTS)
 
 
 def sentry_middleware_spans_off() -> bool:

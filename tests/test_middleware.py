@@ -201,6 +201,25 @@ def chain_settings(settings: SettingsWrapper) -> Iterator[SettingsWrapper]:
     SCRIPT.clear()
 
 
+def count_phases(fused: FusedMiddleware) -> list[str]:
+    """A list that gets "request" / "response" each time one of `fused`'s two hops runs."""
+    phases: list[str] = []
+    # The two phases were bound when fused; wrap them to count how often they run.
+    request_phase, response_phase = fused._request_phase, fused._response_phase
+
+    async def request_counted(*args: Any) -> Any:
+        phases.append("request")
+        return await request_phase(*args)
+
+    async def response_counted(*args: Any) -> Any:
+        phases.append("response")
+        return await response_phase(*args)
+
+    fused._request_phase = request_counted  # type: ignore[assignment]
+    fused._response_phase = response_counted  # type: ignore[assignment]
+    return phases
+
+
 def handler_pair() -> tuple[ASGIHandler, ASGIHandler, FusedMiddleware | None]:
     django_built, fused = ASGIHandler(), ASGIHandler()
     return django_built, fused, fuse_middleware(fused)
@@ -270,25 +289,12 @@ async def test_layers_with_one_hook_each(chain_settings: SettingsWrapper) -> Non
 
 async def test_a_fused_run_is_two_thread_sensitive_calls(chain_settings: SettingsWrapper) -> None:
     """All request hooks in one call, all response hooks in another, on one thread."""
-    calls: list[str] = []
     _, fused_handler, fused = handler_pair()
     assert fused is not None
-    # The two phases were bound when fused; count how often they run.
-    request_phase, response_phase = fused._request_phase, fused._response_phase
-
-    async def request_counted(*args: Any) -> Any:
-        calls.append("request phase")
-        return await request_phase(*args)
-
-    async def response_counted(*args: Any) -> Any:
-        calls.append("response phase")
-        return await response_phase(*args)
-
-    fused._request_phase = request_counted  # type: ignore[assignment]
-    fused._response_phase = response_counted  # type: ignore[assignment]
+    calls = count_phases(fused)
     status, _, _ = await run(fused_handler, "/async/")
     assert status == 200
-    assert calls == ["request phase", "response phase"]
+    assert calls == ["request", "response"]
     request_hooks = [c for c in LOG if c[1] == "request"]
     response_hooks = [c for c in LOG if c[1] == "response"]
     assert len(request_hooks) == len(response_hooks) == 4
@@ -329,19 +335,7 @@ async def test_below_a_sync_only_layer_the_fused_run_is_two_calls_in_djangos_ada
     again = fuse_middleware(handler)
     assert again is fused  # idempotent
     assert fused is not None
-    phases: list[str] = []
-    request_phase, response_phase = fused._request_phase, fused._response_phase
-
-    async def request_counted(*args: Any) -> Any:
-        phases.append("request")
-        return await request_phase(*args)
-
-    async def response_counted(*args: Any) -> Any:
-        phases.append("response")
-        return await response_phase(*args)
-
-    fused._request_phase = request_counted  # type: ignore[assignment]
-    fused._response_phase = response_counted  # type: ignore[assignment]
+    phases = count_phases(fused)
     status, _, calls = await run(handler, "/async/")
     assert status == 200
     assert phases == ["request", "response"]
