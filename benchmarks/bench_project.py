@@ -801,6 +801,8 @@ def _variant_label(variant: str, config: Config) -> str:
         return f"baseline wrapper ({config.baseline_src}), CONN_MAX_AGE=60{where}"
     affinity = config.wrapper_settings.get("CPU_AFFINITY")
     loop = "asyncio + h11" if variant == "wrapper-asyncio" else "uvloop + httptools"
+    if variant == "wrapper-metrics":
+        loop += ", OpenTelemetry and Prometheus recording"
     return f"wrapper ({loop}), CONN_MAX_AGE=60" + (
         "" if affinity is None else f", CPU_AFFINITY={affinity!r}"
     )
