@@ -328,9 +328,15 @@ def thread_sensitive_call_would_use_the_process_thread(loop: Any) -> bool:
 # subclass below, put under that name, runs a hook the thread's owner asks for
 # after each such call; for any other thread it is asgiref's own class.
 
+#: sha256 (first 16 hex digits) of `AsyncToSync.__call__`'s source as checked
+#: (asgiref 3.13.0): it must still read `self.awaitable` on every call (the
+#: fused middleware below a sync-only layer), and make its `CurrentThreadExecutor`
+#: by the module-level name (the hook below).
+ASGIREF_FINGERPRINTS: Final = {"asgiref.sync.AsyncToSync.__call__": "811b9e33968648b2"}
+
 #: sha256 (first 16 hex digits) of what the subclass relies on (asgiref 3.13.0).
 NESTED_CALL_FINGERPRINTS: Final = {
-    "asgiref.sync.AsyncToSync.__call__": "811b9e33968648b2",
+    **ASGIREF_FINGERPRINTS,
     "asgiref.current_thread_executor.CurrentThreadExecutor.__init__": "9a0691132d4b4685",
     "asgiref.current_thread_executor.CurrentThreadExecutor.submit": "1afa2734dd024d4b",
 }
@@ -445,11 +451,6 @@ def async_adapter_target(node: Any) -> Any | None:
     from asgiref.sync import AsyncToSync
 
     return node.awaitable if isinstance(node, AsyncToSync) else None
-
-
-#: sha256 (first 16 hex digits) of `AsyncToSync.__call__`'s source as checked
-#: (asgiref 3.13.0): it must still read `self.awaitable` on every call.
-ASGIREF_FINGERPRINTS: Final = {"asgiref.sync.AsyncToSync.__call__": "811b9e33968648b2"}
 
 
 @functools.cache
@@ -693,11 +694,18 @@ def sentry_middleware_spans_off() -> bool:
     The same lookup `_check_middleware_span` makes (public API), so the answer
     follows a `sentry_sdk.init()` made after startup.
     """
+    get_client, integration_class = _sentry_lookup()
+    integration = get_client().get_integration(integration_class)
+    return integration is None or not integration.middleware_spans
+
+
+@functools.cache
+def _sentry_lookup() -> tuple[Any, Any]:
+    """`sentry_sdk.get_client` and `DjangoIntegration`, imported once (asked per request)."""
     import sentry_sdk
     from sentry_sdk.integrations.django import DjangoIntegration
 
-    integration = sentry_sdk.get_client().get_integration(DjangoIntegration)
-    return integration is None or not integration.middleware_spans
+    return sentry_sdk.get_client, DjangoIntegration
 
 
 def sentry_inner(layer: object) -> Any | None:
