@@ -19,13 +19,21 @@ request's thread:
    `get_response` through a chain of the same middleware built in **sync**
    mode (as `WSGIHandler` builds it), with `process_view`, the view,
    `process_exception`, `process_template_response` and the rendering;
+   then the call hands the response to the loop and waits;
 3. on the loop: Django's own `send_response`, while listening for the client's
    disconnect as Django's `handle()` does;
-4. on the request's thread, after the body was sent: `response.close()`
-   (`request_finished`), as Django does; a client gone before that gets
-   `request_finished` alone, as in Django.
+4. still in that call, once the body was sent: `response.close()`
+   (`request_finished`), as Django's WSGI handler does after writing the
+   body; a client gone before the response was ready gets
+   `request_finished` alone, from the loop, as in Django.
 
-So a sync request costs two round trips instead of six to a dozen. Any other
+A streaming response (a `FileResponse` too) cannot wait in the call: the loop
+iterates a sync iterator through thread-sensitive calls on that same thread.
+Its call returns the response, and `response.close()` is a second call after
+the body was sent, as before.
+
+So a sync request costs one round trip to its thread instead of six to a
+dozen (two for a streaming response). Any other
 request — an async view, a URL that does not resolve with the default
 URLconf to a sync view — takes Django's own `handle()`, unchanged, with the
 fused middleware chain.
@@ -53,7 +61,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Awaitable, Callable
+from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import iscoroutinefunction, sync_to_async
@@ -68,6 +78,7 @@ from django.utils.module_loading import import_string
 
 from . import _compat
 from ._middleware import Verdict
+from ._request_threads import RequestThread, idle_give_back
 
 if TYPE_CHECKING:
     from django.core.handlers.asgi import ASGIHandler
@@ -136,25 +147,48 @@ class OneHop:
             body_file = await handler.read_body(receive)
         except RequestAborted:
             return
+        loop = asyncio.get_running_loop()
         # Set when the server cancels the request (its graceful timeout): it has
         # answered the client itself, so the response must not be sent.
         abandoned = False
 
-        async def process() -> HttpResponseBase:
+        async def process() -> tuple[HttpResponseBase, bool]:
+            """The response, and whether the thread's call closed it after the send."""
+            handoff = _Handoff(loop)
+            call = asyncio.ensure_future(self._respond(scope, body_file, handoff))
             try:
-                response = await self._respond(scope, body_file)
-            except BaseException:
-                # Propagating (DEBUG_PROPAGATE_EXCEPTIONS, a failing
-                # request_started receiver): nothing will close the body but us.
-                body_file.close()
-                raise
-            if abandoned:
-                return response
-            try:
-                await handler.send_response(response, send)
-            except asyncio.CancelledError:
-                pass  # the client disconnected during the send, as in Django
-            return response
+                try:
+                    handed = await handoff.ready
+                except asyncio.CancelledError:
+                    # The client left while the view ran (or the server gave
+                    # up): the response is discarded, as Django's handle()
+                    # discards it, and the call is cancelled as Django's is.
+                    handoff.release(close=False)
+                    call.cancel()
+                    raise
+                if handed is None:
+                    # Not handed over: a streaming response, sent from here
+                    # and closed in a second call, or an exception.
+                    try:
+                        response = await call
+                    except BaseException:
+                        # Propagating (DEBUG_PROPAGATE_EXCEPTIONS, a failing
+                        # request_started receiver): nothing will close the body but us.
+                        body_file.close()
+                        raise
+                    await self._send(response, send, abandoned)
+                    return response, False
+                try:
+                    await self._send(handed, send, abandoned)
+                finally:
+                    # Sent, or the server answered for us: the thread's call
+                    # closes the response (request_finished) and returns.
+                    handoff.release(close=True)
+                await _wait_out(call)
+                return handed, True
+            finally:
+                # Whatever ended this coroutine, the thread must not wait for good.
+                handoff.release(close=False)
 
         # As Django's handle() does: listen for the client's disconnect while the
         # request is served, and stop waiting for it (the thread finishes its
@@ -187,17 +221,29 @@ class OneHop:
                 except asyncio.CancelledError:
                     pass
         try:
-            response = work.result()
+            response, closed = work.result()
         except asyncio.CancelledError:
             await signals.request_finished.asend(sender=self.handler_class)
             body_file.close()
         else:
-            # After the body was sent: request_finished and the response's
-            # resource closers, on the request's thread.
-            await self._close(response, body_file)
+            if not closed:
+                # A streaming response, after its body was sent: request_finished
+                # and the response's resource closers, on the request's thread.
+                await self._close(response, body_file)
+
+    async def _send(self, response: HttpResponseBase, send: Any, abandoned: bool) -> None:
+        if abandoned:
+            return
+        try:
+            await self.handler.send_response(response, send)
+        except asyncio.CancelledError:
+            pass  # the client disconnected during the send, as in Django
 
     async def _end_abandoned(
-        self, listen: asyncio.Task[None], work: asyncio.Task[HttpResponseBase], body_file: Any
+        self,
+        listen: asyncio.Task[None],
+        work: asyncio.Task[tuple[HttpResponseBase, bool]],
+        body_file: Any,
     ) -> None:
         """A cancelled request: its call ends, then request_finished; every error swallowed.
 
@@ -207,13 +253,14 @@ class OneHop:
         """
         listen.cancel()
         try:
-            response = await work
+            response, closed = await work
         except BaseException:
             body_file.close()
         else:
-            with contextlib.suppress(Exception):
-                # On the request's thread, like a served request's end.
-                await self._close(response, body_file)
+            if not closed:
+                with contextlib.suppress(Exception):
+                    # On the request's thread, like a served request's end.
+                    await self._close(response, body_file)
         with contextlib.suppress(asyncio.CancelledError, RequestAborted):
             await listen
 
@@ -227,8 +274,38 @@ class OneHop:
             # A broken URLconf: Django's own path reports it as it always does.
             return False
 
-    def _respond_on_thread(self, scope: dict[str, Any], body_file: Any) -> HttpResponseBase:
-        """Everything Django's handle() does up to sending, in one call on the request's thread."""
+    def _respond_on_thread(
+        self, scope: dict[str, Any], body_file: Any, handoff: _Handoff
+    ) -> HttpResponseBase:
+        """The request's whole sync part, in one call on its thread.
+
+        A non-streaming response is handed to the loop, which sends it; the
+        call then waits, holding no idle connection, until it was sent and
+        closes it — `request_finished` — as Django's WSGI handler does after
+        writing the body. A streaming response is returned instead: the loop
+        iterates a sync iterator through thread-sensitive calls on this very
+        thread, which must therefore be free, and closes it in a second call.
+        """
+        try:
+            response = self._get_response(scope, body_file)
+        except BaseException:
+            handoff.hand(None)
+            raise
+        if response.streaming:
+            handoff.hand(None)
+            return response
+        handoff.hand(response)
+        give_back = idle_give_back(threading.current_thread())
+        if give_back is not None:
+            # As after any call with HOLD="transaction": the send may take a
+            # while (a slow client), and this thread needs no connection for it.
+            give_back()
+        if handoff.wait():
+            _close_after_send(response, body_file)
+        return response
+
+    def _get_response(self, scope: dict[str, Any], body_file: Any) -> HttpResponseBase:
+        """Everything Django's handle() does up to sending, on the request's thread."""
         handler = self.handler
         set_script_prefix(_compat.asgi_script_prefix(scope))
         signals.request_started.send(sender=self.handler_class, scope=scope)
@@ -245,6 +322,80 @@ class OneHop:
         if isinstance(response, FileResponse):
             response.block_size = handler.chunk_size
         return response
+
+
+class _Handoff:
+    """A non-streaming response, handed from the request's thread to the loop, and the word back.
+
+    The thread hands the response over (or `None`: it has none to hand, and the
+    loop awaits the call instead), then waits until the loop says whether to
+    close it: yes once it was sent or the server answered for us, no when it
+    was discarded because the client left first — what Django's handle() does
+    in each case. A request thread waits on its own inbox, running any call
+    the loop makes for the request meanwhile (`RequestThread.serve_until`);
+    the loop's word is this object, put in that inbox.
+    """
+
+    __slots__ = ("_close", "_inbox", "_loop", "_mutex", "_released", "ready")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.ready: asyncio.Future[HttpResponseBase | None] = loop.create_future()
+        # Orders the loop's release against the thread starting to wait.
+        self._mutex = threading.Lock()
+        self._inbox: SimpleQueue[object] | None = None
+        self._released = False
+        self._close = False
+
+    # -- on the request's thread
+
+    def hand(self, response: HttpResponseBase | None) -> None:
+        self._loop.call_soon_threadsafe(self._set, response)
+
+    def wait(self) -> bool:
+        """Until the loop releases this call; whether to close the response."""
+        thread = threading.current_thread()
+        serving = thread if isinstance(thread, RequestThread) else None
+        inbox: SimpleQueue[object] = serving.inbox if serving is not None else SimpleQueue()
+        with self._mutex:
+            if self._released:
+                return self._close
+            self._inbox = inbox
+        if serving is not None:
+            serving.serve_until(self)
+        else:
+            inbox.get()
+        return self._close
+
+    # -- on the loop
+
+    def _set(self, response: HttpResponseBase | None) -> None:
+        if not self.ready.done():  # cancelled: the client left first
+            self.ready.set_result(response)
+
+    def release(self, *, close: bool) -> None:
+        """Let the thread's call go on (once; later calls do nothing)."""
+        with self._mutex:
+            if self._released:
+                return
+            self._released = True
+            self._close = close
+            inbox = self._inbox
+        if inbox is not None:
+            inbox.put(self)
+
+
+async def _wait_out(call: asyncio.Future[HttpResponseBase]) -> None:
+    """Await the thread's call to its end; a cancellation meanwhile cannot stop it.
+
+    Once the response was sent, the call only closes it: the request is
+    served, and the client leaving now (or the server giving up) must not make
+    it look discarded — that would send `request_finished` a second time.
+    """
+    while not call.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(call)
+    call.result()
 
 
 def _close_after_send(response: HttpResponseBase, body_file: Any) -> None:

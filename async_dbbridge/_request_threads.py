@@ -46,7 +46,13 @@ from .conf import HOLD_CHOICES, Hold
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
-__all__ = ("RequestThread", "RequestThreadStats", "RequestThreads", "combined_stats")
+__all__ = (
+    "RequestThread",
+    "RequestThreadStats",
+    "RequestThreads",
+    "combined_stats",
+    "idle_give_back",
+)
 
 logger = logging.getLogger("async_dbbridge")
 
@@ -241,6 +247,31 @@ class RequestThread(CachedThread):
         # binding may end it without a job on this thread (done_with_request).
         self.finished += 1
         item.deliver()
+
+    def serve_until(self, token: object) -> None:
+        """Inside a call of this thread: run the calls queued meanwhile, until `token` comes.
+
+        The one-hop call (`_one_hop`) waits here while the loop sends its
+        response. Code on the loop may make thread-sensitive calls for the same
+        request meanwhile (an ASGI middleware that wraps `send` with
+        `sync_to_async`): they are queued on this very thread, so it runs them
+        as it waits — as asgiref's `CurrentThreadExecutor` does for a thread
+        blocked in `async_to_sync` — instead of deadlocking. Only calls can
+        arrive while a call of the request runs (its end comes after the app
+        returned, which waits for this call); anything else would be put back
+        behind the token.
+        """
+        other: list[_Item] = []
+        while True:
+            item = self.inbox.get()
+            if item is token:
+                break
+            if isinstance(item, _WorkItem | _LoopItem):
+                self._call(item)
+            else:
+                other.append(item)
+        for item in other:
+            self.inbox.put(item)
 
     def _give_back_idle(self) -> None:
         # Runs after every call: a few attribute reads when nothing is held.
@@ -443,22 +474,29 @@ def _reset_after_fork() -> None:
         threads._reset_state()
 
 
-def _after_nested_call(thread: object) -> Callable[[], object] | None:
-    """What a request thread does after a sync call nested in an `AsyncToSync` on it.
+def idle_give_back(thread: object) -> Callable[[], object] | None:
+    """How `thread` gives its idle connections back between calls, if it is to.
 
-    Django runs the async part of a chain below a sync-only middleware
-    (WhiteNoise) through `async_to_sync` from the request's thread, and that
-    part's sync calls (an async view's ORM queries) run on the blocked thread
-    itself (`_compat.hook_nested_calls`). With `HOLD="transaction"` each of them
-    gives an idle connection back, as the thread's own calls do: otherwise the
-    connection stays held across every await of the view.
+    A request thread with `HOLD="transaction"` gives an idle connection back
+    after each call. Two places need it inside a call too, where the thread
+    waits on something else and should not keep a pool slot meanwhile:
+
+    * after a sync call nested in an `AsyncToSync` on it: Django runs the async
+      part of a chain below a sync-only middleware (WhiteNoise) through
+      `async_to_sync` from the request's thread, and that part's sync calls
+      (an async view's ORM queries) run on the blocked thread itself
+      (`_compat.hook_nested_calls`); otherwise the connection stays held across
+      every await of the view;
+    * while the one-hop call (`_one_hop`) waits for its response to be sent.
+
+    `None` for any other thread, or with `HOLD="request"`.
     """
     if isinstance(thread, RequestThread) and thread._threads.hold == "transaction":
         return thread._give_back_idle
     return None
 
 
-_nested_calls_unhooked = _compat.hook_nested_calls(_after_nested_call)
+_nested_calls_unhooked = _compat.hook_nested_calls(idle_give_back)
 if _nested_calls_unhooked is not None:
     logger.debug(
         "sync calls nested in async_to_sync keep their connection: %s", _nested_calls_unhooked
