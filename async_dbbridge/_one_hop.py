@@ -62,6 +62,7 @@ import contextlib
 import functools
 import logging
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,8 @@ from django.urls import Resolver404, get_resolver, set_script_prefix
 from django.utils.module_loading import import_string
 
 from . import _compat
+from ._binding import current_request_state
+from ._gate import SyncGate, SyncRequestsBusy
 from ._middleware import Verdict
 from ._request_threads import RequestThread, idle_give_back
 
@@ -133,6 +136,11 @@ class OneHop:
         # One SyncToAsync each, reused (asgiref 3.13 keeps no per-call state in it).
         self._respond = sync_to_async(self._respond_on_thread, thread_sensitive=True)
         self._close = sync_to_async(_close_after_send, thread_sensitive=True)
+        # SYNC_REQUESTS (_gate): one gate per event loop, made on its first request.
+        self._gate_settings: tuple[int, float, int] | None = None
+        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SyncGate] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def serves(self, scope: dict[str, Any]) -> bool:
         """Whether this request goes through the one hop (a sync view), not Django's handle()."""
@@ -142,12 +150,50 @@ class OneHop:
         if not self._is_for_a_sync_view(scope):
             await self.general(scope, receive, send)
             return
-        handler = self.handler
         try:
-            body_file = await handler.read_body(receive)
+            body_file = await self.handler.read_body(receive)
         except RequestAborted:
             return
         loop = asyncio.get_running_loop()
+        gate = self._gate(loop)
+        if gate is None:
+            await self._serve(scope, receive, send, body_file, loop)
+            return
+        try:
+            await gate.enter()
+        except SyncRequestsBusy as exc:
+            body_file.close()
+            await _answer_busy(exc, send)
+            return
+        try:
+            await self._serve(scope, receive, send, body_file, loop)
+        finally:
+            gate.leave()
+
+    def limit_sync_requests(self, limit: int, *, timeout: float, max_waiting: int) -> None:
+        """Let `limit` sync requests run at once per event loop (0: no limit); see `_gate`."""
+        self._gate_settings = (limit, timeout, max_waiting) if limit else None
+        self._gates.clear()
+
+    def _gate(self, loop: asyncio.AbstractEventLoop) -> SyncGate | None:
+        gate_settings = self._gate_settings
+        if gate_settings is None:
+            return None
+        gate = self._gates.get(loop)
+        if gate is None:
+            limit, timeout, max_waiting = gate_settings
+            gate = self._gates[loop] = SyncGate(limit, timeout=timeout, max_waiting=max_waiting)
+        return gate
+
+    async def _serve(
+        self,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        body_file: Any,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        handler = self.handler
         # Set when the server cancels the request (its graceful timeout): it has
         # answered the client itself, so the response must not be sent.
         abandoned = False
@@ -383,6 +429,23 @@ class _Handoff:
             inbox = self._inbox
         if inbox is not None:
             inbox.put(self)
+
+
+async def _answer_busy(error: SyncRequestsBusy, send: Any) -> None:
+    """The request never started: the ASGI wrapper turns this into its 503 (see `asgi`).
+
+    The request's state carries the cause, as for a pool checkout that timed
+    out, and the 500 sent here is what the wrapper replaces with the 503, its
+    `Retry-After` and its log line. Django never saw the request: no signal,
+    no middleware, nothing to close but the body.
+    """
+    state = current_request_state.get()
+    if state is not None:
+        state.pool_timed_out = True
+        if state.pool_timeout is None:
+            state.pool_timeout = error
+    await send({"type": "http.response.start", "status": 500, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _wait_out(call: asyncio.Future[HttpResponseBase]) -> None:

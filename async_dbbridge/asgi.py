@@ -39,6 +39,7 @@ from ._binding import RequestBinding, RequestState, current_request_state
 from ._completions import deliver
 from ._connections import TransactionLeftOpenWarning, end_request_cleanup
 from ._executor import DBExecutor
+from ._gate import SyncRequestsBusy
 from ._install import install_default_executor
 from ._lending import PoolTimeout, close_pools, pools
 from ._middleware import Verdict, fuse, unfuse_middleware
@@ -321,6 +322,12 @@ class DBBridgeASGIApp:
                 one_hop = install_one_hop(self.app)
             installed = _compat.instance_handle(self.app) if one_hop.applied else None
             self._one_hop = installed if isinstance(installed, OneHop) else None
+            if self._one_hop is not None:
+                self._one_hop.limit_sync_requests(
+                    settings.effective_sync_requests,
+                    timeout=settings.pool_timeout,
+                    max_waiting=settings.effective_max_waiting,
+                )
             # Before the loop starts any thread (request threads, the bridge's
             # workers): they inherit the loop thread's CPU (see _affinity).
             cpu = pin_loop_thread(settings.cpu_affinity)
@@ -588,6 +595,8 @@ def _unavailable_cause(error: BaseException | None, alias: str | None) -> str:
             f"all {error.max_size} connections to database {error.alias!r} were in use and "
             f"{error.max_waiting} requests were already waiting (ASYNC_DBBRIDGE MAX_WAITING)"
         )
+    if isinstance(error, SyncRequestsBusy):
+        return str(error)
     if isinstance(error, PoolTimeout):
         return (
             f"all {error.max_size} connections to database {error.alias!r} stayed in use "
@@ -664,7 +673,7 @@ def _log_startup(
         logging.INFO if threads is not None else logging.WARNING,
         "async_dbbridge started (pid %d): %s; one connection pool per alias "
         "(POOL_SIZE=%d for %s, POOL_TIMEOUT=%gs); db_call on bridge workers "
-        "(MAX_WORKERS=%d, POLICY=%r)%s; sync views in one thread hop (ONE_HOP): %s; "
+        "(MAX_WORKERS=%d, POLICY=%r)%s; sync views in one thread hop (ONE_HOP): %s%s; "
         "fused middleware (FUSE_MIDDLEWARE): %s; asgiref %s, Django %s",
         os.getpid(),
         requests,
@@ -675,10 +684,18 @@ def _log_startup(
         settings.policy.kind,
         "" if cpu is None else f"; event loop and its threads on CPU {cpu} (CPU_AFFINITY)",
         ("yes, " if one_hop.applied else "no, ") + one_hop.reason,
+        _sync_requests_clause(settings) if one_hop.applied else "",
         ("yes, " if fusion.applied else "no, ") + fusion.reason,
         asgiref.__version__,
         django.get_version(),
     )
+
+
+def _sync_requests_clause(settings: BridgeSettings) -> str:
+    limit = settings.effective_sync_requests
+    if not limit:
+        return ", any number at once (SYNC_REQUESTS=0)"
+    return f", {limit} at once, the others waiting on the event loop (SYNC_REQUESTS={limit})"
 
 
 def _log_shutdown(

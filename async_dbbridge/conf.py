@@ -52,6 +52,7 @@ _KEYS: Final = frozenset(
         "FUSE_MIDDLEWARE",
         "MAX_WAITING",
         "ONE_HOP",
+        "SYNC_REQUESTS",
         "PROCESSES",
         "WORKER_PROCESSES",
         "POOLERS",
@@ -111,6 +112,10 @@ class BridgeSettings:
     # Whether the ASGI wrapper serves a request for a sync view in one call on
     # its thread (_one_hop.py).
     one_hop: bool = True
+    # Requests for sync views whose sync part runs at once per event loop on the
+    # one-hop path (_gate.py); None: POOL_SIZE (parse_settings() leaves it None
+    # unless set, so the default follows POOL_SIZE); 0: no limit.
+    sync_requests: int | None = None
     # The deployment, for the connection budget checks (checks.py, _deployment.py):
     # processes serving requests with these settings, on every host together
     # (None: unknown; WEB_CONCURRENCY is read instead), task-worker processes,
@@ -133,6 +138,13 @@ class BridgeSettings:
         if self.max_waiting is not None:
             return self.max_waiting
         return MAX_WAITING_PER_CONNECTION * self.effective_pool_size
+
+    @property
+    def effective_sync_requests(self) -> int:
+        """`SYNC_REQUESTS` as set, or `POOL_SIZE` (0: no limit)."""
+        if self.sync_requests is not None:
+            return self.sync_requests
+        return self.effective_pool_size
 
     def executor_kwargs(self) -> dict[str, Any]:
         return {
@@ -344,6 +356,16 @@ def parse_settings(raw: object) -> BridgeSettings:
         check.problems.append(str(exc))
     fuse_middleware = check.flag(raw, "FUSE_MIDDLEWARE", True)
     one_hop = check.flag(raw, "ONE_HOP", True)
+    sync_requests = raw.get("SYNC_REQUESTS")
+    if sync_requests is not None and not (
+        is_positive_int(sync_requests) or (type(sync_requests) is int and sync_requests == 0)
+    ):
+        check.add(
+            "SYNC_REQUESTS",
+            sync_requests,
+            "an integer >= 0 (sync-view requests running at once; 0: no limit) or None (POOL_SIZE)",
+        )
+        sync_requests = None
 
     processes = raw.get("PROCESSES")
     if processes is not None and not is_positive_int(processes):
@@ -385,6 +407,7 @@ def parse_settings(raw: object) -> BridgeSettings:
         fuse_middleware=fuse_middleware,
         max_waiting=max_waiting,
         one_hop=one_hop,
+        sync_requests=sync_requests,
         processes=processes,
         worker_processes=worker_processes,
         poolers=poolers,

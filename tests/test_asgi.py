@@ -83,7 +83,9 @@ def make_app(project: SettingsWrapper) -> Iterator[MakeApp]:
     apps: list[DBBridgeASGIApp] = []
 
     def make(inner: Any = None, **bridge: Any) -> DBBridgeASGIApp:
-        project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 4, **bridge}
+        # SYNC_REQUESTS=0: these tests drive the pool itself with more concurrent
+        # sync requests than connections (test_sync_gate.py tests the gate).
+        project.ASYNC_DBBRIDGE = {"MAX_WORKERS": 4, "SYNC_REQUESTS": 0, **bridge}
         # Built after the settings: the handler loads MIDDLEWARE when created.
         app = DBBridgeASGIApp(inner if inner is not None else ASGIHandler())
         apps.append(app)
@@ -505,6 +507,59 @@ async def test_pool_timeout_is_answered_503_with_retry_after(
     assert (await first).status == 200
     # Once the connection is back, the next request gets it.
     assert (await call_http(app, "/sync-query/")).status == 200
+
+
+@requires_request_threads
+async def test_sync_requests_beyond_the_limit_wait_on_the_loop_then_get_the_503(
+    make_app: MakeApp, db_settings: SetSetting, caplog: pytest.LogCaptureFixture
+) -> None:
+    db_settings(CONN_MAX_AGE=60)
+    app = make_app(POOL_SIZE=2, POOL_TIMEOUT=0.3, SYNC_REQUESTS=1)
+    first = asyncio.create_task(call_http(app, "/gate/hold/"))
+    await entered("hold")
+    threads = app.request_threads
+    assert threads is not None
+    # A free connection is there, but the one turn is taken: the second request
+    # waits on the loop, takes no thread and never reaches Django.
+    started: list[object] = []
+    request_started.connect(started.append)
+    try:
+        with caplog.at_level(logging.WARNING, logger="async_dbbridge"):
+            second = await asyncio.wait_for(call_http(app, "/sync-query/"), timeout=30)
+    finally:
+        request_started.disconnect(started.append)
+    assert second.status == 503
+    assert second.headers[b"retry-after"] == b"1"
+    assert second.body == UNAVAILABLE_BODY
+    assert started == []
+    assert threads.stats().busy == 1
+    assert (
+        "503 Service Unavailable for GET /sync-query/: all 1 sync requests stayed running "
+        "for 0.3s (ASYNC_DBBRIDGE SYNC_REQUESTS / POOL_TIMEOUT)" in caplog.text
+    )
+    assert pool().timeouts == 0  # the pool never saw it
+    # A request that waits while the first one ends is served in its turn.
+    third = asyncio.create_task(call_http(app, "/sync-query/"))
+    assert app._one_hop is not None
+    gate = app._one_hop._gate(asyncio.get_running_loop())
+    assert gate is not None
+    await eventually(lambda: gate.waiting == 1)
+    probe.gates["hold"].set()
+    assert (await first).status == 200
+    assert (await asyncio.wait_for(third, timeout=30)).status == 200
+
+
+@requires_request_threads
+async def test_sync_requests_zero_lets_every_sync_request_in(make_app: MakeApp) -> None:
+    app = make_app(POOL_SIZE=2, POOL_TIMEOUT=10, SYNC_REQUESTS=0)
+    first = asyncio.create_task(call_http(app, "/gate/hold/"))
+    await entered("hold")
+    # No gate: the second request runs beside the first, on a thread of its own.
+    assert (await asyncio.wait_for(call_http(app, "/sync-query/"), timeout=30)).status == 200
+    assert app._one_hop is not None
+    assert not app._one_hop._gates
+    probe.gates["hold"].set()
+    assert (await first).status == 200
 
 
 @requires_request_threads

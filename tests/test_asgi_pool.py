@@ -200,7 +200,9 @@ def project(settings: Settings, db_settings: SetSetting) -> Iterator[Settings]:
 
 
 def configure(settings: Settings, **bridge: object) -> None:
-    settings.ASYNC_DBBRIDGE = {"MAX_WORKERS": 4, **bridge}
+    # SYNC_REQUESTS=0: these tests drive the pool itself with more concurrent
+    # sync requests than connections (test_sync_gate.py tests the gate).
+    settings.ASYNC_DBBRIDGE = {"MAX_WORKERS": 4, "SYNC_REQUESTS": 0, **bridge}
 
 
 _apps: list[DBBridgeASGIApp] = []

@@ -46,6 +46,9 @@ def test_max_age_policy() -> None:
         ({"THREAD_NAME_PREFIX": ""}, r"\['THREAD_NAME_PREFIX'\]"),
         ({"CLOSE_STRANDED": 1}, r"\['CLOSE_STRANDED'\] is 1; expected True or False"),
         ({"STRANDED_STACKS": "yes"}, r"\['STRANDED_STACKS'\] is 'yes'; expected True or False"),
+        ({"SYNC_REQUESTS": -1}, r"\['SYNC_REQUESTS'\] is -1; expected an integer >= 0"),
+        ({"SYNC_REQUESTS": True}, r"\['SYNC_REQUESTS'\] is True; expected an integer >= 0"),
+        ({"SYNC_REQUESTS": "8"}, r"\['SYNC_REQUESTS'\] is '8'; expected an integer >= 0"),
     ],
 )
 def test_invalid_settings_name_the_key_and_the_accepted_values(raw: Any, match: str) -> None:
@@ -63,6 +66,14 @@ def test_pool_settings_defaults_and_hold_choices() -> None:
     assert parse_settings({"HOLD": "request"}).hold == "request"
     with pytest.raises(ImproperlyConfigured, match=r"\['HOLD'\] is 'session'"):
         parse_settings({"HOLD": "session"})
+
+
+def test_sync_requests_follows_pool_size_unless_set() -> None:
+    assert parse_settings({"POOL_SIZE": 6}).effective_sync_requests == 6
+    assert parse_settings({"MAX_WORKERS": 3}).effective_sync_requests == 3
+    assert parse_settings({"POOL_SIZE": 6, "SYNC_REQUESTS": 20}).effective_sync_requests == 20
+    assert parse_settings({"SYNC_REQUESTS": 0}).effective_sync_requests == 0
+    assert parse_settings({"POOL_SIZE": 6, "SYNC_REQUESTS": None}).effective_sync_requests == 6
 
 
 @pytest.mark.django_db(databases=["default", "other"])
@@ -151,7 +162,9 @@ def test_nan_and_infinity_are_refused_naming_the_key(key: str, value: float, wor
     assert words in problem
 
 
-@pytest.mark.parametrize("key", ["MAX_WORKERS", "POOL_SIZE", "MAX_WAITING", "CPU_AFFINITY"])
+@pytest.mark.parametrize(
+    "key", ["MAX_WORKERS", "POOL_SIZE", "MAX_WAITING", "SYNC_REQUESTS", "CPU_AFFINITY"]
+)
 @pytest.mark.parametrize("value", [math.nan, math.inf, 2.0])
 def test_integer_keys_refuse_any_float(key: str, value: float) -> None:
     with pytest.raises(SettingsError) as caught:

@@ -9,6 +9,7 @@ request thread, in two thread-sensitive calls.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, ClassVar
 
 import pytest
-from asgiref.sync import iscoroutinefunction
+from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.core import signals
 from django.core.handlers.asgi import ASGIHandler
 from django.http import (
@@ -493,3 +494,39 @@ async def test_a_library_wrapping_what_the_path_calls_keeps_its_wrapper(
     calls = [(who, what) for who, what, *_ in LOG]
     assert calls[:2] == [("wrapper", "__call__"), ("signal", "started")]
     assert ("wrapper", "get_response") in calls
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_thread_sensitive_call_made_while_the_response_is_sent_runs_on_the_waiting_thread(
+    project: SettingsWrapper, apps: list[DBBridgeASGIApp]
+) -> None:
+    """An ASGI middleware around the wrapper may call sync code while it sends.
+
+    The one-hop call waits on the request thread until the response is sent;
+    a thread-sensitive call the loop makes for the request meanwhile is queued
+    on that same thread. The thread runs it as it waits: a plain wait would
+    deadlock, which the timeout turns into a failure here.
+    """
+    app = DBBridgeASGIApp(ASGIHandler())
+    apps.append(app)
+    seen: list[str] = []
+
+    def where() -> str:
+        return threading.current_thread().name
+
+    async def sending_middleware(scope: Any, receive: Any, send: Any) -> None:
+        async def send_and_call(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                seen.append(await sync_to_async(where)())
+            await send(message)
+
+        await app(scope, receive, send_and_call)
+
+    LOG.clear()
+    response = await asyncio.wait_for(call_http(sending_middleware, "/sync/"), timeout=30)
+    assert response.status == 200
+    view_thread = [thread for who, what, _, thread in LOG if (who, what) == ("view", "sync")]
+    assert seen == view_thread, (seen, LOG)
+    assert seen[0].startswith("dbbridge-request-")
+    # The response was closed after the send, in that same call.
+    assert [c[:2] for c in LOG if c[0] == "signal"][-1] == ("signal", "finished:ASGIHandler")
