@@ -62,11 +62,14 @@ class RequestState:
     Attributes:
         pool_timed_out: A sync call of this request waited for a pooled
             connection longer than the checkout timeout (the pool raised
-            `PoolTimeout`): the wrapper turns Django's 500 into a 503.
+            `PoolTimeout`): the wrapper turns Django's 500 into a 503. Also
+            set, with a 500 of its own, by a sync request that could not
+            start because `SYNC_REQUESTS` were running (`_gate`).
         pool_timeout: That `PoolTimeout` (the first, if several), whose
             alias, pool size and timeout the 503's log line names; or the
             driver's error when the server refused a new connection because
-            it was full ("too many clients"), the same 503.
+            it was full ("too many clients"), the same 503; or the gate's
+            `SyncRequestsBusy`.
         unavailable_alias: The alias whose connection could not be had.
     """
 

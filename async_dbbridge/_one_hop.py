@@ -208,8 +208,8 @@ class OneHop:
                 except asyncio.CancelledError:
                     # The client left while the view ran (or the server gave
                     # up): the response is discarded, as Django's handle()
-                    # discards it, and the call is cancelled as Django's is.
-                    handoff.release(close=False)
+                    # discards it (the finally below releases the thread
+                    # without a close), and the call is cancelled as Django's is.
                     call.cancel()
                     raise
                 if handed is None:
@@ -341,12 +341,13 @@ class OneHop:
             handoff.hand(None)
             return response
         handoff.hand(response)
-        give_back = idle_give_back(threading.current_thread())
+        thread = threading.current_thread()
+        give_back = idle_give_back(thread)
         if give_back is not None:
             # As after any call with HOLD="transaction": the send may take a
             # while (a slow client), and this thread needs no connection for it.
             give_back()
-        if handoff.wait():
+        if handoff.wait(thread):
             _close_after_send(response, body_file)
         return response
 
@@ -398,9 +399,8 @@ class _Handoff:
     def hand(self, response: HttpResponseBase | None) -> None:
         self._loop.call_soon_threadsafe(self._set, response)
 
-    def wait(self) -> bool:
-        """Until the loop releases this call; whether to close the response."""
-        thread = threading.current_thread()
+    def wait(self, thread: threading.Thread) -> bool:
+        """Until the loop releases this call of `thread` (the current one); whether to close."""
         serving = thread if isinstance(thread, RequestThread) else None
         inbox: SimpleQueue[object] = serving.inbox if serving is not None else SimpleQueue()
         with self._mutex:
