@@ -502,6 +502,31 @@ class Sampler:
             raise HarnessError(f"counting sessions failed: {self.error!r}") from self.error
 
 
+# -- in-process ASGI requests ------------------------------------------------------------
+
+
+def http_scope(
+    path: str,
+    headers: Sequence[tuple[bytes, bytes]] = ((b"host", b"bench"),),
+    client: tuple[str, int] = ("127.0.0.1", 1),
+) -> dict[str, Any]:
+    """The ASGI scope of a plain ``GET path`` over HTTP/1.1, for driving an app in process."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": list(headers),
+        "client": client,
+        "server": ("127.0.0.1", 8000),
+    }
+
+
 # -- wrk ------------------------------------------------------------------------------
 
 

@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import django
 from django.conf import settings
 
-from benchmarks._common import interleaved
+from benchmarks._common import http_scope, interleaved
 
 STATES: Final = ("off", "metrics", "stranded", "all")
 MEASUREMENTS: Final = ("noop", "query", "request", "async3")
@@ -165,20 +165,7 @@ class States:
 
 
 async def request(app: Any, path: str = "/q") -> None:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"bench")],
-        "client": ("127.0.0.1", 1),
-        "server": ("bench", 80),
-    }
+    scope = http_scope(path)
     sent: list[dict[str, Any]] = []
     received = False
 

@@ -35,6 +35,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from benchmarks._common import http_scope
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 VARIANTS: Final = ("wrapper", "baseline", "stock", "djpool", "a2wsgi")
 CORS_ORIGIN: Final = "https://frontend.example.com"
@@ -54,21 +56,7 @@ def _scope(path: str, cookie: str, origin: str | None, n: int) -> dict[str, Any]
     headers = [(b"host", b"127.0.0.1:8000"), (b"cookie", f"sessionid={cookie}".encode())]
     if origin:
         headers.append((b"origin", origin.encode()))
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 40000 + n % 1000),
-        "state": {},
-    }
+    return http_scope(path, headers, ("127.0.0.1", 40000 + n % 1000))
 
 
 async def _serve(variant: str, path: str, conns: int, keys: list[str], origin: str | None) -> None:
