@@ -12,9 +12,11 @@ the variants' order rotating each slice. CPU is the process's
 Django's per-request threads too); "loop" is the event loop's thread alone.
 Ratios are medians of per-slice ratios against the last variant.
 
-Variants: ``wrapper`` (and ``baseline`` with ``--baseline-src``), ``stock``,
-``djpool`` (PostgreSQL) and ``a2wsgi``, as in ``bench_project.py``; every
-process runs uvloop, as ``uvicorn[standard]`` does.
+Variants: ``wrapper``, ``stock``, ``djpool`` (PostgreSQL) and ``a2wsgi``, as in
+``bench_project.py``, and ``baseline``: the wrapper from another checkout
+(``--baseline-src``) or under other settings (``--baseline-settings``), to
+measure a change against what it changes. Every process runs uvloop, as
+``uvicorn[standard]`` does.
 
     .venv/bin/python benchmarks/probe_cpu.py --backend mysql --path /one-query/sync/ \\
         --variants wrapper,a2wsgi
@@ -142,6 +144,8 @@ class Served:
         src = args.baseline_src if variant == "baseline" else None
         child_env = {**os.environ, **env}
         child_env["BENCH_VARIANT"] = "wrapper" if variant == "baseline" else variant
+        if variant == "baseline":
+            child_env["BENCH_ASYNC_DBBRIDGE"] = json.dumps(args.baseline_settings)
         if src:
             child_env["BENCH_LIBRARY_SRC"] = str(Path(src).resolve())
         self.process = subprocess.Popen(
@@ -196,8 +200,8 @@ def probe(args: argparse.Namespace) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {VARIANTS}")
-    if "baseline" in variants and not args.baseline_src:
-        raise SystemExit("variant 'baseline' needs --baseline-src")
+    if "baseline" in variants and not (args.baseline_src or args.baseline_settings_given):
+        raise SystemExit("variant 'baseline' needs --baseline-src or --baseline-settings")
     if "djpool" in variants and args.backend != "postgresql":
         raise SystemExit("djpool is Django's psycopg pool: PostgreSQL only")
     database = bench_project.Database.for_run(args.backend, "dbbridge_probe_cpu", 0)
@@ -212,7 +216,7 @@ def probe(args: argparse.Namespace) -> int:
         "BENCH_STATIC_ROOT": database.static_root,
         "BENCH_POOL_SIZE": str(args.pool_size),
         "BENCH_HEALTH_CHECKS": "0",
-        "BENCH_ASYNC_DBBRIDGE": json.dumps(bench_project.wrapper_settings(args.pool_size)),
+        "BENCH_ASYNC_DBBRIDGE": json.dumps(args.wrapper_settings),
         "PROBE_SESSION_KEYS": ",".join(database.session_keys),
     }
     served: list[Served] = []
@@ -266,6 +270,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--path", default="/one-query/sync/", help="the view (bench_project's)")
     parser.add_argument("--variants", default="wrapper,a2wsgi", help=f"from {', '.join(VARIANTS)}")
     parser.add_argument("--baseline-src", help="a checkout the 'baseline' variant imports")
+    parser.add_argument(
+        "--wrapper-settings",
+        default="{}",
+        metavar="JSON",
+        help="ASYNC_DBBRIDGE keys merged over bench_project's defaults (null removes a key)",
+    )
+    parser.add_argument(
+        "--baseline-settings",
+        metavar="JSON",
+        help="the same for 'baseline' (default: the wrapper's); with no --baseline-src, "
+        "'baseline' is this checkout under these settings",
+    )
     parser.add_argument("--conns", type=int, default=32, help="requests in flight (32)")
     parser.add_argument("--requests", type=int, default=400, help="requests per slice (400)")
     parser.add_argument("--slices", type=int, default=8, help="interleaved slices (8)")
@@ -275,6 +291,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("conns", "requests", "slices", "pool_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    from benchmarks.bench_project import _wrapper_settings_option
+
+    args.baseline_settings_given = args.baseline_settings is not None
+    try:
+        args.wrapper_settings = _wrapper_settings_option(args.wrapper_settings, args.pool_size)
+        args.baseline_settings = (
+            args.wrapper_settings
+            if args.baseline_settings is None
+            else _wrapper_settings_option(args.baseline_settings, args.pool_size)
+        )
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
     return args
 
 
