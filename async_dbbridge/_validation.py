@@ -10,3 +10,8 @@ def is_number(value: object) -> bool:
 
 def is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def is_non_negative_int(value: object) -> bool:
+    """A positive int (not a bool), or the plain int 0 (where 0 means "none" or "no limit")."""
+    return is_positive_int(value) or (type(value) is int and value == 0)

@@ -26,7 +26,7 @@ from django.core.exceptions import ImproperlyConfigured
 from ._affinity import Affinity
 from ._affinity import validate as validate_affinity
 from ._connections import Policy
-from ._validation import is_number, is_positive_int
+from ._validation import is_non_negative_int, is_number, is_positive_int
 
 __all__ = ("BridgeSettings", "SettingsError", "get_settings", "parse_settings")
 
@@ -357,9 +357,7 @@ def parse_settings(raw: object) -> BridgeSettings:
     fuse_middleware = check.flag(raw, "FUSE_MIDDLEWARE", True)
     one_hop = check.flag(raw, "ONE_HOP", True)
     sync_requests = raw.get("SYNC_REQUESTS")
-    if sync_requests is not None and not (
-        is_positive_int(sync_requests) or (type(sync_requests) is int and sync_requests == 0)
-    ):
+    if sync_requests is not None and not is_non_negative_int(sync_requests):
         check.add(
             "SYNC_REQUESTS",
             sync_requests,
@@ -377,10 +375,7 @@ def parse_settings(raw: object) -> BridgeSettings:
         )
         processes = None
     worker_processes = raw.get("WORKER_PROCESSES", 0)
-    if not (
-        is_positive_int(worker_processes)
-        or (type(worker_processes) is int and worker_processes == 0)
-    ):
+    if not is_non_negative_int(worker_processes):
         check.add(
             "WORKER_PROCESSES",
             worker_processes,
